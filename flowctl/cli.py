@@ -1,0 +1,242 @@
+"""flowctl: talk to the flowd daemon (SPEC §4).
+
+Exit status: 0 success; 1 the run failed (``--wait``) or the command failed;
+2 bad usage or an invalid workflow; 3 the daemon did not answer.
+This module imports neither docker nor lxml: ``validate`` and ``submit``
+load the parser only when they run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from flowd.errors import FlowError, UsageError, WorkflowError
+
+from . import fmt
+from .client import Client, check_out_dir
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flowctl", description="Control the flowd workflow daemon.")
+    ap.add_argument("--socket", help="control socket (default: $FLOWD_SOCKET or /run/flowd/flowd.sock)")
+    ap.add_argument("--timeout", type=float, default=10.0,
+                    help="seconds to wait for each answer from flowd (default 10)")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("submit", help="validate a workflow, send it with its files, print the run id")
+    p.add_argument("file")
+    p.add_argument("--wait", action="store_true", help="follow the run to its end; exit 1 if it fails")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("status", help="all runs, or one run in detail")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cancel", help="stop runs' containers; their data is kept")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("validate", help="check a workflow file without a daemon")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("pull", help="write a channel's items out as files (they stay in the channel)")
+    p.add_argument("run")
+    p.add_argument("channel")
+    p.add_argument("--out", default=".", help="folder to write to (default: here)")
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    client = Client(args.socket, args.timeout)
+    try:
+        return COMMANDS[args.command](client, args)
+    except WorkflowError as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": e.to_dict()}, indent=1))
+        else:
+            for p in e.problems:
+                print(p, file=sys.stderr)
+        return e.exit_status
+    except FlowError as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": e.to_dict()}, indent=1))
+        print(f"flowctl: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    finally:
+        client.close()
+
+
+def _load(path: str):
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file")
+    from flowd.parser import load_workflow  # lxml: only for the commands that parse
+
+    return load_workflow(path)
+
+
+def cmd_validate(client: Client, args) -> int:
+    wf, warnings = _load(args.file)
+    if args.json:
+        print(json.dumps({"ok": True, "workflow": wf.name, "mode": wf.mode,
+                          "processes": list(wf.processes), "channels": list(wf.channels),
+                          "warnings": [w.to_dict() for w in warnings]}, indent=1))
+    else:
+        for w in warnings:
+            print(w, file=sys.stderr)
+        print(f"{args.file}: valid: workflow {wf.name!r}, {len(wf.processes)} processes, "
+              f"{len(wf.channels)} channels, {len(wf.muxes)} muxes")
+    return 0
+
+
+def cmd_submit(client: Client, args) -> int:
+    wf, warnings = _load(args.file)
+    for w in warnings:
+        print(w, file=sys.stderr)
+    base = os.path.dirname(os.path.abspath(args.file))
+    files = [("workflow.xml", args.file)] + [(rel, os.path.join(base, rel)) for rel in wf.files()]
+    upload = client.upload(files)
+    result, _ = client.call("submit", {"upload": upload, "name": os.path.basename(args.file),
+                                       "user": _user()})
+    run = result["run"]
+    if not args.wait:
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            print(run)
+        return 0
+    if not args.json:
+        print(f"{run}: submitted workflow {result['name']!r}", file=sys.stderr)
+    detail = _wait(client, run, quiet=args.json)
+    if args.json:
+        print(json.dumps(detail, indent=1))
+    else:
+        print(_render_run(detail))
+    return 0 if detail["state"] == "succeeded" else 1
+
+
+def _wait(client: Client, run: str, quiet: bool) -> dict:
+    last = None
+    while True:
+        result, _ = client.call("status", {"run": run, "wait": 30}, timeout=client.timeout + 30)
+        detail = result["run"]
+        line = f"{run}: {detail['state']}, {detail['tasks_done']} tasks done, " \
+               f"{detail['tasks_running']} running, {detail['tasks_failed']} failed"
+        if not quiet and line != last:
+            print(line, file=sys.stderr)
+            last = line
+        if detail["state"] in FINAL:
+            return detail
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def cmd_status(client: Client, args) -> int:
+    if args.run:
+        result, _ = client.call("status", {"run": args.run})
+        if args.json:
+            print(json.dumps(result["run"], indent=1))
+        else:
+            print(_render_run(result["run"]))
+            if not result.get("engine_up", True):
+                print("\nwarning: the Docker engine is unavailable; tasks wait for it")
+        return 0
+    result, _ = client.call("status")
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    rows = [[r["id"], r["name"], r["state"], r["tasks_done"], r["tasks_running"], r["tasks_failed"],
+             fmt.ago(r["submitted_at"]), fmt.duration(r["elapsed"])] for r in result["runs"]]
+    if rows:
+        print(fmt.table(["RUN", "WORKFLOW", "STATE", "DONE", "RUNNING", "FAILED", "SUBMITTED",
+                         "ELAPSED"], rows))
+    else:
+        print("no runs")
+    if not result.get("engine_up", True):
+        print(f"\nwarning: the Docker engine is unavailable ({result.get('engine_message')}); "
+              "tasks wait for it")
+    return 0
+
+
+def _render_run(d: dict) -> str:
+    out = [
+        f"run       {d['id']}",
+        f"workflow  {d['name']} ({d['mode']})",
+        f"state     {d['state']}" + (f": {d['message']}" if d.get("message") else ""),
+        f"submitted {fmt.when(d['submitted_at'])}",
+        f"elapsed   {fmt.duration(d['elapsed'])}",
+        "",
+        fmt.table(["PROCESS", "DONE", "RUNNING", "QUEUED", "FAILED"],
+                  [[p["name"], p["done"], p["running"], p["queued"], p["failed"]]
+                   for p in d["processes"]]),
+        "",
+        fmt.table(["CHANNEL", "DEPTH", ""],
+                  [[c["name"], c["depth"], "result" if c["result"] else ""] for c in d["channels"]]),
+    ]
+    for f in d.get("failures", []):
+        out += ["", f"failed task {f['task']} ({f['process']}) after {f['attempts']} attempt(s): "
+                    f"{f['reason']}"]
+        tail = (f.get("log_tail") or "").rstrip("\n").splitlines()[-10:]
+        out += [f"  | {line}" for line in tail]
+    return "\n".join(out)
+
+
+def cmd_cancel(client: Client, args) -> int:
+    result, _ = client.call("cancel", {"runs": args.runs})
+    if args.json:
+        print(json.dumps(result, indent=1))
+    status = 0
+    for r in result["runs"]:
+        if not r["ok"]:
+            status = 1
+        if not args.json:
+            print(f"{r['id']}: {r['state']}" + ("" if r["ok"] else f" ({r['message']})"))
+    return status
+
+
+def cmd_pull(client: Client, args) -> int:
+    result, _ = client.call("items", {"run": args.run, "channel": args.channel})
+    out = check_out_dir(args.out)
+    written = []
+    for item in result["items"]:
+        dest = os.path.join(out, item["name"])
+        size = client.download(result["run"], args.channel, item["seq"], dest)
+        written.append({"file": dest, "size": size, "seq": item["seq"]})
+    if args.json:
+        print(json.dumps({"run": result["run"], "channel": args.channel, "files": written}, indent=1))
+    else:
+        for w in written:
+            print(w["file"])
+        print(f"{len(written)} items from {args.channel} written to {out}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "cancel": cmd_cancel,
+    "validate": cmd_validate,
+    "pull": cmd_pull,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

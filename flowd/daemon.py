@@ -1,0 +1,499 @@
+"""The flowd daemon: one loop over the control socket, executor reports and timers.
+
+The loop never blocks on a long operation and never sleep-polls: it waits in
+``zmq.Poller.poll`` on the ROUTER socket and on a wake-up pipe that executor
+threads and signal handlers write to, with a timeout set by the next timer.
+Signals are recorded by their handlers and acted on in the loop.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import re
+import secrets
+import shutil
+import signal
+import time
+from typing import Callable
+
+import zmq
+
+from . import __version__
+from . import engine as E
+from . import protocol as P
+from .config import Config
+from .errors import (AlreadyRunning, Ambiguous, Conflict, DiskFull, FlowError, NotFound,
+                     ProtocolError, StorageError, UsageError)
+from .executor import base as X
+from .fsops import Durable
+from .notify import Notifier
+from .run import Limits, Run
+
+log = logging.getLogger("flowd")
+
+UPLOAD_MAX_AGE = 3600.0
+STATUS_EVERY = 10.0
+_SAFE_PART = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+ -]{0,254}$")
+_RUN_ID = re.compile(r"^[0-9a-f]{12}$")
+
+
+class Daemon:
+    def __init__(self, cfg: Config, executor_factory: Callable[[X.Report], X.Executor] | None = None):
+        self.cfg = cfg
+        self.spool = os.path.realpath(cfg.spool)
+        self.runs_dir = os.path.join(self.spool, "runs")
+        self.uploads_dir = os.path.join(self.spool, "uploads")
+        self.socket_path = os.path.abspath(cfg.socket)
+        self.fs = Durable()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.runs: dict[str, Run] = {}
+        self.waiters: list[tuple[float, str, bytes, str]] = []  # (deadline, run, peer, req id)
+        self.engine_up = True
+        self.engine_message = ""
+        self.stop_requested = False
+        self.notifier = Notifier()
+        self._executor_factory = executor_factory
+        self._locks: list[int] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.ctx: zmq.Context | None = None
+        self.sock: zmq.Socket | None = None
+        self.executor: X.Executor | None = None
+        self.limits = Limits(pids_limit=cfg.pids_limit, max_output_bytes=cfg.max_output_size,
+                             default_memory=cfg.default_memory, spool=self.spool)
+
+    # -- start-up ----------------------------------------------------------
+    def _prepare_spool(self) -> None:
+        for d in (self.spool, self.runs_dir, self.uploads_dir,
+                  os.path.join(self.spool, "incoming"), os.path.join(self.spool, "rejected")):
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"cannot create spool folder {d}: {e.strerror}") from None
+        self._lock(os.path.join(self.spool, "flowd.lock"), f"spool {self.spool}")
+        sock_dir = os.path.dirname(self.socket_path)
+        try:
+            os.makedirs(sock_dir, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create the socket's folder {sock_dir}: {e.strerror}") from None
+        self._lock(self.socket_path + ".lock", f"socket {self.socket_path}")
+        st = os.statvfs(self.spool)
+        # renames must never cross filesystems (EXDEV is not atomic)
+        for d in (self.runs_dir, self.uploads_dir):
+            if os.stat(d).st_dev != os.stat(self.spool).st_dev:
+                raise UsageError(f"{d} is on another filesystem than {self.spool}; "
+                                 "keep the whole spool on one filesystem")
+        del st
+
+    def _lock(self, path: str, what: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                other = os.pread(fd, 32, 0).decode().strip() or "?"
+            except OSError:
+                other = "?"
+            os.close(fd)
+            raise AlreadyRunning(f"another flowd (pid {other}) is already using the {what}; "
+                                 "stop it first, or give this one its own --spool and --socket") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._locks.append(fd)
+
+    def _open_runs(self) -> None:
+        for name in sorted(os.listdir(self.runs_dir)):
+            path = os.path.join(self.runs_dir, name)
+            if name.startswith(".new-"):
+                self.fs.rmtree(path)  # a submission the crash cut short
+                continue
+            if not _RUN_ID.match(name):
+                continue
+            try:
+                run = Run.open(path, self.fs, self.executor, self.limits)
+            except (OSError, ValueError, KeyError, StorageError) as e:
+                log.error("run %s cannot be loaded and is left as it is: %s", name, e)
+                continue
+            self.runs[run.id] = run
+        shutil.rmtree(self.uploads_dir, ignore_errors=True)
+        os.makedirs(self.uploads_dir, exist_ok=True)
+
+    def _bind(self) -> None:
+        self.ctx = zmq.Context()
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        try:
+            os.unlink(self.socket_path)  # ours: we hold its lock
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o777 & ~self.cfg.socket_mode)
+        try:
+            sock.bind(P.endpoint(self.socket_path))
+        except zmq.ZMQError as e:
+            raise UsageError(f"cannot bind the control socket {self.socket_path}: {e}") from None
+        finally:
+            os.umask(old)
+        os.chmod(self.socket_path, self.cfg.socket_mode)
+        gid = self.cfg.socket_gid()
+        if gid is not None:
+            os.chown(self.socket_path, -1, gid)
+        self.sock = sock
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _on_hup(self, signum, frame) -> None:
+        self._hup = True
+
+    def report(self, event: object) -> None:
+        """Called by executor threads: queue the event and wake the loop."""
+        self.events.put(event)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is awake anyway
+
+    # -- the loop ----------------------------------------------------------
+    def serve(self) -> int:
+        self._prepare_spool()
+        if self._executor_factory is None:
+            from .executor.docker import DockerExecutor
+
+            self.executor = DockerExecutor(self.report, spool=self.spool, cap_add=self.cfg.cap_add)
+        else:
+            self.executor = self._executor_factory(self.report)
+        self._open_runs()
+        self._bind()
+        self._install_signals()
+        for run in self.runs.values():
+            if not run.finished:
+                run.resume()
+        keep: set[tuple[str, str]] = set()
+        for run in self.runs.values():
+            keep |= run.keep()
+        self.executor.sweep(self.spool, keep)
+        self._tick_runs()
+        self.notifier.ready(self._status_line())
+        log.info("flowd %s ready: spool %s, socket %s, %d runs", __version__, self.spool,
+                 self.socket_path, len(self.runs))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_status = next_watchdog = time.monotonic()
+        self._hup = False
+        try:
+            while not self.stop_requested:
+                now = time.monotonic()
+                deadlines = [next_status]
+                if self.notifier.watchdog_interval:
+                    deadlines.append(next_watchdog)
+                if self.waiters:
+                    deadlines.append(min(w[0] for w in self.waiters))
+                timeout_ms = max(0, int((min(deadlines) - now) * 1000)) + 1
+                ready = dict(poller.poll(timeout_ms))
+                if self._wake_r in ready:
+                    _drain(self._wake_r)
+                if self.sock in ready:
+                    self._serve_socket()
+                self._drain_events()
+                if self._hup:
+                    self._hup = False
+                    log.info("SIGHUP: configuration reload is not supported yet; nothing changed")
+                self._tick_runs()
+                now = time.monotonic()
+                if self.waiters:
+                    self._answer_waiters(now)
+                if now >= next_status:
+                    self.notifier.status(self._status_line())
+                    next_status = now + STATUS_EVERY
+                if self.notifier.watchdog_interval and now >= next_watchdog:
+                    self.notifier.watchdog()
+                    next_watchdog = now + self.notifier.watchdog_interval
+        finally:
+            self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping("stopping; containers keep running")
+        log.info("stopping: containers keep running and are taken back at the next start")
+        if self.executor is not None:
+            self.executor.close()
+        if self.sock is not None:
+            self.sock.close(0)
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+        if self.ctx is not None:
+            self.ctx.term()
+        signal.set_wakeup_fd(-1)
+        for fd in self._locks:
+            os.close(fd)
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(ev, X.TaskResult):
+                run = self.runs.get(ev.run_id)
+                if run is None:
+                    continue
+                try:
+                    run.on_result(ev)
+                except DiskFull as e:
+                    log.error("run %s: %s", run.id, e)
+                    # keep the result: it is retried when the loop comes round again
+                    self.events.put(ev)
+                    return
+            elif isinstance(ev, X.EngineState):
+                was = self.engine_up
+                self.engine_up = ev.up
+                self.engine_message = ev.message
+                if ev.up and not was:
+                    log.info("container engine is back")
+                    for run in self.runs.values():
+                        if not run.finished:
+                            run.engine_back()
+                elif not ev.up and was:
+                    log.warning("container engine unavailable: %s", ev.message)
+                self.notifier.status(self._status_line())
+
+    def _tick_runs(self) -> None:
+        capacity = self.cfg.container_cap - sum(r.running_containers() for r in self.runs.values())
+        if not self.engine_up:
+            capacity = 0
+        for run in sorted(self.runs.values(), key=lambda r: r.meta.get("submitted_at", 0)):
+            if run.finished:
+                continue
+            try:
+                capacity -= run.tick(max(0, capacity))
+            except StorageError as e:
+                log.error("run %s: %s", run.id, e)
+
+    def _status_line(self) -> str:
+        active = [r for r in self.runs.values() if not r.finished]
+        running = sum(r.running_containers() for r in active)
+        engine = "up" if self.engine_up else f"UNAVAILABLE ({self.engine_message})"
+        return f"{len(active)} active runs, {running} containers; docker {engine}"
+
+    # -- requests ------------------------------------------------------------
+    def _serve_socket(self) -> None:
+        for _ in range(256):  # then let the loop breathe
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue  # no identity: nothing to answer
+            peer, body = frames[0], frames[1:]
+            req_id = None
+            try:
+                req_id, cmd, args, payload = P.decode_request(body)
+                reply = self._dispatch(peer, req_id, cmd, args, payload)
+            except FlowError as e:
+                reply = P.encode_reply(req_id, error=e)
+            except Exception:  # a bug: log it here, never send a traceback
+                log.exception("internal error serving a request")
+                err = FlowError("internal error in flowd; see its log (journalctl -u flowd)")
+                err.code = "internal"
+                reply = P.encode_reply(req_id, error=err)
+            if reply is not None:
+                self._send(peer, reply)
+
+    def _send(self, peer: bytes, frames: list[bytes]) -> None:
+        try:
+            self.sock.send_multipart([peer] + frames, zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.debug("reply dropped: %s", e)
+
+    def _dispatch(self, peer, req_id, cmd, args, payload) -> list[bytes] | None:
+        handler = getattr(self, f"_cmd_{cmd}", None)
+        if handler is None:
+            raise ProtocolError(f"command {cmd!r} is not supported by this flowd ({__version__})")
+        out = handler(args, payload, peer=peer, req_id=req_id)
+        if out is None:
+            return None  # deferred (a waiter)
+        result, data = out if isinstance(out, tuple) else (out, None)
+        return P.encode_reply(req_id, result, payload=data)
+
+    def find_run(self, ref: object) -> Run:
+        if not isinstance(ref, str) or not ref:
+            raise UsageError("name a run by its id or a unique prefix of it")
+        if ref in self.runs:
+            return self.runs[ref]
+        matches = [r for r in self.runs if r.startswith(ref)]
+        if not matches:
+            raise NotFound(f"no run matches {ref!r}; `flowctl status` lists the runs")
+        if len(matches) > 1:
+            raise Ambiguous(f"{ref!r} matches {len(matches)} runs ({', '.join(sorted(matches)[:5])}); "
+                            "give more characters")
+        return self.runs[matches[0]]
+
+    def _cmd_ping(self, args, payload, **kw):
+        return {"version": __version__, "pid": os.getpid(), "spool": self.spool,
+                "engine_up": self.engine_up, "engine_message": self.engine_message,
+                "runs": len(self.runs)}
+
+    def _cmd_status(self, args, payload, peer, req_id):
+        ref = args.get("run")
+        if not ref:
+            runs = sorted(self.runs.values(), key=lambda r: r.meta.get("submitted_at", 0))
+            return {"runs": [r.summary() for r in runs], "engine_up": self.engine_up,
+                    "engine_message": self.engine_message}
+        run = self.find_run(ref)
+        wait = args.get("wait")
+        if wait and not run.finished:
+            wait = min(float(wait), 300.0)
+            self.waiters.append((time.monotonic() + wait, run.id, peer, req_id))
+            return None
+        return {"run": run.detail(), "engine_up": self.engine_up}
+
+    def _answer_waiters(self, now: float) -> None:
+        keep = []
+        for deadline, run_id, peer, req_id in self.waiters:
+            run = self.runs.get(run_id)
+            if run is None or run.finished or now >= deadline:
+                result = {"run": run.detail() if run else None, "engine_up": self.engine_up}
+                self._send(peer, P.encode_reply(req_id, result))
+            else:
+                keep.append((deadline, run_id, peer, req_id))
+        self.waiters = keep
+
+    def _cmd_cancel(self, args, payload, **kw):
+        refs = args.get("runs")
+        if not isinstance(refs, list) or not refs:
+            raise UsageError("cancel needs one or more run ids")
+        runs = [self.find_run(r) for r in refs]  # all names checked before anything changes
+        out = []
+        for run in runs:
+            try:
+                run.cancel()
+                out.append({"id": run.id, "state": run.state, "ok": True})
+            except Conflict as e:
+                out.append({"id": run.id, "state": run.state, "ok": False, "message": str(e)})
+        return {"runs": out}
+
+    # uploads: flowctl sends the workflow and every file it names, in chunks
+    def _cmd_upload_begin(self, args, payload, **kw):
+        total = args.get("size", 0)
+        if not isinstance(total, int) or total < 0:
+            raise UsageError("upload size must be a whole number of bytes")
+        free = shutil.disk_usage(self.spool).free
+        if total > free:
+            raise DiskFull(f"the spool has {free} bytes free; this workflow needs {total}")
+        upload = secrets.token_hex(8)
+        os.mkdir(os.path.join(self.uploads_dir, upload), 0o755)
+        return {"upload": upload}
+
+    def _upload_dir(self, args) -> str:
+        upload = args.get("upload")
+        if not isinstance(upload, str) or not re.fullmatch(r"[0-9a-f]{16}", upload):
+            raise UsageError("bad upload id")
+        path = os.path.join(self.uploads_dir, upload)
+        if not os.path.isdir(path):
+            raise NotFound("that upload is unknown (it expires after an hour, or flowd restarted)")
+        return path
+
+    def _cmd_upload_chunk(self, args, payload, **kw):
+        base = self._upload_dir(args)
+        rel = args.get("path")
+        offset = args.get("offset", 0)
+        if not isinstance(rel, str) or not isinstance(offset, int) or offset < 0:
+            raise UsageError("upload_chunk needs a path and an offset")
+        parts = rel.split("/")
+        if not all(_SAFE_PART.match(p) and p not in (".", "..") for p in parts):
+            raise UsageError(f"upload path {rel!r} is not a plain relative path")
+        folder = base
+        for part in parts[:-1]:
+            folder = os.path.join(folder, part)
+            try:
+                os.mkdir(folder, 0o755)
+            except FileExistsError:
+                pass
+            if os.path.islink(folder) or not os.path.isdir(folder):
+                raise UsageError(f"upload path {rel!r} is not a plain relative path")
+        target = os.path.join(folder, parts[-1])
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                if payload:
+                    os.pwrite(fd, payload, offset)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno == 28:
+                raise DiskFull(f"no space left on the spool while receiving {rel}") from None
+            raise StorageError(f"cannot store {rel}: {e.strerror}") from None
+        return {"received": len(payload or b"")}
+
+    def _cmd_submit(self, args, payload, peer, req_id):
+        base = self._upload_dir(args)
+        from .parser import load_workflow  # lxml lives only there
+
+        from .errors import WorkflowError
+        try:
+            wf, warnings = load_workflow(os.path.join(base, "workflow.xml"))
+        except WorkflowError as e:
+            name = args.get("name") or "workflow.xml"
+            for p in e.problems:  # speak of the user's file, not our upload folder
+                p.file = name
+            shutil.rmtree(base, ignore_errors=True)
+            raise
+        run_id = self._new_run_id()
+        meta = {"submitted_at": time.time(), "source": args.get("name", ""),
+                "submitted_by": args.get("user", "")}
+        try:
+            path = Run.create(self.runs_dir, run_id, wf, base, self.fs, meta)
+        except StorageError:
+            shutil.rmtree(os.path.join(self.runs_dir, f".new-{run_id}"), ignore_errors=True)
+            shutil.rmtree(base, ignore_errors=True)
+            raise
+        run = Run.open(path, self.fs, self.executor, self.limits)
+        self.runs[run.id] = run
+        log.info("run %s submitted: workflow %s (%s)", run.id, wf.name, args.get("name", ""))
+        return {"run": run.id, "name": wf.name, "warnings": [str(w) for w in warnings]}
+
+    def _new_run_id(self) -> str:
+        while True:
+            rid = secrets.token_hex(6)
+            if not any(r.startswith(rid[:4]) for r in self.runs):
+                return rid
+
+    def _cmd_items(self, args, payload, **kw):
+        run = self.find_run(args.get("run"))
+        return {"run": run.id, "channel": args.get("channel"),
+                "items": run.items(str(args.get("channel")))}
+
+    def _cmd_read(self, args, payload, **kw):
+        run = self.find_run(args.get("run"))
+        seq, offset = args.get("seq"), args.get("offset", 0)
+        length = min(int(args.get("length", P.CHUNK)), P.CHUNK)
+        if not isinstance(seq, int) or not isinstance(offset, int):
+            raise UsageError("read needs an item number and an offset")
+        data = run.read(str(args.get("channel")), seq, offset, length)
+        return {"size": len(data)}, data
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def check_final(state: str) -> bool:
+    return state in E.FINAL_STATES

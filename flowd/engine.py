@@ -1,0 +1,194 @@
+"""The engine decides; it does no I/O (stdlib only).
+
+It holds a picture of one run: each channel's queue of item numbers (SEQ,
+FIFO), the tasks that are claimed, and per-process counts. ``step`` returns
+what to claim next; the caller (``flowd.run.Run``) does the claiming through
+the store and the executor, then reports back with ``committed``,
+``released`` or ``failed``. Unit tests drive it directly, in microseconds.
+
+Rules (SPEC §2):
+
+- a process task is ready when every input channel holds an item; it takes
+  the head item of each (FIFO pairing: the i-th items meet);
+- a process with no inputs runs exactly once per run;
+- at most ``parallel`` tasks of a process are claimed at once, and the caller
+  passes how many containers the daemon may still start (its global cap);
+- a mux moves every item of its ``from`` channels, oldest first (lowest
+  SEQ, which is global to the run, so a merge keeps arrival order);
+- a batch run ends when nothing is claimed and nothing is ready.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .model import Workflow
+
+# Run states (SPEC §2)
+QUEUED = "queued"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+
+PROCESS = "process"
+MUX = "mux"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Take these items and start a task (a container, or a mux move)."""
+
+    kind: str  # PROCESS or MUX
+    name: str
+    task_id: str
+    inputs: tuple[tuple[str, int], ...]  # (channel, seq) in input order
+
+
+@dataclass
+class ProcessCounts:
+    done: int = 0
+    running: int = 0  # claimed, container starting, running or retrying
+    failed: int = 0
+
+
+@dataclass
+class Engine:
+    wf: Workflow
+    queues: dict[str, list[int]] = field(default_factory=dict)
+    fired: set[str] = field(default_factory=set)
+    stopping: bool = False  # a task failed under on-failure="stop", or cancel
+    cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        for ch in self.wf.channels:
+            self.queues.setdefault(ch, [])
+        self.counts = {p: ProcessCounts() for p in self.wf.processes}
+        self.claimed: dict[tuple[str, str, str], Claim] = {}
+        self.failed_stop = False
+        self._mux_by_name = {m.name: m for m in self.wf.muxes}
+
+    # -- start-up --------------------------------------------------------
+    def adopt(self, claim: Claim) -> None:
+        """A task found claimed at start-up (its inputs are not in the queues)."""
+        self.claimed[(claim.kind, claim.name, claim.task_id)] = claim
+        if claim.kind == PROCESS:
+            self.counts[claim.name].running += 1
+            if not claim.inputs:
+                self.fired.add(claim.name)
+
+    def count_failed(self, process: str, on_failure: str | None = None) -> None:
+        """A dead letter found at start-up."""
+        if process in self.counts:
+            self.counts[process].failed += 1
+            if (on_failure or self.wf.processes[process].on_failure) == "stop":
+                self.failed_stop = True
+                self.stopping = True
+
+    # -- deciding ----------------------------------------------------------
+    def step(self, capacity: int | None = None) -> list[Claim]:
+        """What to claim now. ``capacity``: containers the caller may still start."""
+        if self.stopping:
+            return []
+        claims: list[Claim] = []
+        for mux in self.wf.muxes:
+            while True:
+                heads = [(q[0], ch) for ch in mux.sources if (q := self.queues[ch])]
+                if not heads:
+                    break
+                seq, ch = min(heads)
+                self.queues[ch].pop(0)
+                claims.append(self._claim(MUX, mux.name, str(seq), ((ch, seq),)))
+        for proc in self.wf.processes.values():
+            counts = self.counts[proc.name]
+            if not proc.inputs:
+                if proc.name in self.fired or (capacity is not None and capacity <= 0):
+                    continue
+                self.fired.add(proc.name)
+                claims.append(self._claim(PROCESS, proc.name, "0", ()))
+                capacity = None if capacity is None else capacity - 1
+                continue
+            queues = [self.queues[port.channel] for port in proc.inputs]
+            while counts.running < proc.parallel and all(queues):
+                if capacity is not None and capacity <= 0:
+                    break
+                inputs = tuple((port.channel, q.pop(0)) for port, q in zip(proc.inputs, queues))
+                claims.append(self._claim(PROCESS, proc.name, str(inputs[0][1]), inputs))
+                capacity = None if capacity is None else capacity - 1
+        return claims
+
+    def _claim(self, kind: str, name: str, task_id: str, inputs) -> Claim:
+        claim = Claim(kind, name, task_id, tuple(inputs))
+        self.claimed[(kind, name, task_id)] = claim
+        if kind == PROCESS:
+            self.counts[name].running += 1
+        return claim
+
+    # -- results -----------------------------------------------------------
+    def _unclaim(self, kind: str, name: str, task_id: str) -> Claim:
+        claim = self.claimed.pop((kind, name, task_id))
+        if kind == PROCESS:
+            self.counts[name].running -= 1
+        return claim
+
+    def committed(self, kind: str, name: str, task_id: str, outputs: list[tuple[str, int]]) -> None:
+        self._unclaim(kind, name, task_id)
+        if kind == PROCESS:
+            self.counts[name].done += 1
+        for ch, seq in outputs:
+            self.add_item(ch, seq)
+
+    def add_item(self, channel: str, seq: int) -> None:
+        q = self.queues[channel]
+        if not q or seq > q[-1]:
+            q.append(seq)
+        else:
+            bisect.insort(q, seq)
+
+    def released(self, kind: str, name: str, task_id: str) -> None:
+        """The task's inputs went back to their channels, in their old places."""
+        claim = self._unclaim(kind, name, task_id)
+        for ch, seq in claim.inputs:
+            self.add_item(ch, seq)
+        if kind == PROCESS and not claim.inputs:
+            self.fired.discard(name)
+
+    def failed(self, name: str, task_id: str) -> None:
+        """Retries are exhausted; the task is a dead letter now."""
+        self._unclaim(PROCESS, name, task_id)
+        self.counts[name].failed += 1
+        if self.wf.processes[name].on_failure == "stop":
+            self.failed_stop = True
+            self.stopping = True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.stopping = True
+
+    # -- state -------------------------------------------------------------
+    def has_ready(self) -> bool:
+        for mux in self.wf.muxes:
+            if any(self.queues[ch] for ch in mux.sources):
+                return True
+        for proc in self.wf.processes.values():
+            if not proc.inputs:
+                if proc.name not in self.fired:
+                    return True
+            elif all(self.queues[p.channel] for p in proc.inputs):
+                return True
+        return False
+
+    def state(self) -> str:
+        if self.claimed:
+            return RUNNING
+        if self.cancelled:
+            return CANCELLED
+        if self.failed_stop:
+            return FAILED
+        if self.wf.mode == "service" or self.has_ready():
+            return RUNNING
+        return SUCCEEDED
+
+    def depth(self, channel: str) -> int:
+        return len(self.queues[channel])

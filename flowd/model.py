@@ -1,0 +1,183 @@
+"""The workflow model: what a parsed, validated workflow file says (stdlib only).
+
+The parser (``flowd.parser``, the one module that imports lxml) builds these
+objects; the engine, the store, the executor and flowctl only read them.
+``Workflow.to_dict``/``from_dict`` give the JSON form the daemon keeps beside
+each run, so a restarted daemon never needs to parse XML again.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+FORMAT_VERSION = 1
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+LANGS = ("sh", "bash", "python", "node")
+NETWORKS = ("none", "bridge")
+ON_FAILURE = ("stop", "continue")
+MODES = ("batch", "service")
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``5m``, ``2h``, ``1.5h``, ``250ms`` or bare seconds -> seconds."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 5m or 2h")
+    value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than zero")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """``256m``, ``1g``, ``512k``, ``1GiB`` or bare bytes -> bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size; write e.g. 256m or 1g")
+    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than zero")
+    return value
+
+
+@dataclass
+class InitialItem:
+    """An item a channel starts with: inline ``text`` or the bytes of ``file``.
+
+    ``file`` is relative to the workflow's folder (already checked to stay
+    inside it); ``<items glob=...>`` is expanded by the parser into one
+    ``InitialItem`` per matching file, sorted by name.
+    """
+
+    text: str | None = None
+    file: str | None = None
+    line: int | None = None
+
+
+@dataclass
+class Channel:
+    name: str
+    items: list[InitialItem] = field(default_factory=list)
+    line: int | None = None
+
+
+@dataclass
+class Port:
+    """A process input or output: the channel and the file name in /task."""
+
+    channel: str
+    as_name: str
+    line: int | None = None
+
+
+@dataclass
+class Process:
+    name: str
+    image: str
+    script: str
+    lang: str = "sh"
+    inputs: list[Port] = field(default_factory=list)
+    outputs: list[Port] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
+    timeout: float | None = None  # seconds
+    memory: int | None = None  # bytes
+    cpus: float | None = None
+    parallel: int = 1
+    network: str = "none"
+    on_failure: str = "stop"
+    script_file: str | None = None  # where the script came from, for messages
+    line: int | None = None
+
+
+@dataclass
+class Mux:
+    name: str  # "mux1", "mux2", ... in file order unless named
+    sources: list[str]
+    targets: list[str]
+    line: int | None = None
+
+
+@dataclass
+class Workflow:
+    name: str
+    mode: str = "batch"
+    description: str = ""
+    channels: dict[str, Channel] = field(default_factory=dict)
+    processes: dict[str, Process] = field(default_factory=dict)
+    muxes: list[Mux] = field(default_factory=list)
+    source: str = "workflow.xml"  # the file name, for messages
+
+    # -- graph helpers -------------------------------------------------
+    def consumers(self) -> dict[str, str]:
+        """channel -> the one process or mux that reads it."""
+        out: dict[str, str] = {}
+        for p in self.processes.values():
+            for port in p.inputs:
+                out[port.channel] = p.name
+        for m in self.muxes:
+            for ch in m.sources:
+                out[ch] = m.name
+        return out
+
+    def producers(self) -> dict[str, list[str]]:
+        """channel -> the processes and muxes that write it."""
+        out: dict[str, list[str]] = {}
+        for p in self.processes.values():
+            for port in p.outputs:
+                out.setdefault(port.channel, []).append(p.name)
+        for m in self.muxes:
+            for ch in m.targets:
+                out.setdefault(ch, []).append(m.name)
+        return out
+
+    def result_channels(self) -> list[str]:
+        """Channels nobody consumes: what is left there is the run's result."""
+        consumed = self.consumers()
+        return [c for c in self.channels if c not in consumed]
+
+    def files(self) -> list[str]:
+        """Every workflow-relative file the workflow names (items, scripts)."""
+        names: list[str] = []
+        for ch in self.channels.values():
+            names.extend(i.file for i in ch.items if i.file)
+        names.extend(p.script_file for p in self.processes.values() if p.script_file)
+        return sorted(set(names))
+
+    # -- JSON form -----------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["format"] = FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Workflow":
+        channels = {
+            k: Channel(
+                name=v["name"],
+                items=[InitialItem(**i) for i in v.get("items", [])],
+                line=v.get("line"),
+            )
+            for k, v in d.get("channels", {}).items()
+        }
+        processes = {}
+        for k, v in d.get("processes", {}).items():
+            v = dict(v)
+            v["inputs"] = [Port(**p) for p in v.get("inputs", [])]
+            v["outputs"] = [Port(**p) for p in v.get("outputs", [])]
+            processes[k] = Process(**v)
+        muxes = [Mux(**m) for m in d.get("muxes", [])]
+        return cls(
+            name=d["name"],
+            mode=d.get("mode", "batch"),
+            description=d.get("description", ""),
+            channels=channels,
+            processes=processes,
+            muxes=muxes,
+            source=d.get("source", "workflow.xml"),
+        )

@@ -1,0 +1,413 @@
+"""One run: ties the engine (decisions), the store (disk) and the executor.
+
+The daemon's loop calls ``tick`` after every event and ``on_result`` for
+every executor report; nothing here blocks on a container. Stdlib only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import engine as E
+from .errors import Conflict, NotFound, StorageError
+from .executor import base as X
+from .fsops import Durable
+from .model import Workflow
+from .store import RunStore, TaskOutputError, TaskRecord, seq_name
+
+log = logging.getLogger("flowd.run")
+
+LOG_TAIL_BYTES = 2048
+
+
+@dataclass
+class Limits:
+    """Daemon-wide settings a run needs (from the config)."""
+
+    pids_limit: int = 256
+    max_output_bytes: int | None = None
+    default_memory: int | None = None
+    spool: str = ""
+
+
+@dataclass
+class Active:
+    rec: TaskRecord
+    spec: X.TaskSpec | None = None
+    stopping: bool = False  # kill requested (cancel, or a stop failure elsewhere)
+    parked: bool = False  # waiting for the container engine to come back
+    started_at: float | None = None
+    last_error: str = ""
+    history: list[str] = field(default_factory=list)
+
+
+class Run:
+    def __init__(self, root: str, fs: Durable, wf: Workflow, meta: dict, executor: X.Executor,
+                 limits: Limits):
+        self.root = root
+        self.id = meta["id"]
+        self.fs = fs
+        self.wf = wf
+        self.meta = meta
+        self.executor = executor
+        self.limits = limits
+        self.store = RunStore(root, fs, max_output_bytes=limits.max_output_bytes)
+        self.engine = E.Engine(wf)
+        self.active: dict[str, Active] = {}  # task dirname -> Active
+        self.failures: list[dict] = []
+
+    # -- creation --------------------------------------------------------
+    @staticmethod
+    def create(runs_dir: str, run_id: str, wf: Workflow, bundle: str, fs: Durable, meta: dict) -> str:
+        """Make the run's folder from a validated bundle, atomically.
+
+        Everything (scripts, initial items, metadata) is built under a hidden
+        name and renamed into place last: a crash leaves either no run or the
+        whole run. ``bundle`` is moved into the run (same filesystem).
+        """
+        tmp = os.path.join(runs_dir, f".new-{run_id}")
+        fs.rmtree(tmp)
+        store = RunStore.layout(tmp, fs, wf.channels)
+        fs.rename(bundle, store.path("bundle"))
+        for proc in wf.processes.values():
+            fs.write_file(store.path("scripts", proc.name), proc.script.encode(), sync_dir=False)
+        fs.fsync_dir(store.path("scripts"))
+        for ch in wf.channels.values():
+            for item in ch.items:
+                if item.file is not None:
+                    store.put_file(ch.name, store.path("bundle", item.file))
+                else:
+                    store.put(ch.name, (item.text or "").encode())
+        fs.write_file(store.path("workflow.json"), json.dumps(wf.to_dict()).encode())
+        meta = dict(meta, id=run_id, name=wf.name, mode=wf.mode, state=E.QUEUED,
+                    submitted_at=meta.get("submitted_at", time.time()))
+        fs.write_file(store.path("run.json"), json.dumps(meta, indent=1).encode())
+        final = os.path.join(runs_dir, run_id)
+        fs.rename(tmp, final)
+        return final
+
+    @classmethod
+    def open(cls, root: str, fs: Durable, executor: X.Executor, limits: Limits) -> "Run":
+        """Load a run from disk and do the store's part of recovery."""
+        with open(os.path.join(root, "run.json"), "rb") as f:
+            meta = json.load(f)
+        with open(os.path.join(root, "workflow.json"), "rb") as f:
+            wf = Workflow.from_dict(json.load(f))
+        run = cls(root, fs, wf, meta, executor, limits)
+        run._load()
+        return run
+
+    def _load(self) -> None:
+        store, eng = self.store, self.engine
+        live = store.recover_tasks() if not self.finished else []
+        self.failures = store.scan_failed()
+        eng.queues.update(store.scan_channels(self.wf.channels))
+        eng.fired |= store.scan_fired()
+        for info in self.failures:
+            if info.get("kind", E.PROCESS) == E.PROCESS:
+                if info.get("process") in self.wf.processes and not info.get("inputs"):
+                    eng.fired.add(info["process"])
+                if not self.finished:
+                    eng.count_failed(info["process"])
+        for rec in live:
+            eng.adopt(E.Claim(rec.kind, rec.name, rec.task_id, tuple(rec.inputs)))
+            self.active[rec.dirname] = Active(rec)
+        if self.meta.get("cancel_requested") and not self.finished:
+            eng.cancel()
+
+    def resume(self) -> None:
+        """After ``open``: take back the claimed tasks (the executor finds containers)."""
+        for act in list(self.active.values()):
+            rec = act.rec
+            if rec.kind == E.MUX:
+                self._commit_mux(rec)  # a mux claim is finished the same way every time
+            elif rec.attempt == 0:  # claimed, never started
+                if self.engine.stopping:
+                    self._release(act)
+                else:
+                    self._start(act, 1)
+            else:
+                act.spec = self._spec(rec)
+                act.stopping = self.engine.stopping
+                self.executor.adopt(act.spec)
+                if act.stopping:
+                    self.executor.kill(self.id, rec.task_id)
+        self._check_end()
+
+    # -- properties ------------------------------------------------------
+    @property
+    def state(self) -> str:
+        return self.meta["state"]
+
+    @property
+    def finished(self) -> bool:
+        return self.meta["state"] in E.FINAL_STATES
+
+    def running_containers(self) -> int:
+        return sum(1 for a in self.active.values() if a.rec.kind == E.PROCESS and not a.parked)
+
+    def keep(self) -> set[tuple[str, str]]:
+        return {(self.id, a.rec.task_id) for a in self.active.values() if a.rec.kind == E.PROCESS}
+
+    # -- the loop's entry points ------------------------------------------
+    def tick(self, capacity: int | None) -> int:
+        """Claim and start what is ready; returns how many containers started."""
+        if self.finished:
+            return 0
+        if self.state == E.QUEUED:
+            self._set_state(E.RUNNING, started_at=time.time())
+        started = 0
+        while True:  # a mux move can make more work ready at once
+            claims = self.engine.step(capacity)
+            if not claims:
+                break
+            for claim in claims:
+                rec = self.store.claim(claim.kind, claim.name, claim.task_id, list(claim.inputs))
+                if claim.kind == E.MUX:
+                    self._commit_mux(rec)
+                    continue
+                act = Active(rec)
+                self.active[rec.dirname] = act
+                self._start(act, 1)
+                started += 1
+                if capacity is not None:
+                    capacity -= 1
+        self._check_end()
+        return started
+
+    def _commit_mux(self, rec: TaskRecord) -> None:
+        mux = self.engine._mux_by_name[rec.name]
+        outputs = self.store.commit_mux(rec, mux.targets)
+        self.active.pop(rec.dirname, None)
+        self.engine.committed(E.MUX, rec.name, rec.task_id, outputs)
+
+    def _spec(self, rec: TaskRecord) -> X.TaskSpec:
+        proc = self.wf.processes[rec.name]
+        inputs = [
+            X.Mount(self.store.input_path(rec, seq), f"{X.TASK_DIR}/{port.as_name}", True)
+            for port, (_, seq) in zip(proc.inputs, rec.inputs)
+        ]
+        env = dict(proc.env)
+        env.update(FLOWD_RUN=self.id, FLOWD_PROCESS=proc.name, FLOWD_TASK=rec.task_id,
+                   FLOWD_ATTEMPT=str(rec.attempt))
+        return X.TaskSpec(
+            run_id=self.id, process=proc.name, task_id=rec.task_id, attempt=rec.attempt,
+            image=proc.image, lang=proc.lang, script_path=self.store.path("scripts", proc.name),
+            workdir=self.store.task_path(rec, "work"), inputs=inputs,
+            outputs=[p.as_name for p in proc.outputs], env=env,
+            log_path=self.store.log_path(rec, rec.attempt), timeout=proc.timeout,
+            memory=proc.memory or self.limits.default_memory, cpus=proc.cpus,
+            pids_limit=self.limits.pids_limit, network=proc.network, spool=self.limits.spool,
+        )
+
+    def _start(self, act: Active, attempt: int) -> None:
+        rec = act.rec
+        if rec.attempt != attempt:
+            self.store.set_attempt(rec, attempt)
+        act.spec = self._spec(rec)
+        act.parked = False
+        act.started_at = time.time()
+        self.executor.start(act.spec)
+
+    def on_result(self, res: X.TaskResult) -> None:
+        act = self._active_for(res.task_id)
+        if act is None or act.rec.attempt != res.attempt:
+            log.debug("run %s: dropping stale result %s", self.id, res)
+            return
+        rec = act.rec
+        if act.stopping:
+            self._release(act)
+        elif res.retryable:
+            act.parked = True
+            act.last_error = res.message
+        elif res.status == X.MISSING:
+            log.info("run %s: task %s had no container; starting it again", self.id, rec.dirname)
+            self._start(act, rec.attempt)
+        elif res.ok:
+            self._succeeded(act, res)
+        else:
+            self._failed(act, res.message or res.status)
+        self._check_end()
+
+    def _active_for(self, task_id: str) -> Active | None:
+        for act in self.active.values():
+            if act.rec.kind == E.PROCESS and act.rec.task_id == task_id:
+                return act
+        return None
+
+    def _succeeded(self, act: Active, res: X.TaskResult) -> None:
+        rec = act.rec
+        proc = self.wf.processes[rec.name]
+        try:
+            outs = self.store.collect(rec, [(p.channel, p.as_name) for p in proc.outputs])
+        except TaskOutputError as e:
+            self._failed(act, f"bad output: {e}")
+            return
+        except OSError as e:
+            self._failed(act, f"could not collect outputs: {e}")
+            return
+        outputs = self.store.commit(rec, outs)
+        self.executor.remove(act.spec)
+        del self.active[rec.dirname]
+        self.engine.committed(E.PROCESS, rec.name, rec.task_id, outputs)
+
+    def _failed(self, act: Active, reason: str) -> None:
+        rec = act.rec
+        proc = self.wf.processes[rec.name]
+        act.history.append(f"attempt {rec.attempt}: {reason}")
+        log.info("run %s: task %s attempt %d failed: %s", self.id, rec.dirname, rec.attempt, reason)
+        if rec.attempt <= proc.retries and not self.engine.stopping:
+            self._reset_work(rec)
+            self._start(act, rec.attempt + 1)
+            return
+        self.executor.remove(act.spec)
+        info = self.store.dead_letter(rec, reason, rec.attempt)
+        info["history"] = act.history
+        self.failures.append(info)
+        del self.active[rec.dirname]
+        self.engine.failed(rec.name, rec.task_id)
+        if proc.on_failure == "stop":
+            self._stop_all(f"task {rec.dirname} failed: {reason}")
+
+    def _reset_work(self, rec: TaskRecord) -> None:
+        work = self.store.task_path(rec, "work")
+        old = self.store.task_path(rec, ".work.old")
+        self.fs.rename(work, old, sync=False)
+        self.fs.rmtree(old)
+        self.fs.mkdir(work, mode=0o777)
+
+    def _release(self, act: Active) -> None:
+        rec = act.rec
+        if act.spec is not None:
+            self.executor.remove(act.spec)
+        self.store.release(rec)
+        del self.active[rec.dirname]
+        self.engine.released(rec.kind, rec.name, rec.task_id)
+
+    def _stop_all(self, why: str) -> None:
+        self.meta["message"] = why
+        for act in list(self.active.values()):
+            if act.rec.kind != E.PROCESS:
+                continue
+            act.stopping = True
+            if act.parked or act.spec is None:
+                self._release(act)
+            else:
+                self.executor.kill(self.id, act.rec.task_id)
+
+    def cancel(self) -> None:
+        if self.finished:
+            raise Conflict(f"run {self.id} is already {self.state}")
+        self.meta["cancel_requested"] = True
+        self.store.write_json("run.json", self.meta)
+        self.engine.cancel()
+        self._stop_all("cancelled")
+        self._check_end()
+
+    def engine_back(self) -> None:
+        """The container engine is reachable again: restart parked tasks."""
+        for act in list(self.active.values()):
+            if act.parked:
+                self._start(act, act.rec.attempt)
+
+    def _check_end(self) -> None:
+        if self.finished:
+            return
+        state = self.engine.state()
+        if state in E.FINAL_STATES:
+            self._set_state(state, finished_at=time.time())
+            log.info("run %s (%s) %s", self.id, self.wf.name, state)
+
+    def _set_state(self, state: str, **extra) -> None:
+        self.meta.update(extra, state=state)
+        self.store.write_json("run.json", self.meta)
+
+    # -- reading -----------------------------------------------------------
+    def summary(self) -> dict:
+        m = self.meta
+        end = m.get("finished_at") or time.time()
+        start = m.get("started_at")
+        return {
+            "id": self.id,
+            "name": self.wf.name,
+            "mode": self.wf.mode,
+            "state": m["state"],
+            "submitted_at": m.get("submitted_at"),
+            "started_at": start,
+            "finished_at": m.get("finished_at"),
+            "elapsed": (end - start) if start else 0.0,
+            "tasks_done": sum(c.done for c in self.engine.counts.values()),
+            "tasks_running": sum(c.running for c in self.engine.counts.values()),
+            "tasks_failed": sum(c.failed for c in self.engine.counts.values()),
+            "message": m.get("message", ""),
+        }
+
+    def detail(self) -> dict:
+        out = self.summary()
+        eng = self.engine
+        procs = []
+        for p in self.wf.processes.values():
+            c = eng.counts[p.name]
+            if p.inputs:
+                queued = min(eng.depth(port.channel) for port in p.inputs)
+            else:
+                queued = 0 if p.name in eng.fired else 1
+            procs.append({"name": p.name, "image": p.image, "done": c.done, "running": c.running,
+                          "queued": 0 if self.finished else queued, "failed": c.failed})
+        results = set(self.wf.result_channels())
+        chans = [{"name": ch, "depth": eng.depth(ch), "result": ch in results}
+                 for ch in self.wf.channels]
+        fails = []
+        for info in self.failures[-10:]:
+            fails.append({
+                "task": info.get("dirname", info.get("task")),
+                "process": info.get("process"),
+                "reason": info.get("reason"),
+                "attempts": info.get("attempts"),
+                "history": info.get("history", []),
+                "log_tail": self._log_tail(info),
+            })
+        out.update(processes=procs, channels=chans, failures=fails)
+        return out
+
+    def _log_tail(self, info: dict) -> str:
+        logs = info.get("logs") or []
+        if not logs:
+            return ""
+        path = self.store.path("logs", logs[-1])
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - LOG_TAIL_BYTES))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def items(self, channel: str) -> list[dict]:
+        if channel not in self.wf.channels:
+            raise NotFound(f"run {self.id} has no channel {channel!r}; it has: "
+                           + ", ".join(self.wf.channels))
+        out = []
+        for seq in list(self.engine.queues[channel]):
+            try:
+                size = os.stat(self.store.item_path(channel, seq)).st_size
+            except FileNotFoundError:
+                continue
+            out.append({"seq": seq, "name": seq_name(seq), "size": size})
+        return out
+
+    def read(self, channel: str, seq: int, offset: int, length: int) -> bytes:
+        if channel not in self.wf.channels:
+            raise NotFound(f"run {self.id} has no channel {channel!r}")
+        try:
+            with self.store.open_item(channel, seq) as f:
+                f.seek(offset)
+                return f.read(length)
+        except StorageError:
+            raise
+        except OSError as e:
+            raise NotFound(f"item {seq} of channel {channel}: {e.strerror}") from None

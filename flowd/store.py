@@ -1,0 +1,455 @@
+"""The channel store: a run's channels and tasks as files in the spool.
+
+Layout of one run (``SPOOL/runs/RUN/``)::
+
+    run.json                 state, times, message (rewritten atomically)
+    workflow.json            the validated model; the daemon never re-parses XML
+    bundle/                  the workflow file and the files it names, as sent
+    scripts/PROCESS          each process's script, mounted read-only
+    channels/CHANNEL/SEQ     items; SEQ is a 16-digit number, global to the run,
+                             so names sort in FIFO order across channels
+    tasks/TASK/              a claimed task (see below)
+    failed/TASK/             a dead letter: inputs, task.json and reason kept
+    fired/PROCESS            marks a source process (no inputs) as done
+    logs/TASK.ATTEMPT.log    the task's stdout and stderr
+
+One task's life (RELIABILITY.md), each step durable before the next:
+
+1. Claim: build ``tasks/.TASK.new/`` (task.json, in/, work/), rename it to
+   ``tasks/TASK``; rename each input item into ``in/``; create ``CLAIMED``.
+2. Run: ``attempt`` holds the attempt number, written before each start.
+3. Collect: declared outputs only, regular files opened without following
+   links, one link, size-capped; moved to ``out/N``, fsynced with the folders.
+4. Commit: ``COMMIT`` lists every output's final channel and SEQ.
+5. Apply (idempotent): move outputs into channels, then delete inputs, then
+   retire (rename to ``tasks/.TASK.done``, then remove).
+6. Recovery: hidden task folders are removed; claimed but not marked:
+   inputs go back to their channels (their SEQ keeps their old place);
+   COMMIT present: redo Apply; otherwise the daemon asks the executor.
+
+A mux move is a task without a container: its COMMIT links the input into
+every target channel, so fan-out costs no copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterable
+
+from .errors import NotFound, StorageError
+from .fsops import Durable
+
+SEQ_DIGITS = 16
+MAX_OUTPUT_FILES = 10_000  # per output name, when the script writes a folder
+
+
+def seq_name(seq: int) -> str:
+    return str(seq).zfill(SEQ_DIGITS)
+
+
+def _is_seq(name: str) -> bool:
+    return len(name) == SEQ_DIGITS and name.isdigit()
+
+
+class TaskOutputError(Exception):
+    """The script's outputs break the rules (a task failure, not a crash)."""
+
+
+@dataclass
+class TaskRecord:
+    """A claimed task as the store knows it (also what recovery returns)."""
+
+    dirname: str  # folder name under tasks/
+    kind: str  # "process" or "mux"
+    name: str  # process or mux name
+    task_id: str
+    inputs: list[tuple[str, int]]  # (channel, seq) in input order
+    attempt: int = 0
+    claimed: bool = False
+    committed: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def task_dirname(kind: str, name: str, task_id: str) -> str:
+    prefix = "p" if kind == "process" else "m"
+    return f"{prefix}.{name.replace('#', '')}.{task_id}"
+
+
+class RunStore:
+    """One run's durable state. All writes go through ``Durable``."""
+
+    def __init__(self, root: str, fs: Durable, *, max_output_bytes: int | None = None):
+        self.root = root
+        self.fs = fs
+        self.max_output_bytes = max_output_bytes
+        self.next_seq = 1
+
+    # -- paths -------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def item_path(self, channel: str, seq: int) -> str:
+        return self.path("channels", channel, seq_name(seq))
+
+    def task_path(self, rec: TaskRecord, *parts: str) -> str:
+        return self.path("tasks", rec.dirname, *parts)
+
+    def log_path(self, rec: TaskRecord, attempt: int) -> str:
+        return self.path("logs", f"{rec.dirname}.{attempt}.log")
+
+    # -- creation ----------------------------------------------------------
+    @classmethod
+    def layout(cls, root: str, fs: Durable, channels: Iterable[str]) -> "RunStore":
+        """Make the folders of a new run under ``root`` (not yet in place)."""
+        for d in ("", "channels", "tasks", "failed", "fired", "logs", "scripts"):
+            fs.mkdir(os.path.join(root, d) if d else root, sync_parent=bool(d))
+        for ch in channels:
+            fs.mkdir(os.path.join(root, "channels", ch))
+        return cls(root, fs)
+
+    # -- metadata ----------------------------------------------------------
+    def read_json(self, name: str) -> dict:
+        with open(self.path(name), "rb") as f:
+            return json.load(f)
+
+    def write_json(self, name: str, data: dict) -> None:
+        self.fs.write_file(self.path(name), json.dumps(data, indent=1, sort_keys=True).encode())
+
+    # -- items ---------------------------------------------------------------
+    def put(self, channel: str, data: bytes | Iterable[bytes] | BinaryIO) -> int:
+        """Append an item (streamed); durable when this returns."""
+        seq = self._alloc()
+        self.fs.write_file(self.item_path(channel, seq), data)
+        return seq
+
+    def put_file(self, channel: str, src: str) -> int:
+        """Append a copy of ``src`` (a hard link when possible: items never change)."""
+        seq = self._alloc()
+        dst = self.item_path(channel, seq)
+        try:
+            self.fs.link(src, dst)
+            self.fs.fsync_file(dst)
+            self.fs.fsync_dir(os.path.dirname(dst))
+        except StorageError:
+            self.fs.copy_file(src, dst)
+        return seq
+
+    def _alloc(self) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
+
+    def open_item(self, channel: str, seq: int) -> BinaryIO:
+        try:
+            return open(self.item_path(channel, seq), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"item {seq} is no longer in channel {channel}") from None
+
+    # -- scan (start-up) -----------------------------------------------------
+    def scan_channels(self, channels: Iterable[str]) -> dict[str, list[int]]:
+        """Each channel's items in FIFO order; removes half-written temp files."""
+        queues: dict[str, list[int]] = {}
+        top = 0
+        for ch in channels:
+            folder = self.path("channels", ch)
+            seqs = []
+            for name in os.listdir(folder):
+                if _is_seq(name):
+                    seqs.append(int(name))
+                elif name.startswith("."):
+                    self.fs.unlink(os.path.join(folder, name))
+            seqs.sort()
+            queues[ch] = seqs
+            if seqs:
+                top = max(top, seqs[-1])
+        self.next_seq = max(self.next_seq, top + 1)
+        return queues
+
+    def scan_fired(self) -> set[str]:
+        return set(os.listdir(self.path("fired")))
+
+    def scan_failed(self) -> list[dict]:
+        out = []
+        folder = self.path("failed")
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("."):
+                self.fs.rmtree(os.path.join(folder, name))
+                continue
+            try:
+                with open(os.path.join(folder, name, "failure.json"), "rb") as f:
+                    info = json.load(f)
+            except (OSError, ValueError):
+                info = {"task": name, "reason": "unknown"}
+            info["dirname"] = name
+            for _, seq in info.get("inputs", []):
+                self.next_seq = max(self.next_seq, int(seq) + 1)
+            out.append(info)
+        return out
+
+    def recover_tasks(self) -> list[TaskRecord]:
+        """Step 6 for the store's part. Returns the tasks still claimed.
+
+        Hidden folders are removed, unmarked claims are released, committed
+        tasks are applied and retired. What is returned has CLAIMED and no
+        COMMIT: the caller asks the executor about its container.
+        """
+        folder = self.path("tasks")
+        live: list[TaskRecord] = []
+        for name in sorted(os.listdir(folder)):
+            full = os.path.join(folder, name)
+            if name.startswith("."):
+                self.fs.rmtree(full)
+                continue
+            rec = self._load_task(name)
+            for _, seq in rec.inputs:
+                self.next_seq = max(self.next_seq, seq + 1)
+            if rec.committed:
+                commit = self._read_commit(rec)
+                for _, _, seq in commit["outputs"]:
+                    self.next_seq = max(self.next_seq, seq + 1)
+                live.append(rec)
+            elif not rec.claimed:
+                self.release(rec)
+            else:
+                live.append(rec)
+        for rec in [r for r in live if r.committed]:
+            self.apply(rec)
+        if any(r.committed for r in live):
+            self.fs.fsync_dir(folder)
+        return [r for r in live if not r.committed]
+
+    def _load_task(self, dirname: str) -> TaskRecord:
+        with open(self.path("tasks", dirname, "task.json"), "rb") as f:
+            d = json.load(f)
+        rec = TaskRecord(
+            dirname=dirname,
+            kind=d["kind"],
+            name=d["name"],
+            task_id=d["task_id"],
+            inputs=[(c, int(s)) for c, s in d["inputs"]],
+        )
+        rec.claimed = os.path.exists(self.task_path(rec, "CLAIMED"))
+        rec.committed = os.path.exists(self.task_path(rec, "COMMIT"))
+        try:
+            with open(self.task_path(rec, "attempt"), "rb") as f:
+                rec.attempt = int(f.read().strip() or 0)
+        except FileNotFoundError:
+            rec.attempt = 0
+        return rec
+
+    # -- 1. claim --------------------------------------------------------------
+    def claim(self, kind: str, name: str, task_id: str, inputs: list[tuple[str, int]]) -> TaskRecord:
+        rec = TaskRecord(task_dirname(kind, name, task_id), kind, name, task_id, list(inputs))
+        tasks = self.path("tasks")
+        hidden = os.path.join(tasks, f".{rec.dirname}.new")
+        fs = self.fs
+        fs.rmtree(hidden)
+        fs.mkdir(hidden, sync_parent=False)
+        fs.mkdir(os.path.join(hidden, "in"), sync_parent=False)
+        if kind == "process":
+            fs.mkdir(os.path.join(hidden, "work"), mode=0o777, sync_parent=False)
+            fs.mkdir(os.path.join(hidden, "out"), sync_parent=False)
+        meta = {"kind": kind, "name": name, "task_id": task_id, "inputs": rec.inputs,
+                "claimed_at": time.time()}
+        fs.write_file(os.path.join(hidden, "task.json"), json.dumps(meta).encode(), sync_dir=False)
+        fs.fsync_dir(hidden)
+        fs.rename(hidden, self.task_path(rec))
+        into = self.task_path(rec, "in")
+        touched = set()
+        for ch, seq in rec.inputs:
+            fs.rename(self.item_path(ch, seq), os.path.join(into, seq_name(seq)), sync=False)
+            touched.add(self.path("channels", ch))
+        fs.fsync_dir(into)
+        for d in sorted(touched):
+            fs.fsync_dir(d)
+        fs.write_file(self.task_path(rec, "CLAIMED"), b"")
+        rec.claimed = True
+        return rec
+
+    def input_path(self, rec: TaskRecord, seq: int) -> str:
+        return self.task_path(rec, "in", seq_name(seq))
+
+    # -- 2. attempts -----------------------------------------------------------
+    def set_attempt(self, rec: TaskRecord, attempt: int) -> None:
+        self.fs.write_file(self.task_path(rec, "attempt"), str(attempt).encode())
+        rec.attempt = attempt
+
+    # -- 3. collect ------------------------------------------------------------
+    def collect(self, rec: TaskRecord, outputs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Move the declared outputs from work/ to out/N; returns (channel, out/N).
+
+        ``outputs`` is the process's (channel, as-name) list. A regular file is
+        one item; a folder gives one item per regular file in it, by name; no
+        file gives no item. Anything else (a link, a FIFO, a device) is a
+        TaskOutputError. Everything is fsynced before this returns.
+        """
+        work = self.task_path(rec, "work")
+        outdir = self.task_path(rec, "out")
+        found: list[tuple[str, str]] = []  # (channel, source path)
+        for channel, as_name in outputs:
+            src = os.path.join(work, as_name)
+            try:
+                st = os.lstat(src)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                self._check_output(src, st, as_name)
+                found.append((channel, src))
+            elif stat.S_ISDIR(st.st_mode):
+                names = sorted(os.listdir(src))
+                if len(names) > MAX_OUTPUT_FILES:
+                    raise TaskOutputError(
+                        f"output {as_name}/ holds {len(names)} entries; the limit is {MAX_OUTPUT_FILES}")
+                for n in names:
+                    p = os.path.join(src, n)
+                    st2 = os.lstat(p)
+                    if stat.S_ISDIR(st2.st_mode):
+                        raise TaskOutputError(
+                            f"output {as_name}/{n} is a folder; only regular files become items")
+                    self._check_output(p, st2, f"{as_name}/{n}")
+                    found.append((channel, p))
+            else:
+                raise TaskOutputError(f"output {as_name} is {_kind(st)}; only regular files become items")
+        result = []
+        fs = self.fs
+        for i, (channel, src) in enumerate(found):
+            dst = os.path.join(outdir, str(i))
+            fs.rename(src, dst, sync=False)
+            fs.fsync_file(dst)
+            result.append((channel, f"out/{i}"))
+        if found:
+            fs.fsync_dir(outdir)
+            fs.fsync_dir(work)
+        return result
+
+    def _check_output(self, path: str, st: os.stat_result, label: str) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise TaskOutputError(f"output {label} is {_kind(st)}; only regular files become items")
+        if st.st_nlink != 1:
+            raise TaskOutputError(f"output {label} is a hard link; write a new file instead")
+        if self.max_output_bytes is not None and st.st_size > self.max_output_bytes:
+            raise TaskOutputError(
+                f"output {label} is {st.st_size} bytes; the limit is {self.max_output_bytes}")
+
+    # -- 4. commit and 5. apply -----------------------------------------------
+    def commit(self, rec: TaskRecord, outputs: list[tuple[str, str]]) -> list[tuple[str, int]]:
+        """Record the task's outputs durably, then apply. Returns (channel, seq)."""
+        entries = []
+        for channel, rel in outputs:
+            entries.append([rel, channel, self._alloc()])
+        data = {"outputs": entries, "inputs": rec.inputs}
+        self.fs.write_file(self.task_path(rec, "COMMIT"), json.dumps(data).encode())
+        rec.committed = True
+        self.apply(rec)
+        return [(channel, seq) for _, channel, seq in entries]
+
+    def commit_mux(self, rec: TaskRecord, targets: list[str]) -> list[tuple[str, int]]:
+        (_, seq), = rec.inputs
+        rel = f"in/{seq_name(seq)}"
+        return self.commit(rec, [(t, rel) for t in targets])
+
+    def _read_commit(self, rec: TaskRecord) -> dict:
+        with open(self.task_path(rec, "COMMIT"), "rb") as f:
+            return json.load(f)
+
+    def apply(self, rec: TaskRecord) -> None:
+        """Idempotent redo of a committed task; then retire it."""
+        commit = self._read_commit(rec)
+        fs = self.fs
+        touched = set()
+        for rel, channel, seq in commit["outputs"]:
+            src = self.task_path(rec, rel)
+            dst = self.item_path(channel, seq)
+            if os.path.lexists(dst):
+                continue
+            if rel.startswith("in/"):
+                fs.link(src, dst)  # a mux: every target shares the one file
+            else:
+                fs.rename(src, dst, sync=False)
+            touched.add(os.path.dirname(dst))
+        for d in sorted(touched):
+            fs.fsync_dir(d)
+        for rel, channel, seq in commit["outputs"]:
+            if not os.path.lexists(self.item_path(channel, seq)):
+                raise StorageError(f"task {rec.dirname}: output {rel} did not reach channel {channel}")
+        indir = self.task_path(rec, "in")
+        for _, seq in rec.inputs:
+            fs.unlink(os.path.join(indir, seq_name(seq)))
+        fs.fsync_dir(indir)
+        self.retire(rec)
+
+    def retire(self, rec: TaskRecord) -> None:
+        if rec.kind == "process" and not rec.inputs:
+            self.mark_fired(rec.name)
+        hidden = self.path("tasks", f".{rec.dirname}.done")
+        self.fs.rename(self.task_path(rec), hidden)
+        self.fs.rmtree(hidden)
+
+    def mark_fired(self, process: str) -> None:
+        path = self.path("fired", process)
+        if not os.path.exists(path):
+            self.fs.write_file(path, b"")
+
+    # -- release and dead letters ---------------------------------------------
+    def release(self, rec: TaskRecord) -> None:
+        """Put a task's inputs back in their channels (same SEQ: same place).
+
+        CLAIMED goes first, so a crash half-way leaves an unmarked claim,
+        which recovery finishes releasing: never a claimed task short of inputs.
+        """
+        if rec.claimed:
+            self.fs.unlink(self.task_path(rec, "CLAIMED"))
+            self.fs.fsync_dir(self.task_path(rec))
+            rec.claimed = False
+        indir = self.task_path(rec, "in")
+        touched = set()
+        for ch, seq in rec.inputs:
+            src = os.path.join(indir, seq_name(seq))
+            if os.path.lexists(src):
+                self.fs.rename(src, self.item_path(ch, seq), sync=False)
+                touched.add(self.path("channels", ch))
+        for d in sorted(touched):
+            self.fs.fsync_dir(d)
+        if touched:
+            self.fs.fsync_dir(indir)
+        hidden = self.path("tasks", f".{rec.dirname}.done")
+        self.fs.rename(self.task_path(rec), hidden)
+        self.fs.rmtree(hidden)
+
+    def dead_letter(self, rec: TaskRecord, reason: str, attempts: int) -> dict:
+        """Keep a failed task's inputs and reason under failed/ (nothing is lost)."""
+        info = {
+            "task": rec.dirname,
+            "task_id": rec.task_id,
+            "process": rec.name,
+            "kind": rec.kind,
+            "inputs": rec.inputs,
+            "reason": reason,
+            "attempts": attempts,
+            "failed_at": time.time(),
+            "logs": [os.path.basename(self.log_path(rec, a)) for a in range(1, attempts + 1)],
+        }
+        self.fs.write_file(self.task_path(rec, "failure.json"), json.dumps(info).encode())
+        self.fs.rename(self.task_path(rec), self.path("failed", rec.dirname))
+        if rec.kind == "process" and not rec.inputs:
+            self.mark_fired(rec.name)
+        info["dirname"] = rec.dirname
+        return info
+
+
+def _kind(st: os.stat_result) -> str:
+    m = st.st_mode
+    if stat.S_ISLNK(m):
+        return "a symbolic link"
+    if stat.S_ISFIFO(m):
+        return "a FIFO"
+    if stat.S_ISSOCK(m):
+        return "a socket"
+    if stat.S_ISCHR(m) or stat.S_ISBLK(m):
+        return "a device"
+    if stat.S_ISDIR(m):
+        return "a folder"
+    return "not a regular file"

@@ -1,0 +1,152 @@
+"""The pure engine, driven step by step in memory (no disk, no Docker)."""
+from __future__ import annotations
+
+from helpers import proc, wf
+
+from flowd import engine as E
+
+
+def make(w, **queues):
+    eng = E.Engine(w)
+    seq = 1
+    for ch, n in queues.items():
+        for _ in range(n):
+            eng.add_item(ch, seq)
+            seq += 1
+    return eng
+
+
+def finish(eng, claim, outputs=()):
+    eng.committed(claim.kind, claim.name, claim.task_id, list(outputs))
+
+
+def test_process_ready_only_when_every_input_has_an_item():
+    w = wf(channels={"a": [], "b": [], "out": []}, processes=[proc("join", "a b", "out")])
+    eng = make(w, a=2)
+    assert eng.step() == []
+    eng.add_item("b", 10)
+    (claim,) = eng.step()
+    assert claim.inputs == (("a", 1), ("b", 10))
+
+
+def test_join_pairs_the_ith_items_fifo():
+    w = wf(channels={"a": [], "b": [], "out": []},
+           processes=[proc("join", "a b", "out", parallel=5)])
+    eng = E.Engine(w)
+    for s in (1, 2, 3):
+        eng.add_item("a", s)
+    for s in (4, 5, 6):
+        eng.add_item("b", s)
+    claims = eng.step()
+    assert [c.inputs for c in claims] == [
+        (("a", 1), ("b", 4)), (("a", 2), ("b", 5)), (("a", 3), ("b", 6))]
+
+
+def test_parallel_limits_claims_per_process():
+    w = wf(channels={"a": [], "out": []}, processes=[proc("p", "a", "out", parallel=2)])
+    eng = make(w, a=5)
+    assert len(eng.step()) == 2
+    assert eng.step() == []
+    claim = next(iter(eng.claimed.values()))
+    finish(eng, claim)
+    assert len(eng.step()) == 1
+
+
+def test_global_capacity_is_respected():
+    w = wf(channels={"a": [], "out": []}, processes=[proc("p", "a", "out", parallel=10)])
+    eng = make(w, a=5)
+    assert len(eng.step(capacity=3)) == 3
+    assert eng.step(capacity=0) == []
+
+
+def test_source_process_runs_exactly_once():
+    w = wf(channels={"out": []}, processes=[proc("gen", "", "out")])
+    eng = E.Engine(w)
+    (claim,) = eng.step()
+    assert claim.inputs == () and claim.task_id == "0"
+    finish(eng, claim, [("out", 1)])
+    assert eng.step() == []
+    assert eng.state() == E.SUCCEEDED
+
+
+def test_fan_out_mux_claims_each_item_once_and_targets_get_copies():
+    w = wf(channels={"a": [], "b": [], "c": []}, muxes=[("a", "b c")])
+    eng = make(w, a=2)
+    claims = eng.step()
+    assert [c.kind for c in claims] == [E.MUX, E.MUX]
+    finish(eng, claims[0], [("b", 3), ("c", 4)])
+    finish(eng, claims[1], [("b", 5), ("c", 6)])
+    assert eng.queues["b"] == [3, 5] and eng.queues["c"] == [4, 6]
+    assert eng.state() == E.SUCCEEDED
+
+
+def test_merge_mux_takes_oldest_item_first_across_sources():
+    w = wf(channels={"x": [], "y": [], "m": []}, muxes=[("x y", "m")])
+    eng = E.Engine(w)
+    eng.add_item("y", 1)
+    eng.add_item("x", 2)
+    eng.add_item("y", 3)
+    assert [c.inputs[0] for c in eng.step()] == [("y", 1), ("x", 2), ("y", 3)]
+
+
+def test_released_inputs_go_back_to_the_head_in_order():
+    w = wf(channels={"a": [], "out": []}, processes=[proc("p", "a", "out")])
+    eng = make(w, a=3)
+    (claim,) = eng.step()
+    eng.released(claim.kind, claim.name, claim.task_id)
+    assert eng.queues["a"] == [1, 2, 3]
+
+
+def test_failure_under_stop_ends_run_failed_and_claims_nothing_more():
+    w = wf(channels={"a": [], "out": []}, processes=[proc("p", "a", "out")])
+    eng = make(w, a=3)
+    (claim,) = eng.step()
+    eng.failed(claim.name, claim.task_id)
+    assert eng.step() == []
+    assert eng.state() == E.FAILED
+    assert eng.queues["a"] == [2, 3]  # unconsumed items are kept
+
+
+def test_failure_under_continue_goes_on_and_succeeds():
+    w = wf(channels={"a": [], "out": []},
+           processes=[proc("p", "a", "out", on_failure="continue")])
+    eng = make(w, a=2)
+    (claim,) = eng.step()
+    eng.failed(claim.name, claim.task_id)
+    (claim,) = eng.step()
+    finish(eng, claim)
+    assert eng.state() == E.SUCCEEDED
+    assert eng.counts["p"].failed == 1 and eng.counts["p"].done == 1
+
+
+def test_batch_run_is_running_while_a_task_is_claimed():
+    w = wf(channels={"a": [], "out": []}, processes=[proc("p", "a", "out")])
+    eng = make(w, a=1)
+    eng.step()
+    assert eng.state() == E.RUNNING
+
+
+def test_service_run_stays_open_until_cancelled():
+    w = wf(channels={"a": [], "out": []}, processes=[proc("p", "a", "out")], mode="service")
+    eng = E.Engine(w)
+    assert eng.state() == E.RUNNING
+    eng.cancel()
+    assert eng.state() == E.CANCELLED
+
+
+def test_cancel_waits_for_claimed_tasks_to_be_released():
+    w = wf(channels={"a": [], "out": []}, processes=[proc("p", "a", "out")])
+    eng = make(w, a=1)
+    (claim,) = eng.step()
+    eng.cancel()
+    assert eng.state() == E.RUNNING
+    eng.released(claim.kind, claim.name, claim.task_id)
+    assert eng.state() == E.CANCELLED
+    assert eng.queues["a"] == [1]
+
+
+def test_process_that_can_never_run_does_not_keep_a_batch_run_open():
+    w = wf(channels={"a": [], "b": [], "out": []}, processes=[proc("p", "a b", "out")])
+    eng = make(w, a=3)
+    assert eng.step() == []
+    assert eng.state() == E.SUCCEEDED

@@ -1,0 +1,243 @@
+"""A run on the real file store with the fake executor: the whole task protocol, no Docker."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from helpers import proc, wf
+
+from flowd import engine as E
+from flowd.executor import base as X
+from flowd.executor.fake import FakeExecutor
+from flowd.fsops import Durable
+from flowd.run import Limits, Run
+
+
+class Harness:
+    def __init__(self, root, w, scripts, run_id="abcdef012345"):
+        self.root = str(root)
+        self.scripts = scripts
+        runs = os.path.join(self.root, "runs")
+        os.makedirs(runs, exist_ok=True)
+        bundle = os.path.join(self.root, "bundle")
+        os.makedirs(bundle, exist_ok=True)
+        self.fs = Durable()
+        self.path = Run.create(runs, run_id, w, bundle, self.fs, {})
+        self.open()
+
+    def open(self, containers=None):
+        """(Re)start as a new daemon would; ``containers`` survived the old one."""
+        self.events = []
+        self.ex = FakeExecutor(self.events.append, self.scripts)
+        self.ex.containers.update(containers or {})
+        self.run = Run.open(self.path, self.fs, self.ex, Limits())
+        self.run.resume()
+
+    def pump(self, capacity=8, limit=None):
+        self.run.tick(capacity)
+        self.ex.run_pending(limit)
+        while self.events:
+            self.run.on_result(self.events.pop(0))
+
+    def drain(self, rounds=100):
+        for _ in range(rounds):
+            self.pump()
+            if self.run.finished:
+                return self.run.state
+        raise AssertionError("run did not end")
+
+    def items(self, channel):
+        folder = os.path.join(self.path, "channels", channel)
+        return [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))]
+
+    def leftovers(self):
+        return os.listdir(os.path.join(self.path, "tasks"))
+
+
+def count_words(t):
+    t.write("counts", str(len(t.read("lines").split())).encode())
+    return 0
+
+
+def test_pipeline_with_fan_out_delivers_every_item_in_order(tmp_path):
+    w = wf(channels={"lines": ["a b c", "d e", "f"], "counts": [], "left": [], "right": []},
+           processes=[proc("count", "lines", "counts")], muxes=[("counts", "left right")])
+    h = Harness(tmp_path, w, {"count": count_words})
+    assert h.drain() == E.SUCCEEDED
+    assert h.items("left") == [b"3", b"2", b"1"]
+    assert h.items("right") == [b"3", b"2", b"1"]
+    assert h.items("lines") == [] and h.leftovers() == []
+
+
+def test_folder_output_gives_one_item_per_file_in_name_order(tmp_path):
+    def split(t):
+        for i, word in enumerate(t.read("lines").split()):
+            t.write(f"words/{i:03d}", word)
+        return 0
+
+    w = wf(channels={"lines": ["x y z"], "words": []}, processes=[proc("split", "lines", "words")])
+    h = Harness(tmp_path, w, {"split": lambda t: split_bytes(t)})
+    assert h.drain() == E.SUCCEEDED
+    assert h.items("words") == [b"x", b"y", b"z"]
+
+
+def split_bytes(t):
+    for i, word in enumerate(t.read("lines").split()):
+        t.write(f"words/{i:03d}", word)
+    return 0
+
+
+def test_missing_output_gives_no_item_a_filter(tmp_path):
+    def keep_even(t):
+        n = int(t.read("nums"))
+        if n % 2 == 0:
+            t.write("even", str(n).encode())
+        return 0
+
+    w = wf(channels={"nums": ["1", "2", "3", "4"], "even": []},
+           processes=[proc("filter", "nums", "even")])
+    h = Harness(tmp_path, w, {"filter": keep_even})
+    assert h.drain() == E.SUCCEEDED
+    assert h.items("even") == [b"2", b"4"]
+
+
+def test_retry_reruns_same_inputs_with_attempt_counting_from_1(tmp_path):
+    seen = []
+
+    def flaky(t):
+        seen.append((t.read("a"), t.attempt))
+        if t.attempt < 3:
+            t.write("out", b"partial")  # must not leak out of a failed attempt
+            return 1
+        t.write("out", b"ok:" + t.read("a"))
+        return 0
+
+    w = wf(channels={"a": ["item"], "out": []}, processes=[proc("p", "a", "out", retries=2)])
+    h = Harness(tmp_path, w, {"p": flaky})
+    assert h.drain() == E.SUCCEEDED
+    assert seen == [(b"item", 1), (b"item", 2), (b"item", 3)]
+    assert h.items("out") == [b"ok:item"]
+
+
+def test_exhausted_retries_keep_inputs_as_a_dead_letter_and_stop_the_run(tmp_path):
+    w = wf(channels={"a": ["one", "two"], "out": []}, processes=[proc("p", "a", "out", retries=1)])
+    h = Harness(tmp_path, w, {"p": lambda t: 3})
+    assert h.drain() == E.FAILED
+    failed = os.listdir(os.path.join(h.path, "failed"))
+    assert len(failed) == 1
+    kept = os.listdir(os.path.join(h.path, "failed", failed[0], "in"))
+    assert len(kept) == 1
+    assert h.items("a") == [b"two"]  # never started: still queued
+    d = h.run.detail()
+    assert d["failures"][0]["attempts"] == 2
+    assert "exit status 3" in d["failures"][0]["reason"]
+    assert "fake p" in d["failures"][0]["log_tail"]
+
+
+def test_continue_goes_on_and_succeeds_with_failures_counted(tmp_path):
+    def odd_fails(t):
+        n = int(t.read("a"))
+        if n % 2:
+            return 1
+        t.write("out", b"%d" % n)
+        return 0
+
+    w = wf(channels={"a": ["1", "2", "3", "4"], "out": []},
+           processes=[proc("p", "a", "out", on_failure="continue")])
+    h = Harness(tmp_path, w, {"p": odd_fails})
+    assert h.drain() == E.SUCCEEDED
+    assert h.items("out") == [b"2", b"4"]
+    assert h.run.summary()["tasks_failed"] == 2
+
+
+def test_stop_failure_kills_other_running_tasks_and_keeps_their_inputs(tmp_path):
+    w = wf(channels={"a": ["bad", "x", "y"], "out": []},
+           processes=[proc("p", "a", "out", parallel=3)])
+    h = Harness(tmp_path, w, {"p": lambda t: 1 if t.read("a") == b"bad" else 0})
+    h.run.tick(8)
+    h.ex.run_pending(limit=1)  # only "bad" finishes; the other two are still running
+    while h.events:
+        h.run.on_result(h.events.pop(0))
+    assert len(h.ex.killed) == 2
+    assert h.run.state == E.FAILED
+    assert h.items("a") == [b"x", b"y"]
+    assert h.leftovers() == []
+
+
+def test_cancel_stops_containers_and_keeps_data(tmp_path):
+    w = wf(channels={"a": ["1", "2"], "out": []}, processes=[proc("p", "a", "out")])
+    h = Harness(tmp_path, w, {})
+    h.run.tick(8)
+    h.run.cancel()
+    assert h.ex.killed == [(h.run.id, "1")]
+    while h.events:
+        h.run.on_result(h.events.pop(0))
+    assert h.run.state == E.CANCELLED
+    assert h.items("a") == [b"1", b"2"]
+
+
+@pytest.mark.parametrize("make_bad", ["symlink", "hardlink", "fifo"])
+def test_hostile_outputs_fail_the_task_and_publish_nothing(tmp_path, make_bad):
+    sentinel = tmp_path / "sentinel"
+    sentinel.write_bytes(b"host secret")
+
+    def hostile(t):
+        target = os.path.join(t.spec.workdir, "out")
+        if make_bad == "symlink":
+            os.symlink(str(sentinel), target)
+        elif make_bad == "hardlink":
+            os.link(str(sentinel), target)
+        else:
+            os.mkfifo(target)
+        return 0
+
+    w = wf(channels={"a": ["x"], "out": []}, processes=[proc("p", "a", "out")])
+    h = Harness(tmp_path, w, {"p": hostile})
+    assert h.drain() == E.FAILED
+    assert h.items("out") == []
+    assert "bad output" in h.run.detail()["failures"][0]["reason"]
+    assert sentinel.read_bytes() == b"host secret"
+
+
+def test_restart_adopts_a_running_task_and_does_not_run_it_twice(tmp_path):
+    runs = []
+
+    def once(t):
+        runs.append(t.read("a"))
+        t.write("out", t.read("a"))
+        return 0
+
+    w = wf(channels={"a": ["1", "2"], "out": []}, processes=[proc("p", "a", "out")])
+    h = Harness(tmp_path, w, {"p": once})
+    h.run.tick(8)  # task for "1" is claimed and started; the daemon "dies" here
+    h.open(containers=h.ex.containers)  # a new daemon: the container is still there
+    assert [s.task_id for s in h.ex.adopted] == ["1"]
+    assert h.drain() == E.SUCCEEDED
+    assert runs == [b"1", b"2"]
+    assert h.items("out") == [b"1", b"2"]
+
+
+def test_restart_reruns_a_claimed_task_whose_container_is_gone(tmp_path):
+    w = wf(channels={"a": ["1"], "out": []}, processes=[proc("p", "a", "out")])
+    h = Harness(tmp_path, w, {"p": lambda t: (t.write("out", b"done"), 0)[1]})
+    h.run.tick(8)
+    h.open()  # the engine lost the container
+    assert h.drain() == E.SUCCEEDED
+    assert h.items("out") == [b"done"]
+    assert any(s.attempt == 1 for s in h.ex.started)
+
+
+def test_task_spec_gives_the_script_its_inputs_env_and_limits(tmp_path):
+    w = wf(channels={"a": ["1"], "out": []},
+           processes=[proc("p", "a", "out", timeout=30.0, memory=64 << 20, cpus=0.5,
+                           network="bridge", env={"K": "v"})])
+    h = Harness(tmp_path, w, {})
+    h.run.tick(8)
+    (spec,) = h.ex.started
+    assert spec.container_name == f"flowd-{h.run.id}-p-1"
+    assert spec.env == {"K": "v", "FLOWD_RUN": h.run.id, "FLOWD_PROCESS": "p",
+                        "FLOWD_TASK": "1", "FLOWD_ATTEMPT": "1"}
+    assert [m.target for m in spec.inputs] == ["/task/a"] and spec.inputs[0].read_only
+    assert open(spec.inputs[0].source, "rb").read() == b"1"
+    assert (spec.timeout, spec.memory, spec.cpus, spec.network) == (30.0, 64 << 20, 0.5, "bridge")
+    assert spec.labels[X.LABEL_RUN] == h.run.id and spec.labels[X.LABEL_TASK] == "1"
