@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("watch", help="follow a run's progress until it ends; exit 1 if it fails")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("validate", help="check a workflow file without a daemon")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
@@ -140,6 +144,12 @@ def _wait(client: Client, run: str, quiet: bool) -> dict:
             return detail
 
 
+def cmd_watch(client: Client, args) -> int:
+    detail = _wait(client, args.run, quiet=args.json)
+    print(json.dumps(detail, indent=1) if args.json else _render_run(detail))
+    return 0 if detail["state"] == "succeeded" else 1
+
+
 def _user() -> str:
     import pwd
 
@@ -201,6 +211,9 @@ def _render_run(d: dict) -> str:
 
 def cmd_cancel(client: Client, args) -> int:
     result, _ = client.call("cancel", {"runs": args.runs})
+    for r in result["runs"]:  # like `docker stop`: return once the containers are stopped
+        if r["ok"] and r["state"] not in FINAL:
+            r["state"] = _wait(client, r["id"], quiet=True)["state"]
     if args.json:
         print(json.dumps(result, indent=1))
     status = 0
@@ -233,6 +246,7 @@ COMMANDS = {
     "submit": cmd_submit,
     "status": cmd_status,
     "cancel": cmd_cancel,
+    "watch": cmd_watch,
     "validate": cmd_validate,
     "pull": cmd_pull,
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import time
 
 import zmq
@@ -36,11 +37,12 @@ class Client:
             raise DaemonUnreachable(
                 f"permission denied on {path}: only the socket's group may talk to flowd "
                 "(ask an administrator to add you to it, e.g. `adduser $USER flowd`)")
+        self._probe(path, hint)
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # a send with no live peer fails instead of queueing
-        sock.setsockopt(zmq.SNDTIMEO, int(min(self.timeout, 2.0) * 1000))
+        sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
         sock.connect(P.endpoint(path))
         self._sock = sock
         return sock
@@ -55,9 +57,7 @@ class Client:
         try:
             sock.send_multipart(frames)
         except zmq.Again:
-            raise DaemonUnreachable(
-                f"flowd is not running: nothing listens on {self.path} (a socket left by a daemon "
-                f"that stopped?); {START_HINT.format(path=self.path)}") from None
+            raise self._no_answer(self.timeout) from None
         except zmq.ZMQError as e:
             if e.errno in (errno.EACCES, errno.EPERM):
                 raise DaemonUnreachable(f"permission denied on {self.path}") from None
@@ -69,14 +69,36 @@ class Client:
             if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
                 if time.monotonic() < deadline:
                     continue
-                raise DaemonUnreachable(
-                    f"flowd at {self.path} did not answer within {wait:g}s: it is running but "
-                    "busy or stuck; try again, raise --timeout, or see `journalctl -u flowd`")
+                raise self._no_answer(wait)
             reply = sock.recv_multipart()
             if P.reply_id(reply) != req_id:
                 continue  # a late answer to an earlier request
             _, result, data = P.decode_reply(reply)
             return result, data
+
+    def _no_answer(self, wait: float) -> DaemonUnreachable:
+        return DaemonUnreachable(
+            f"flowd at {self.path} did not answer within {wait:g}s: it is running but busy or "
+            "stuck; try again, raise --timeout, or see its log (`journalctl -u flowd`)")
+
+    @staticmethod
+    def _probe(path: str, hint: str) -> None:
+        """A plain connect tells a stale socket file (refused) from a live daemon."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(2.0)
+            s.connect(path)
+        except ConnectionRefusedError:
+            raise DaemonUnreachable(
+                f"flowd is not running: nothing listens on {path} (a socket file left by a "
+                f"daemon that stopped); {hint}") from None
+        except PermissionError:
+            raise DaemonUnreachable(f"permission denied on {path}: only the socket's group may "
+                                    "talk to flowd") from None
+        except OSError:
+            pass  # let ZeroMQ have its say
+        finally:
+            s.close()
 
     def close(self) -> None:
         if self._sock is not None:

@@ -47,6 +47,7 @@ class Daemon:
         self.log_path = os.path.join(os.path.dirname(sock), "flowd.log")
 
     def start(self, wait: bool = True, timeout: float = 30.0, **env) -> "Daemon":
+        self.messages = []
         if os.path.exists(self.notify_path):
             os.unlink(self.notify_path)
         self._nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -93,9 +94,18 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
+        self._drain_notify()
         self._nsock.close()
         self._log.close()
         return rc
+
+    def _drain_notify(self) -> None:
+        self._nsock.setblocking(False)
+        while True:
+            try:
+                self.messages.append(self._nsock.recv(4096).decode())
+            except BlockingIOError:
+                return
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
