@@ -97,7 +97,7 @@ class Process:
 
 @dataclass
 class Mux:
-    name: str  # "mux1", "mux2", ... in file order unless named
+    name: str  # "mux#1", "mux#2", ... in file order
     sources: list[str]
     targets: list[str]
     line: int | None = None
