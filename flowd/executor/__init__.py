@@ -1,0 +1,25 @@
+"""Executors: where task attempts run (see ``base``).
+
+This package imports no third-party module: ``flowd.executor.docker`` (the
+only module that imports the docker SDK) is imported by whoever needs it, so
+that ``flowctl`` and the engine's tests never load docker.
+"""
+from .base import (
+    ERROR,
+    EXITED,
+    KILLED,
+    MISSING,
+    OOM,
+    TIMEOUT,
+    ContainerInfo,
+    EngineState,
+    Executor,
+    Mount,
+    TaskResult,
+    TaskSpec,
+)
+
+__all__ = [
+    "ERROR", "EXITED", "KILLED", "MISSING", "OOM", "TIMEOUT",
+    "ContainerInfo", "EngineState", "Executor", "Mount", "TaskResult", "TaskSpec",
+]
