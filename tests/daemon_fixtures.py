@@ -143,7 +143,16 @@ def daemon_factory(workdir):
     yield make
     for d in made:
         d.stop()
+        _remove_containers(os.path.realpath(d.spool))
     shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def _remove_containers(spool: str) -> None:
+    """Containers a test's daemons left (SIGTERM leaves them running, by design)."""
+    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=io.flowd.spool={spool}"],
+                         capture_output=True, text=True).stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
 
 
 @pytest.fixture
