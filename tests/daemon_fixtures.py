@@ -36,7 +36,10 @@ def env_for_subprocess(**extra) -> dict:
 
 
 class Daemon:
-    def __init__(self, spool: str, sock: str, extra_args=(), env=None):
+    def __init__(self, spool: str, sock: str, extra_args=(), env=None, user: str | None = None,
+                 python: str = sys.executable):
+        self.user = user  # run the daemon as this user (with its groups)
+        self.python = python
         self.spool = spool
         self.socket = sock
         self.extra_args = list(extra_args)
@@ -52,12 +55,21 @@ class Daemon:
             os.unlink(self.notify_path)
         self._nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._nsock.bind(self.notify_path)
+        extra = {}
+        if self.user:
+            import pwd
+
+            pw = pwd.getpwnam(self.user)
+            os.chmod(self.notify_path, 0o777)
+            os.chown(os.path.dirname(self.socket), pw.pw_uid, pw.pw_gid)
+            extra = dict(user=pw.pw_uid, group=pw.pw_gid,
+                         extra_groups=os.getgrouplist(self.user, pw.pw_gid))
         e = env_for_subprocess(NOTIFY_SOCKET=self.notify_path, **self.extra_env, **env)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flowd", "--spool", self.spool, "--socket", self.socket,
+            [self.python, "-m", "flowd", "--spool", self.spool, "--socket", self.socket,
              "--config", "/dev/null", *self.extra_args],
-            env=e, stdout=self._log, stderr=subprocess.STDOUT)
+            env=e, stdout=self._log, stderr=subprocess.STDOUT, **extra)
         if wait:
             self.wait_for("READY=1", timeout)
         return self

@@ -335,3 +335,88 @@ def test_flowctl_imports_neither_docker_nor_lxml():
     res = subprocess.run([sys.executable, "-c", code], env=env_for_subprocess(),
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
+
+
+def test_watchdog_is_pinged_when_systemd_asks(daemon_factory):
+    d = daemon_factory().start(WATCHDOG_USEC="400000")
+    d.wait_for("WATCHDOG=1", timeout=10)
+    count = sum("WATCHDOG=1" in m for m in d.messages)
+    d.wait_for("WATCHDOG=1", timeout=10)
+    assert sum("WATCHDOG=1" in m for m in d.messages) >= count
+
+
+def test_engine_down_is_reported_and_the_run_resumes_when_it_returns(daemon_factory, workdir):
+    from test_docker_executor import EngineProxy
+
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    proxy = EngineProxy(os.path.join(workdir, "engine.sock"), host[len("unix://"):])
+    d = daemon_factory(env={"DOCKER_HOST": "unix://" + proxy.path})
+    try:
+        d.start()  # no engine behind the proxy yet
+        xml = write(os.path.join(workdir, "wf", "ok.xml"), SLEEPER.format(secs=0))
+        run = d.flowctl("submit", xml, check=0).stdout.strip()
+        d.wait_for("UNAVAILABLE", timeout=30)  # STATUS= tells systemd
+        status = d.flowctl("status", check=0).stdout
+        assert "Docker engine is unavailable" in status
+        assert json.loads(d.flowctl("status", run, "--json").stdout)["state"] == "running"
+        proxy.serve()  # the engine is back
+        detail = json.loads(d.flowctl("watch", run, "--json", check=0).stdout)
+        assert detail["state"] == "succeeded"
+        assert pull(d, run, "out", os.path.join(workdir, "out")) == [b"x"]
+    finally:
+        proxy.cut()
+
+
+NONROOT = "flowd-test"
+
+
+@pytest.fixture
+def nonroot_user():
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a test user")
+    import pwd
+
+    try:
+        pwd.getpwnam(NONROOT)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--groups", "docker",
+                        NONROOT], check=True)
+    return pwd.getpwnam(NONROOT)
+
+
+def test_daemon_as_a_non_root_docker_group_member_collects_any_uids_outputs(
+        daemon_factory, workdir, nonroot_user):
+    os.chmod(workdir, 0o755)
+    spool = os.path.join(workdir, "spool")
+    os.mkdir(spool, 0o750)
+    os.chown(spool, nonroot_user.pw_uid, nonroot_user.pw_gid)
+    # the venv's interpreter may live under /root; Debian's python3 with its packaged
+    # libraries is what the .deb runs as the flowd user anyway
+    check = subprocess.run(["/usr/bin/python3", "-c", "import docker, zmq, lxml, sdnotify"],
+                           capture_output=True)
+    if check.returncode:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's python3-docker/zmq/lxml/sdnotify are needed (.ci/setup-host)")
+        pytest.skip("Debian's python3 libraries are not installed")
+    d = daemon_factory(spool=spool, user=NONROOT, python="/usr/bin/python3").start()
+    xml = write(os.path.join(workdir, "wf", "uids.xml"), """<workflow name="uids">
+  <channel name="in"><item>abc</item></channel>
+  <channel name="mid"/><channel name="out"/>
+  <process name="asroot" image="flowd/busybox">
+    <input channel="in"/><output channel="mid"/>
+    <script>id -u > /task/uid; cp in mid; chmod 600 mid</script>
+  </process>
+  <process name="asnobody" image="flowd/busybox-nobody">
+    <input channel="mid"/><output channel="out"/>
+    <script>mkdir out; cp mid out/1; id -u > out/2; chmod 600 out/*; chmod 700 out</script>
+  </process>
+</workflow>""")
+    detail = submit_wait(d, xml)
+    assert detail["state"] == "succeeded", d.log()
+    out = pull(d, detail["id"], "out", os.path.join(workdir, "pulled"))
+    assert out == [b"abc", b"65534\n"]
+    run_dir = os.path.join(spool, "runs", detail["id"])
+    assert os.listdir(os.path.join(run_dir, "tasks")) == []  # work folders deleted
+    owners = {os.stat(os.path.join(run_dir, "channels", "out", n)).st_uid
+              for n in os.listdir(os.path.join(run_dir, "channels", "out"))}
+    assert owners <= {nonroot_user.pw_uid, 65534, 0}

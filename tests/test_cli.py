@@ -1,0 +1,63 @@
+"""flowctl without a daemon: validate, usage errors, human output helpers."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from daemon_fixtures import env_for_subprocess
+from test_parser import INVALID_FILES, _expectation
+
+from flowctl import cli, fmt
+
+HERE = Path(__file__).parent
+EXAMPLES = HERE.parent / "examples"
+
+
+@pytest.mark.parametrize("path", INVALID_FILES, ids=lambda p: p.name)
+def test_validate_rejects_every_invalid_file_with_exit_2_naming_the_line(path, capsys):
+    exp = _expectation(path)
+    assert cli.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    where = f"{path}:{exp['line']}:" if exp["line"] else f"{path}:"
+    assert where in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["wordcount", "join", "filter"])
+def test_validate_accepts_the_examples(name, capsys):
+    assert cli.main(["validate", str(EXAMPLES / name / "workflow.xml")]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_validate_as_a_user_runs_it():
+    bad = INVALID_FILES[0]
+    res = subprocess.run([sys.executable, "-m", "flowctl", "validate", str(bad)],
+                         env=env_for_subprocess(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and str(bad) in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "flowctl", "validate", "/nonexistent.xml"],
+                         env=env_for_subprocess(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "no such file" in res.stderr
+
+
+def test_bad_usage_exits_2():
+    res = subprocess.run([sys.executable, "-m", "flowctl", "frobnicate"],
+                         env=env_for_subprocess(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_socket_comes_from_flowd_socket_env_and_the_flag_wins(monkeypatch, capsys):
+    monkeypatch.setenv("FLOWD_SOCKET", "/nonexistent/from-env.sock")
+    assert cli.main(["status"]) == 3
+    assert "/nonexistent/from-env.sock" in capsys.readouterr().err
+    assert cli.main(["--socket", "/nonexistent/flag.sock", "status"]) == 3
+    assert "/nonexistent/flag.sock" in capsys.readouterr().err
+
+
+def test_tables_align_and_units_are_human():
+    out = fmt.table(["A", "LONGER"], [["xxxx", 1], ["y", 22]]).splitlines()
+    assert out == ["A     LONGER", "xxxx  1", "y     22"]
+    assert fmt.size(512) == "512 B" and fmt.size(3 * 1024 * 1024) == "3.0 MiB"
+    assert fmt.duration(5.25) == "5.2s" and fmt.duration(125) == "2m05s"
+    assert fmt.duration(3 * 3600 + 60) == "3h01m"
