@@ -622,7 +622,7 @@ def refused() -> requests.exceptions.ConnectionError:
 
 def test_mock_engine_unreachable_is_retryable_and_watched(reports):
     ex, api = mocked_executor(reports)
-    api.remove_container.side_effect = refused()
+    api.inspect_image.side_effect = refused()  # the first engine call of a start
     api.ping.side_effect = [refused(), True]
     try:
         ex.start(plain_spec()).result(WAIT)
@@ -642,7 +642,7 @@ def test_mock_engine_unreachable_is_retryable_and_watched(reports):
 def test_mock_engine_down_reported_once(reports):
     ex, api = mocked_executor(reports)
     ex.ping_interval = 60
-    api.remove_container.side_effect = refused()
+    api.inspect_image.side_effect = refused()
     try:
         for task in ("a", "b"):
             spec = plain_spec()

@@ -108,6 +108,9 @@ _OOM_CHECK = (
 )
 
 
+IMAGE_CHECK_TTL = 30.0  # seconds an image found present is not looked up again
+
+
 class _WaitTimedOut(Exception):
     """The read timeout of a ``wait`` call ran out (not an engine failure)."""
 
@@ -156,6 +159,7 @@ class DockerExecutor(Executor):
         self._stop = threading.Event()  # set by close()
         self._up = threading.Event()  # set while the engine is (thought) up
         self._up.set()
+        self._image_seen: dict[str, float] = {}  # image -> when inspect last found it
         self._starts = _Lane("flowd-docker-start", STARTS_LANE)
         self._waits = _Lane("flowd-docker-wait", max_workers)
         self._ops = _Lane("flowd-docker-ops", OPS_LANE)
@@ -211,12 +215,18 @@ class DockerExecutor(Executor):
     def _start_job(self, t: _Task) -> None:
         spec = t.spec
         try:
-            self._remove_by_name(spec.container_name)
+            # No removal of a leftover container up front: create() meets a
+            # name conflict only in the rare case there is one, and handles it.
             self._ensure_image(spec.image)
             if self._kill_requested(spec):
                 self._result(t, KILLED, message="killed before it started")
                 return
-            t.container_id = self._create(spec)
+            try:
+                t.container_id = self._create(spec)
+            except ImageUnavailable:  # removed since we last looked: pull it again
+                self._image_seen.pop(spec.image, None)
+                self._ensure_image(spec.image)
+                t.container_id = self._create(spec)
             try:
                 self._call(self.api.start, t.container_id)
             except EngineUnavailable:
@@ -242,8 +252,12 @@ class DockerExecutor(Executor):
         self._waits.submit(self._wait_job, t, deadline)
 
     def _ensure_image(self, image: str) -> None:
+        seen = self._image_seen.get(image)
+        if seen is not None and time.monotonic() - seen < IMAGE_CHECK_TTL:
+            return  # looked up lately: one engine call less per task
         try:
             self._call(self.api.inspect_image, image)
+            self._image_seen[image] = time.monotonic()
             return
         except ImageUnavailable:
             pass
@@ -254,6 +268,7 @@ class DockerExecutor(Executor):
                 if isinstance(event, dict) and event.get("error"):
                     reason = str(event["error"]).strip()
             self._call(self.api.inspect_image, image)
+            self._image_seen[image] = time.monotonic()
         except EngineUnavailable:
             raise
         except FlowError as e:
