@@ -49,6 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("push", help="append an item to a channel of a running run")
+    p.add_argument("run")
+    p.add_argument("channel")
+    p.add_argument("file", nargs="?", default="-", help="the item's bytes (default -: stdin)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("logs", help="task logs (stdout and stderr of each attempt)")
+    p.add_argument("run")
+    p.add_argument("process", nargs="?")
+    p.add_argument("--task", help="only this task (its id, as in the container name)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing logs as tasks finish, until the run ends")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("graph", help="the workflow as a Graphviz DOT graph (live depths for a run)")
+    p.add_argument("target", metavar="FILE.xml|RUN")
+
     p = sub.add_parser("pull", help="write a channel's items out as files (they stay in the channel)")
     p.add_argument("run")
     p.add_argument("channel")
@@ -242,6 +259,69 @@ def cmd_pull(client: Client, args) -> int:
     return 0
 
 
+def cmd_push(client: Client, args) -> int:
+    if args.file == "-":
+        src = sys.stdin.buffer
+    else:
+        try:
+            src = open(args.file, "rb")
+        except OSError as e:
+            raise UsageError(f"{args.file}: {e.strerror}") from None
+    with src:
+        result = client.push(args.run, args.channel, src, user=_user())
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(result["seq"])
+    return 0
+
+
+def cmd_logs(client: Client, args) -> int:
+    seen: dict[str, int] = {}  # log name -> bytes printed
+    printed_json = []
+    while True:
+        result, _ = client.call("logs", {"run": args.run, "process": args.process,
+                                         "task": args.task})
+        for entry in result["logs"]:
+            name = entry["name"]
+            done = seen.get(name, 0)
+            if entry["size"] <= done and name in seen:
+                continue
+            if args.json:
+                if name not in seen:
+                    printed_json.append(entry)
+                seen[name] = entry["size"]
+                continue
+            if name not in seen:
+                print(f"==> {entry['process']} task {entry['task']} attempt {entry['attempt']} <==",
+                      flush=True)
+            seen[name] = done + client.copy_log(result["run"], name, done, sys.stdout.buffer)
+            sys.stdout.flush()
+        if args.json or not args.follow or result["state"] in FINAL:
+            break
+        # a long-poll: the daemon answers when the run changes or after a while
+        client.call("status", {"run": result["run"], "wait": 2}, timeout=client.timeout + 2)
+    if args.json:
+        print(json.dumps({"run": result["run"], "logs": printed_json}, indent=1))
+    elif not seen:
+        print(f"no logs yet for run {result['run']}", file=sys.stderr)
+    return 0
+
+
+def cmd_graph(client: Client, args) -> int:
+    from flowd.graph import to_dot
+    from flowd.model import Workflow
+
+    if args.target.endswith(".xml") or os.path.isfile(args.target):
+        wf, _ = _load(args.target)
+        print(to_dot(wf), end="")
+        return 0
+    result, _ = client.call("graph", {"run": args.target})
+    wf = Workflow.from_dict(result["workflow"])
+    print(to_dot(wf, result["depths"], title=f"{result['run']} ({result['state']})"), end="")
+    return 0
+
+
 COMMANDS = {
     "submit": cmd_submit,
     "status": cmd_status,
@@ -249,6 +329,9 @@ COMMANDS = {
     "watch": cmd_watch,
     "validate": cmd_validate,
     "pull": cmd_pull,
+    "push": cmd_push,
+    "logs": cmd_logs,
+    "graph": cmd_graph,
 }
 
 

@@ -145,6 +145,32 @@ class Client:
         return size
 
 
+    def push(self, run: str, channel: str, src, user: str = "") -> dict:
+        """Stream ``src`` (a binary file object) as one new item; durable when this returns."""
+        begin = self.call("push_begin", {"run": run, "channel": channel})[0]
+        offset = 0
+        while True:
+            chunk = src.read(P.CHUNK)
+            if not chunk:
+                break
+            self.call("push_chunk", {"push": begin["push"], "offset": offset}, chunk)
+            offset += len(chunk)
+        return self.call("push_end", {"push": begin["push"], "run": begin["run"],
+                                      "channel": channel, "user": user})[0]
+
+    def copy_log(self, run: str, name: str, offset: int, out) -> int:
+        """Write a task log from ``offset`` to ``out``; returns the bytes written."""
+        n = 0
+        while True:
+            _, data = self.call("read_log", {"run": run, "name": name, "offset": offset + n})
+            if not data:
+                return n
+            out.write(data)
+            n += len(data)
+            if len(data) < P.CHUNK:
+                return n
+
+
 def check_out_dir(path: str) -> str:
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"--out {path} exists and is not a folder")

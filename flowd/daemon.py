@@ -21,9 +21,8 @@ from typing import Callable
 import zmq
 
 from . import __version__
-from . import engine as E
 from . import protocol as P
-from .config import Config
+from .config import DEFAULT_CONFIG, KEYS, Config
 from .errors import (AlreadyRunning, Ambiguous, Conflict, DiskFull, FlowError, NotFound,
                      ProtocolError, StorageError, UsageError)
 from .executor import base as X
@@ -78,13 +77,11 @@ class Daemon:
         except OSError as e:
             raise UsageError(f"cannot create the socket's folder {sock_dir}: {e.strerror}") from None
         self._lock(self.socket_path + ".lock", f"socket {self.socket_path}")
-        st = os.statvfs(self.spool)
         # renames must never cross filesystems (EXDEV is not atomic)
         for d in (self.runs_dir, self.uploads_dir):
             if os.stat(d).st_dev != os.stat(self.spool).st_dev:
                 raise UsageError(f"{d} is on another filesystem than {self.spool}; "
                                  "keep the whole spool on one filesystem")
-        del st
 
     def _lock(self, path: str, what: str) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -209,7 +206,7 @@ class Daemon:
                 self._drain_events()
                 if self._hup:
                     self._hup = False
-                    log.info("SIGHUP: configuration reload is not supported yet; nothing changed")
+                    self._reload()
                 self._tick_runs()
                 now = time.monotonic()
                 if self.waiters:
@@ -223,6 +220,58 @@ class Daemon:
         finally:
             self._shutdown()
         return 0
+
+    def _reload(self) -> None:
+        """SIGHUP (``systemctl reload flowd``): re-read the config file, apply what can change live.
+
+        Live: max_containers, pids_limit, default_memory, max_output_size (runs
+        opened from now on), cap_add and allowed_images (containers started and
+        workflows submitted from now on) and log_level. spool, socket,
+        socket_group and socket_mode need a restart: a change is logged, not
+        applied. An invalid file changes nothing. Options given on the command
+        line (--spool, --socket, --log-level) keep winning over the file.
+        Runs and containers are not touched.
+        """
+        from .config import load
+
+        path = self.cfg.source or DEFAULT_CONFIG
+        self.notifier.send("RELOADING=1", f"STATUS=reloading {path}")
+        try:
+            new = load(path, required=self.cfg.source is not None)
+            new.socket_gid()  # a group that does not exist would stop the next start
+        except FlowError as e:
+            log.error("reload: %s; the configuration in use is unchanged", e)
+            self.notifier.send("READY=1", f"STATUS={self._status_line()}")
+            return
+        old = self.cfg
+        before = {k: getattr(old, k) for k in KEYS}
+        # a key whose value differs from what the file said was set on the command line
+        from_file = Config()
+        for key, value in old.file_values.items():
+            setattr(from_file, key, value)
+        pinned = {k for k in ("spool", "socket", "log_level") if getattr(old, k) != getattr(from_file, k)}
+        for key in ("spool", "socket", "socket_group", "socket_mode"):
+            if getattr(new, key) != getattr(from_file, key) and key not in pinned:
+                log.warning("reload: %s changed in %s; it takes effect only when flowd restarts "
+                            "(systemctl restart flowd; a new spool also needs ReadWritePaths=)", key, path)
+        live = ("max_containers", "pids_limit", "default_memory", "max_output_size", "cap_add",
+                "allowed_images", "log_level")
+        for key in live:
+            if key not in pinned:
+                setattr(old, key, getattr(new, key))
+        old.file_values = new.file_values
+        old.source = new.source or old.source
+        self.limits.pids_limit = old.pids_limit
+        self.limits.default_memory = old.default_memory
+        self.limits.max_output_bytes = old.max_output_size
+        if self.executor is not None and hasattr(self.executor, "cap_add"):
+            self.executor.cap_add = list(old.cap_add)
+        logging.getLogger().setLevel(getattr(logging, old.log_level.upper()))
+        changed = [k for k in live if getattr(old, k) != before[k]]
+        log.info("reload: configuration re-read from %s; %s", path,
+                 "changed: " + ", ".join(f"{k}={getattr(old, k)!r}" for k in changed) if changed
+                 else "no live setting changed")
+        self.notifier.send("READY=1", f"STATUS={self._status_line()}")
 
     def _shutdown(self) -> None:
         self.notifier.stopping("stopping; containers keep running")
@@ -391,9 +440,7 @@ class Daemon:
         total = args.get("size", 0)
         if not isinstance(total, int) or total < 0:
             raise UsageError("upload size must be a whole number of bytes")
-        free = shutil.disk_usage(self.spool).free
-        if total > free:
-            raise DiskFull(f"the spool has {free} bytes free; this workflow needs {total}")
+        self._check_space(total)
         upload = secrets.token_hex(8)
         os.mkdir(os.path.join(self.uploads_dir, upload), 0o755)
         return {"upload": upload}
@@ -441,30 +488,93 @@ class Daemon:
 
     def _cmd_submit(self, args, payload, peer, req_id):
         base = self._upload_dir(args)
+        return self.submit_bundle(base, args.get("name") or "workflow.xml", args.get("user", ""))
+
+    def submit_bundle(self, bundle: str, name: str, user: str = "") -> dict:
+        """Validate ``bundle/workflow.xml`` and make a run of it; the folder is consumed.
+
+        ``bundle`` must be a folder of the spool's filesystem that only flowd
+        writes (an upload, or a drop moved out of incoming/). On an invalid
+        workflow it raises WorkflowError (with the problems naming ``name``)
+        and removes the folder.
+        """
+        from .errors import WorkflowError
         from .parser import load_workflow  # lxml lives only there
 
-        from .errors import WorkflowError
         try:
-            wf, warnings = load_workflow(os.path.join(base, "workflow.xml"))
+            wf, warnings = load_workflow(os.path.join(bundle, "workflow.xml"))
         except WorkflowError as e:
-            name = args.get("name") or "workflow.xml"
-            for p in e.problems:  # speak of the user's file, not our upload folder
+            for p in e.problems:  # speak of the user's file, not our private copy
                 p.file = name
-            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(bundle, ignore_errors=True)
             raise
+        for proc in wf.processes.values():  # the image allowlist (config key allowed_images)
+            if not self.cfg.image_allowed(proc.image):
+                shutil.rmtree(bundle, ignore_errors=True)
+                raise UsageError(f"process {proc.name!r} uses image {proc.image!r}, which this flowd "
+                                 f"does not allow (allowed_images in {self.cfg.source or 'its config'}: "
+                                 f"{', '.join(self.cfg.allowed_images)})")
         run_id = self._new_run_id()
-        meta = {"submitted_at": time.time(), "source": args.get("name", ""),
-                "submitted_by": args.get("user", "")}
+        meta = {"submitted_at": time.time(), "source": name, "submitted_by": user}
         try:
-            path = Run.create(self.runs_dir, run_id, wf, base, self.fs, meta)
+            path = Run.create(self.runs_dir, run_id, wf, bundle, self.fs, meta)
         except StorageError:
             shutil.rmtree(os.path.join(self.runs_dir, f".new-{run_id}"), ignore_errors=True)
-            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(bundle, ignore_errors=True)
             raise
         run = Run.open(path, self.fs, self.executor, self.limits)
         self.runs[run.id] = run
-        log.info("run %s submitted: workflow %s (%s)", run.id, wf.name, args.get("name", ""))
+        log.info("run %s submitted by %s: workflow %s (%s)", run.id, user or "?", wf.name, name)
         return {"run": run.id, "name": wf.name, "warnings": [str(w) for w in warnings]}
+
+    # push: a client appends an item to a channel of a running run, in chunks
+    def _cmd_push_begin(self, args, payload, **kw):
+        run = self.find_run(args.get("run"))
+        run.check_push(str(args.get("channel")))
+        self._check_space(int(args.get("size") or 0))
+        result = self._cmd_upload_begin({"size": 0}, None)
+        return {"push": result["upload"], "run": run.id}
+
+    def _cmd_push_chunk(self, args, payload, **kw):
+        return self._cmd_upload_chunk({"upload": args.get("push"), "path": "item",
+                                       "offset": args.get("offset", 0)}, payload)
+
+    def _cmd_push_end(self, args, payload, **kw):
+        base = self._upload_dir({"upload": args.get("push")})
+        run = self.find_run(args.get("run"))
+        item = os.path.join(base, "item")
+        if not os.path.exists(item):
+            open(item, "wb").close()  # an empty item
+        try:
+            seq = run.push(str(args.get("channel")), item)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        log.info("run %s: item %d pushed to %s by %s", run.id, seq, args.get("channel"),
+                 args.get("user") or "?")
+        return {"run": run.id, "channel": args.get("channel"), "seq": seq}
+
+    def _check_space(self, need: int) -> None:
+        free = shutil.disk_usage(self.spool).free
+        if need > free:
+            raise DiskFull(f"the spool has {free} bytes free; this needs {need}")
+
+    def _cmd_logs(self, args, payload, **kw):
+        run = self.find_run(args.get("run"))
+        return {"run": run.id, "state": run.state,
+                "logs": run.logs(args.get("process"), args.get("task"))}
+
+    def _cmd_read_log(self, args, payload, **kw):
+        run = self.find_run(args.get("run"))
+        offset = args.get("offset", 0)
+        if not isinstance(offset, int) or offset < 0:
+            raise UsageError("read_log needs an offset")
+        data = run.read_log(str(args.get("name")), offset, P.CHUNK)
+        return {"size": len(data)}, data
+
+    def _cmd_graph(self, args, payload, **kw):
+        run = self.find_run(args.get("run"))
+        return {"run": run.id, "state": run.state, "workflow": run.wf.to_dict(),
+                "depths": {ch: run.engine.depth(ch) for ch in run.wf.channels}}
 
     def _new_run_id(self) -> str:
         while True:
@@ -494,6 +604,3 @@ def _drain(fd: int) -> None:
     except BlockingIOError:
         pass
 
-
-def check_final(state: str) -> bool:
-    return state in E.FINAL_STATES

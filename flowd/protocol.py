@@ -30,7 +30,7 @@ DEFAULT_SOCKET = "/run/flowd/flowd.sock"
 
 COMMANDS = (
     "ping", "status", "submit", "upload_begin", "upload_chunk", "cancel",
-    "items", "read", "push_begin", "push_chunk", "push_end", "logs", "graph",
+    "items", "read", "push_begin", "push_chunk", "push_end", "logs", "read_log", "graph",
 )
 
 

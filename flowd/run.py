@@ -400,6 +400,52 @@ class Run:
             out.append({"seq": seq, "name": seq_name(seq), "size": size})
         return out
 
+    def check_push(self, channel: str) -> None:
+        if channel not in self.wf.channels:
+            raise NotFound(f"run {self.id} has no channel {channel!r}; it has: "
+                           + ", ".join(self.wf.channels))
+        if self.finished:
+            raise Conflict(f"run {self.id} is {self.state}; items can be pushed only to a "
+                           "running run (a service run stays open until cancelled)")
+
+    def push(self, channel: str, path: str) -> int:
+        """Append the file at ``path`` (same filesystem) as an item; durable on return."""
+        self.check_push(channel)
+        seq = self.store.put_file(channel, path)
+        self.engine.add_item(channel, seq)
+        return seq
+
+    def logs(self, process: str | None = None, task: str | None = None) -> list[dict]:
+        """The run's task logs, oldest first: [{name, process, task, attempt, size}]."""
+        if process and process not in self.wf.processes:
+            raise NotFound(f"run {self.id} has no process {process!r}; it has: "
+                           + ", ".join(self.wf.processes))
+        out = []
+        folder = self.store.path("logs")
+        for name in os.listdir(folder):
+            parsed = _parse_log_name(name)
+            if parsed is None:
+                continue
+            proc, task_id, attempt = parsed
+            if (process and proc != process) or (task and task_id != str(task)):
+                continue
+            st = os.stat(os.path.join(folder, name))
+            out.append({"name": name, "process": proc, "task": task_id, "attempt": attempt,
+                        "size": st.st_size, "mtime": st.st_mtime})
+        out.sort(key=lambda d: (d["mtime"], int(d["task"]) if d["task"].isdigit() else 0,
+                                d["attempt"]))
+        return out
+
+    def read_log(self, name: str, offset: int, length: int) -> bytes:
+        if _parse_log_name(name) is None:
+            raise NotFound(f"no log named {name!r}")
+        try:
+            with open(self.store.path("logs", name), "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except FileNotFoundError:
+            raise NotFound(f"run {self.id} has no log {name!r}") from None
+
     def read(self, channel: str, seq: int, offset: int, length: int) -> bytes:
         if channel not in self.wf.channels:
             raise NotFound(f"run {self.id} has no channel {channel!r}")
@@ -411,3 +457,11 @@ class Run:
             raise
         except OSError as e:
             raise NotFound(f"item {seq} of channel {channel}: {e.strerror}") from None
+
+
+def _parse_log_name(name: str) -> tuple[str, str, int] | None:
+    """``p.PROCESS.TASK.ATTEMPT.log`` -> (process, task, attempt)."""
+    parts = name.split(".")
+    if len(parts) != 5 or parts[0] != "p" or parts[4] != "log" or not parts[3].isdigit():
+        return None
+    return parts[1], parts[2], int(parts[3])

@@ -92,3 +92,14 @@ def docker_tmp():
 
 # The daemon fixtures (a real flowd in a subprocess) live in daemon_fixtures.py.
 from daemon_fixtures import daemon, daemon_factory, workdir  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def python_image(docker_client):
+    """flowd/python:bookworm, made by debootstrap from this machine's Debian mirror."""
+    script = os.path.join(REPO_ROOT, "examples", "build-python-image")
+    proc = subprocess.run([script], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"examples/build-python-image failed:\n{proc.stdout}{proc.stderr}",
+                    pytrace=False)
+    return "flowd/python:bookworm"

@@ -44,7 +44,8 @@ def pull(daemon, run, channel, out):
 
 
 def run_containers(docker_client, run_id):
-    return docker_client.containers.list(all=True, filters={"label": [f"io.flowd.run={run_id}"]})
+    """The run's containers as the engine lists them (dicts; "State" is e.g. "running")."""
+    return docker_client.api.containers(all=True, filters={"label": [f"io.flowd.run={run_id}"]})
 
 
 def wait_until(predicate, timeout=60.0, what="condition"):
@@ -116,14 +117,14 @@ SLEEPER = """<workflow name="sleeper">
 def test_cancel_stops_the_containers_and_keeps_the_data(daemon, workdir, docker_client):
     xml = write(os.path.join(workdir, "wf", "sleep.xml"), SLEEPER.format(secs=300))
     run = daemon.flowctl("submit", xml, check=0).stdout.strip()
-    wait_until(lambda: [c for c in run_containers(docker_client, run) if c.status == "running"],
+    wait_until(lambda: [c for c in run_containers(docker_client, run) if c["State"] == "running"],
                what="the task's container to run")
     res = daemon.flowctl("cancel", run[:6], check=0)
     assert "cancelled" in res.stdout
     wait_until(lambda: json.loads(daemon.flowctl("status", run, "--json").stdout)["state"]
                == "cancelled", what="the run to be cancelled")
     wait_until(lambda: not [c for c in run_containers(docker_client, run)
-                            if c.status == "running"], what="the container to stop")
+                            if c["State"] == "running"], what="the container to stop")
     assert pull(daemon, run, "in", os.path.join(workdir, "kept")) == [b"x"]
 
 
@@ -197,11 +198,11 @@ def test_sigterm_leaves_containers_running_and_the_next_start_takes_them_back(
     d = daemon_factory().start()
     xml = write(os.path.join(workdir, "wf", "sleep.xml"), SLEEPER.format(secs=4))
     run = d.flowctl("submit", xml, check=0).stdout.strip()
-    wait_until(lambda: [c for c in run_containers(docker_client, run) if c.status == "running"],
+    wait_until(lambda: [c for c in run_containers(docker_client, run) if c["State"] == "running"],
                what="the task's container to run")
     assert d.stop(signal.SIGTERM) == 0
     assert any("STOPPING=1" in m for m in d.messages)
-    assert [c.status for c in run_containers(docker_client, run)] == ["running"]
+    assert [c["State"] for c in run_containers(docker_client, run)] == ["running"]
     d.start()
     detail = json.loads(d.flowctl("watch", run, "--json", check=0).stdout)
     assert detail["state"] == "succeeded"
