@@ -155,3 +155,16 @@ def test_the_daemon_wide_container_cap_holds_across_parallel(daemon_factory, wor
     spans.sort()
     assert len(spans) == 3
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+
+
+def test_the_service_example_answers_pushed_items(daemon, workdir):
+    xml = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "examples", "service", "workflow.xml")
+    run = daemon.flowctl("submit", xml, check=0).stdout.strip()
+    for word in ("hello", "world"):
+        daemon.flowctl("push", run, "requests", input=word, check=0)
+    wait_until(lambda: {c["name"]: c["depth"] for c in json.loads(
+        daemon.flowctl("status", run, "--json").stdout)["channels"]}["replies"] == 2,
+        what="two replies")
+    assert sorted(pull(daemon, run, "replies", os.path.join(workdir, "o"))) == [b"HELLO", b"WORLD"]
+    daemon.flowctl("cancel", run, check=0)
