@@ -128,8 +128,7 @@ def cmd_submit(client: Client, args) -> int:
     base = os.path.dirname(os.path.abspath(args.file))
     files = [("workflow.xml", args.file)] + [(rel, os.path.join(base, rel)) for rel in wf.files()]
     upload = client.upload(files)
-    result, _ = client.call("submit", {"upload": upload, "name": os.path.basename(args.file),
-                                       "user": _user()})
+    result, _ = client.call("submit", {"upload": upload, "name": os.path.basename(args.file)})
     run = result["run"]
     if not args.wait:
         if args.json:
@@ -165,15 +164,6 @@ def cmd_watch(client: Client, args) -> int:
     detail = _wait(client, args.run, quiet=args.json)
     print(json.dumps(detail, indent=1) if args.json else _render_run(detail))
     return 0 if detail["state"] == "succeeded" else 1
-
-
-def _user() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
 
 
 def cmd_status(client: Client, args) -> int:
@@ -268,7 +258,7 @@ def cmd_push(client: Client, args) -> int:
         except OSError as e:
             raise UsageError(f"{args.file}: {e.strerror}") from None
     with src:
-        result = client.push(args.run, args.channel, src, user=_user())
+        result = client.push(args.run, args.channel, src)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

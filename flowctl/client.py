@@ -32,6 +32,10 @@ class Client:
         path = self.path
         hint = START_HINT.format(path=path)
         if not os.path.exists(path):
+            folder = os.path.dirname(path) or "."
+            if os.path.isdir(folder) and not os.access(folder, os.X_OK):
+                raise DaemonUnreachable(f"permission denied on {folder}: you may not reach the "
+                                        f"socket {path}")
             raise DaemonUnreachable(f"flowd is not running: there is no socket at {path} ({hint})")
         if not os.access(path, os.R_OK | os.W_OK):
             raise DaemonUnreachable(
@@ -145,7 +149,7 @@ class Client:
         return size
 
 
-    def push(self, run: str, channel: str, src, user: str = "") -> dict:
+    def push(self, run: str, channel: str, src) -> dict:
         """Stream ``src`` (a binary file object) as one new item; durable when this returns."""
         begin = self.call("push_begin", {"run": run, "channel": channel})[0]
         offset = 0
@@ -156,7 +160,7 @@ class Client:
             self.call("push_chunk", {"push": begin["push"], "offset": offset}, chunk)
             offset += len(chunk)
         return self.call("push_end", {"push": begin["push"], "run": begin["run"],
-                                      "channel": channel, "user": user})[0]
+                                      "channel": channel})[0]
 
     def copy_log(self, run: str, name: str, offset: int, out) -> int:
         """Write a task log from ``offset`` to ``out``; returns the bytes written."""

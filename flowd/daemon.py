@@ -342,15 +342,20 @@ class Daemon:
     def _serve_socket(self) -> None:
         for _ in range(256):  # then let the loop breathe
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if len(frames) < 2:
+            if len(parts) < 2:
                 continue  # no identity: nothing to answer
+            caller = _caller(parts[-1])
+            frames = [p.bytes for p in parts]
             peer, body = frames[0], frames[1:]
             req_id = None
             try:
                 req_id, cmd, args, payload = P.decode_request(body)
+                if cmd not in _QUIET:
+                    log.info("%s: %s %s", caller, cmd, _brief(args))
+                args["_caller"] = caller
                 reply = self._dispatch(peer, req_id, cmd, args, payload)
             except FlowError as e:
                 reply = P.encode_reply(req_id, error=e)
@@ -488,7 +493,7 @@ class Daemon:
 
     def _cmd_submit(self, args, payload, peer, req_id):
         base = self._upload_dir(args)
-        return self.submit_bundle(base, args.get("name") or "workflow.xml", args.get("user", ""))
+        return self.submit_bundle(base, args.get("name") or "workflow.xml", args["_caller"].user)
 
     def submit_bundle(self, bundle: str, name: str, user: str = "") -> dict:
         """Validate ``bundle/workflow.xml`` and make a run of it; the folder is consumed.
@@ -550,7 +555,7 @@ class Daemon:
         finally:
             shutil.rmtree(base, ignore_errors=True)
         log.info("run %s: item %d pushed to %s by %s", run.id, seq, args.get("channel"),
-                 args.get("user") or "?")
+                 args["_caller"])
         return {"run": run.id, "channel": args.get("channel"), "seq": seq}
 
     def _check_space(self, need: int) -> None:
@@ -595,6 +600,47 @@ class Daemon:
             raise UsageError("read needs an item number and an offset")
         data = run.read(str(args.get("channel")), seq, offset, length)
         return {"size": len(data)}, data
+
+
+_QUIET = {"ping", "status", "items", "read", "upload_chunk", "push_chunk", "logs", "read_log",
+          "graph"}
+
+
+class Caller:
+    """Who sent a request, from the kernel (SO_PEERCRED via ZeroMQ's Peer-Address)."""
+
+    def __init__(self, uid: int | None, pid: int | None):
+        self.uid, self.pid = uid, pid
+
+    @property
+    def user(self) -> str:
+        if self.uid is None:
+            return "?"
+        import pwd
+
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return str(self.uid)
+
+    def __str__(self) -> str:
+        if self.uid is None:
+            return "unknown caller"
+        return f"uid {self.uid} ({self.user}) pid {self.pid}"
+
+
+def _caller(frame) -> Caller:
+    """Peer-Address of an ipc peer reads "host:UID:GID:PID" on Linux."""
+    try:
+        parts = frame.get("Peer-Address").split(":")
+        return Caller(int(parts[-3]), int(parts[-1]))
+    except (zmq.ZMQError, AttributeError, ValueError, IndexError, TypeError):
+        return Caller(None, None)
+
+
+def _brief(args: dict) -> str:
+    keep = {k: v for k, v in args.items() if k in ("run", "runs", "channel", "name", "process")}
+    return " ".join(f"{k}={v}" for k, v in keep.items())
 
 
 def _drain(fd: int) -> None:

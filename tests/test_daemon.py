@@ -421,3 +421,29 @@ def test_daemon_as_a_non_root_docker_group_member_collects_any_uids_outputs(
     owners = {os.stat(os.path.join(run_dir, "channels", "out", n)).st_uid
               for n in os.listdir(os.path.join(run_dir, "channels", "out"))}
     assert owners <= {nonroot_user.pw_uid, 65534, 0}
+
+
+def test_a_user_outside_the_sockets_group_is_refused_and_callers_are_logged(daemon, workdir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a second user")
+    import pwd
+
+    try:
+        pwd.getpwnam("flowd-other")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "flowd-other"], check=True)
+    other = pwd.getpwnam("flowd-other")
+    os.chmod(os.path.dirname(daemon.socket), 0o755)  # the folder is open; the socket is 0660
+    res = subprocess.run(["/usr/bin/python3", "-m", "flowctl", "--socket", daemon.socket, "status"],
+                         env=env_for_subprocess(), capture_output=True, text=True, timeout=60,
+                         user=other.pw_uid, group=other.pw_gid, extra_groups=[], cwd="/")
+    assert res.returncode == 3, res.stderr
+    assert "permission denied" in res.stderr and daemon.socket in res.stderr
+    xml = write(os.path.join(workdir, "wf", "ok.xml"), """<workflow name="ok">
+  <process name="p" image="flowd/busybox"><script>true</script></process></workflow>""")
+    run = daemon.flowctl("submit", xml, check=0).stdout.strip()
+    daemon.flowctl("cancel", run)
+    log = daemon.log()
+    assert re.search(r"uid 0 \(root\) pid \d+: submit name=ok.xml", log), log
+    assert re.search(rf"uid 0 \(root\) pid \d+: cancel runs=\['{run}'\]", log), log
+    assert f"run {run} submitted by root" in log
