@@ -307,6 +307,9 @@ class Run:
         self._stop_all("cancelled")
         self._check_end()
 
+    def parked(self) -> bool:
+        return any(a.parked for a in self.active.values())
+
     def engine_back(self) -> None:
         """The container engine is reachable again: restart parked tasks."""
         for act in list(self.active.values()):

@@ -355,6 +355,7 @@ class DockerExecutor(Executor):
             except _WaitTimedOut:
                 continue  # the deadline check above decides
             except EngineUnavailable:
+                t.engine_lost = True
                 if not self._await_engine():
                     return
             except NotFound:
@@ -384,6 +385,13 @@ class DockerExecutor(Executor):
             status, message = KILLED, "killed on request"
         elif t.timed_out and code != 0:
             status, message = TIMEOUT, f"timed out after {_human_duration(spec.timeout or 0)}"
+        elif t.engine_lost and code != 0 and not state.get("OOMKilled"):
+            # Without live-restore a dockerd restart kills every container: not the
+            # script's failure. Run it again without counting an attempt.
+            self._result(t, ERROR, exit_code=code, retryable=True,
+                         message=f"engine unavailable: the engine restarted and stopped the "
+                                 f"container (exit status {code})")
+            return
         elif code == 137 and (state.get("OOMKilled") or self._oom_marked(info["Id"])):
             limit = f" (limit {_human_size(spec.memory)})" if spec.memory else ""
             status, message = OOM, f"killed: out of memory{limit}"
@@ -657,6 +665,7 @@ class _Task:
     container_id: str | None = None
     timed_out: bool = False
     reported: bool = False
+    engine_lost: bool = False  # the engine went away while we waited
 
 
 class _Lane:
