@@ -175,6 +175,8 @@ def cmd_status(client: Client, args) -> int:
             print(_render_run(result["run"]))
             if not result.get("engine_up", True):
                 print("\nwarning: the Docker engine is unavailable; tasks wait for it")
+            if not result.get("disk_ok", True):
+                print("\nwarning: the spool is below its free-space floor; the run is paused")
         return 0
     result, _ = client.call("status")
     if args.json:
@@ -190,6 +192,9 @@ def cmd_status(client: Client, args) -> int:
     if not result.get("engine_up", True):
         print(f"\nwarning: the Docker engine is unavailable ({result.get('engine_message')}); "
               "tasks wait for it")
+    if not result.get("disk_ok", True):
+        print(f"\nwarning: the spool is below its free-space floor ({fmt.size(result['disk_free'])} "
+              "free): runs are paused and submissions refused until space is freed")
     return 0
 
 

@@ -1,10 +1,12 @@
 """The daemon's configuration: TOML, ``/etc/flowd/flowd.toml`` by default.
 
-Every key, its default and its meaning is in ``KEYS``; docs/config.md and
-``flowd --print-config`` come from the same table, so they cannot drift.
+Every key, its default and its meaning is in ``KEYS``; ``flowd --print-config``
+prints it, and tests/test_service.py keeps systemd/flowd.toml (the packaged
+/etc/flowd/flowd.toml) and the key table of docs/operations.md in sync with it.
 """
 from __future__ import annotations
 
+import fnmatch
 import grp
 import os
 import tomllib
@@ -28,6 +30,10 @@ KEYS: dict[str, tuple[object, str]] = {
     "default_memory": ("", "memory limit for processes that set none, e.g. \"1g\" (empty: none)"),
     "max_output_size": ("", "largest output file a task may write, e.g. \"10g\" (empty: no limit)"),
     "cap_add": ([], "capabilities added back to every container (all are dropped by default)"),
+    "allowed_images": ([], "images a workflow may run: names or shell patterns like \"flowd/*\"; "
+                           "no tag means :latest (empty: any image)"),
+    "min_free_space": ("256m", "free space the spool keeps: below it flowd pauses its runs and "
+                               "refuses submissions and pushes, until space is freed"),
     "log_level": ("info", "debug, info, warning or error"),
 }
 
@@ -43,8 +49,11 @@ class Config:
     default_memory: int | None = None
     max_output_size: int | None = None
     cap_add: list[str] = field(default_factory=list)
+    allowed_images: list[str] = field(default_factory=list)
+    min_free_space: int = 256 * 1024 * 1024
     log_level: str = "info"
     source: str | None = None  # the file it came from
+    file_values: dict = field(default_factory=dict)  # the keys as the file set them (for reload)
 
     @property
     def container_cap(self) -> int:
@@ -58,6 +67,26 @@ class Config:
         except KeyError:
             raise UsageError(f"{self.source}: socket_group: no group named "
                              f"{self.socket_group!r} on this machine") from None
+
+    def image_allowed(self, image: str) -> bool:
+        """Whether ``allowed_images`` lets a process use ``image`` (empty list: any).
+
+        Names compare with the tag made explicit (``busybox`` is
+        ``busybox:latest``), so a pattern must match the tag too: ``flowd/*``
+        allows every tag of every image under flowd/.
+        """
+        if not self.allowed_images:
+            return True
+        name = _with_tag(image)
+        return any(fnmatch.fnmatchcase(name, _with_tag(p)) or fnmatch.fnmatchcase(image, p)
+                   for p in self.allowed_images)
+
+
+def _with_tag(image: str) -> str:
+    """``name`` -> ``name:latest``; a tag or digest already there stays."""
+    if "@" in image or ":" in image.rsplit("/", 1)[-1] or image.endswith("*"):
+        return image
+    return image + ":latest"
 
 
 def load(path: str | None, *, required: bool = False) -> Config:
@@ -88,11 +117,17 @@ def load(path: str | None, *, required: bool = False) -> Config:
                 value = int(value, 8)
             elif key in ("default_memory", "max_output_size"):
                 value = parse_size(value) if value else None
+            elif key == "min_free_space":
+                value = parse_size(value) if value not in ("", "0") else 0
             elif key in ("max_containers", "pids_limit") and value < 0:
                 raise ValueError("must be 0 or more")
             elif key == "log_level" and value not in ("debug", "info", "warning", "error"):
                 raise ValueError("must be debug, info, warning or error")
+            elif key in ("cap_add", "allowed_images") and not all(
+                    isinstance(x, str) and x.strip() for x in value):
+                raise ValueError("must be a list of non-empty strings")
         except ValueError as e:
             raise UsageError(f"{path}: {key} = {value!r}: {e}") from None
         setattr(cfg, key, value)
+        cfg.file_values[key] = value
     return cfg

@@ -27,6 +27,7 @@ from .errors import (AlreadyRunning, Ambiguous, Conflict, DiskFull, FlowError, N
                      ProtocolError, StorageError, UsageError)
 from .executor import base as X
 from .fsops import Durable
+from .intake import Intake
 from .notify import Notifier
 from .run import Limits, Run
 
@@ -51,6 +52,9 @@ class Daemon:
         self.waiters: list[tuple[float, str, bytes, str]] = []  # (deadline, run, peer, req id)
         self.engine_up = True
         self.engine_message = ""
+        self.disk_ok = True
+        self.disk_free = 0
+        self.deferred: list[object] = []  # results that could not be committed: disk full
         self.stop_requested = False
         self.notifier = Notifier()
         self._executor_factory = executor_factory
@@ -170,7 +174,9 @@ class Daemon:
             self.executor = DockerExecutor(self.report, spool=self.spool, cap_add=self.cfg.cap_add)
         else:
             self.executor = self._executor_factory(self.report)
+        t0 = time.monotonic()
         self._open_runs()
+        self.intake = Intake(self.spool, self.submit_bundle)  # SPOOL/incoming/ drops
         self._bind()
         self._install_signals()
         for run in self.runs.values():
@@ -181,22 +187,29 @@ class Daemon:
             keep |= run.keep()
         self.executor.sweep(self.spool, keep)
         self._tick_runs()
+        active = sum(1 for r in self.runs.values() if not r.finished)
+        log.info("recovered %d runs (%d active) in %.3fs", len(self.runs), active,
+                 time.monotonic() - t0)
         self.notifier.ready(self._status_line())
         log.info("flowd %s ready: spool %s, socket %s, %d runs", __version__, self.spool,
                  self.socket_path, len(self.runs))
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        next_status = next_watchdog = time.monotonic()
+        self.intake.start(time.monotonic())  # takes back staging/, rescans incoming/
+        if self.intake.fileno() is not None:
+            poller.register(self.intake.fileno(), zmq.POLLIN)
+        next_status = next_watchdog = next_disk = time.monotonic()
         self._hup = False
         try:
             while not self.stop_requested:
                 now = time.monotonic()
-                deadlines = [next_status]
+                deadlines = [next_status, next_disk]
                 if self.notifier.watchdog_interval:
                     deadlines.append(next_watchdog)
                 if self.waiters:
                     deadlines.append(min(w[0] for w in self.waiters))
+                deadlines.append(self.intake.next_deadline())
                 timeout_ms = max(0, int((min(deadlines) - now) * 1000)) + 1
                 ready = dict(poller.poll(timeout_ms))
                 if self._wake_r in ready:
@@ -204,9 +217,15 @@ class Daemon:
                 if self.sock in ready:
                     self._serve_socket()
                 self._drain_events()
+                if self.disk_ok:  # drops wait in incoming/ while the spool is full
+                    self.intake.poll(time.monotonic())
                 if self._hup:
                     self._hup = False
                     self._reload()
+                now = time.monotonic()
+                if now >= next_disk:
+                    self._check_disk()
+                    next_disk = now + DISK_CHECK_EVERY
                 self._tick_runs()
                 now = time.monotonic()
                 if self.waiters:
@@ -218,6 +237,7 @@ class Daemon:
                     self.notifier.watchdog()
                     next_watchdog = now + self.notifier.watchdog_interval
         finally:
+            self.intake.close()
             self._shutdown()
         return 0
 
@@ -303,10 +323,10 @@ class Daemon:
                 try:
                     run.on_result(ev)
                 except DiskFull as e:
-                    log.error("run %s: %s", run.id, e)
-                    # keep the result: it is retried when the loop comes round again
-                    self.events.put(ev)
-                    return
+                    # keep the result; it is committed once space is freed (_check_disk)
+                    log.error("run %s: %s; the task's result waits for free space", run.id, e)
+                    self.deferred.append(ev)
+                    self._set_disk(False)
             elif isinstance(ev, X.EngineState):
                 was = self.engine_up
                 self.engine_up = ev.up
@@ -320,13 +340,42 @@ class Daemon:
                     log.warning("container engine unavailable: %s", ev.message)
                 self.notifier.status(self._status_line())
 
+    def _free(self) -> int:
+        return shutil.disk_usage(self.spool).free
+
+    def _check_disk(self) -> None:
+        free = self._free()
+        self.disk_free = free
+        self._set_disk(free >= self.cfg.min_free_space)
+
+    def _set_disk(self, ok: bool) -> None:
+        if ok == self.disk_ok:
+            return
+        self.disk_ok = ok
+        if ok:
+            log.info("spool has %s free again: runs resume", _mib(self.disk_free))
+            for ev in self.deferred:
+                self.events.put(ev)
+            self.deferred = []
+            self.report(None)  # wake the loop to commit what waited
+        else:
+            log.warning("spool %s is below its free-space floor (%s free, min_free_space %s): "
+                        "runs pause, submissions and pushes are refused", self.spool,
+                        _mib(self._free()), _mib(self.cfg.min_free_space))
+        self.notifier.status(self._status_line())
+
     def _tick_runs(self) -> None:
+        self._check_disk()  # one statvfs: cheap, and no claim starts past the floor
+        if not self.disk_ok:
+            return  # nothing new is claimed until space is freed
         capacity = self.cfg.container_cap - sum(r.running_containers() for r in self.runs.values())
         if not self.engine_up:
             capacity = 0
         for run in sorted(self.runs.values(), key=lambda r: r.meta.get("submitted_at", 0)):
             if run.finished:
                 continue
+            if self.engine_up and run.parked():
+                run.engine_back()  # a start refused during an outage that is over
             try:
                 capacity -= run.tick(max(0, capacity))
             except StorageError as e:
@@ -336,7 +385,8 @@ class Daemon:
         active = [r for r in self.runs.values() if not r.finished]
         running = sum(r.running_containers() for r in active)
         engine = "up" if self.engine_up else f"UNAVAILABLE ({self.engine_message})"
-        return f"{len(active)} active runs, {running} containers; docker {engine}"
+        disk = "" if self.disk_ok else "; DISK FULL: runs paused"
+        return f"{len(active)} active runs, {running} containers; docker {engine}{disk}"
 
     # -- requests ------------------------------------------------------------
     def _serve_socket(self) -> None:
@@ -406,14 +456,15 @@ class Daemon:
         if not ref:
             runs = sorted(self.runs.values(), key=lambda r: r.meta.get("submitted_at", 0))
             return {"runs": [r.summary() for r in runs], "engine_up": self.engine_up,
-                    "engine_message": self.engine_message}
+                    "engine_message": self.engine_message, "disk_ok": self.disk_ok,
+                    "disk_free": self._free()}
         run = self.find_run(ref)
         wait = args.get("wait")
         if wait and not run.finished:
             wait = min(float(wait), 300.0)
             self.waiters.append((time.monotonic() + wait, run.id, peer, req_id))
             return None
-        return {"run": run.detail(), "engine_up": self.engine_up}
+        return {"run": run.detail(), "engine_up": self.engine_up, "disk_ok": self.disk_ok}
 
     def _answer_waiters(self, now: float) -> None:
         keep = []
@@ -559,9 +610,15 @@ class Daemon:
         return {"run": run.id, "channel": args.get("channel"), "seq": seq}
 
     def _check_space(self, need: int) -> None:
-        free = shutil.disk_usage(self.spool).free
-        if need > free:
-            raise DiskFull(f"the spool has {free} bytes free; this needs {need}")
+        free = self._free()
+        if free - need < self.cfg.min_free_space:
+            self.disk_free = free
+            if free < self.cfg.min_free_space:
+                self._set_disk(False)
+            raise DiskFull(
+                f"the spool {self.spool} has {_mib(free)} free; with this {_mib(need)} it would "
+                f"go below its floor of {_mib(self.cfg.min_free_space)} (min_free_space): "
+                "free some space (flowd resumes by itself) and try again")
 
     def _cmd_logs(self, args, payload, **kw):
         run = self.find_run(args.get("run"))
@@ -602,7 +659,7 @@ class Daemon:
         return {"size": len(data)}, data
 
 
-_QUIET = {"ping", "status", "items", "read", "upload_chunk", "push_chunk", "logs", "read_log",
+_QUIET = {"ping", "status", "items", "read", "upload_begin", "upload_chunk", "push_begin", "push_chunk", "logs", "read_log",
           "graph"}
 
 
@@ -641,6 +698,13 @@ def _caller(frame) -> Caller:
 def _brief(args: dict) -> str:
     keep = {k: v for k, v in args.items() if k in ("run", "runs", "channel", "name", "process")}
     return " ".join(f"{k}={v}" for k, v in keep.items())
+
+
+DISK_CHECK_EVERY = 2.0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
 
 
 def _drain(fd: int) -> None:

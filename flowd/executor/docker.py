@@ -385,9 +385,9 @@ class DockerExecutor(Executor):
             status, message = KILLED, "killed on request"
         elif t.timed_out and code != 0:
             status, message = TIMEOUT, f"timed out after {_human_duration(spec.timeout or 0)}"
-        elif t.engine_lost and code != 0 and not state.get("OOMKilled"):
-            # Without live-restore a dockerd restart kills every container: not the
-            # script's failure. Run it again without counting an attempt.
+        elif t.engine_lost and code in (137, 143) and not state.get("OOMKilled"):
+            # Without live-restore a dockerd restart kills every container (SIGTERM,
+            # then SIGKILL): not the script's failure. Run it again, same attempt.
             self._result(t, ERROR, exit_code=code, retryable=True,
                          message=f"engine unavailable: the engine restarted and stopped the "
                                  f"container (exit status {code})")

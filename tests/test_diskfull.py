@@ -1,0 +1,66 @@
+"""The spool's filesystem fills up during a run: flowd pauses, refuses, then resumes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+from test_daemon import pull, wait_until, write
+
+pytestmark = pytest.mark.docker
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def small_fs(workdir, docker_images):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = os.path.join(workdir, "fs")
+    os.mkdir(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0755", "flowd-test", path],
+                   check=True)
+    yield path
+    subprocess.run(["umount", "-l", path], check=False)
+
+
+def test_disk_full_pauses_refuses_and_resumes_with_nothing_lost(daemon_factory, small_fs, workdir):
+    cfg = write(os.path.join(workdir, "flowd.toml"), 'min_free_space = "12m"\n')
+    d = daemon_factory(spool=os.path.join(small_fs, "spool"), extra_args=["--config", cfg]).start()
+    filler = os.path.join(small_fs, "filler")
+    with open(filler, "wb") as f:
+        f.write(b"\0" * 24 * MiB)  # about 24 MiB free is left; the run needs 20 more
+    items = "".join(f"<item>{i}</item>" for i in range(5))
+    xml = write(os.path.join(workdir, "wf", "workflow.xml"), f"""<workflow name="fill" mode="service">
+  <channel name="in">{items}</channel><channel name="out"/>
+  <process name="p" image="flowd/busybox">
+    <input channel="in"/><output channel="out"/>
+    <script>head -c 4194304 /dev/zero > out</script>
+  </process>
+</workflow>""")
+    run = d.flowctl("submit", xml, check=0).stdout.strip()
+
+    def status():
+        return json.loads(d.flowctl("status", "--json", check=0).stdout)
+
+    wait_until(lambda: not status()["disk_ok"], timeout=120, what="the floor to be reached")
+    d.wait_for("DISK FULL", timeout=30)  # systemd's STATUS= says so
+    assert "below its free-space floor" in d.flowctl("status", check=0).stdout
+    # refused with a clear error, and nothing half-written
+    res = d.flowctl("submit", xml)
+    assert res.returncode == 1 and "min_free_space" in res.stderr and "Traceback" not in res.stderr
+    res = d.flowctl("push", run, "in", input="more")
+    assert res.returncode == 1 and "min_free_space" in res.stderr
+    assert len(status()["runs"]) == 1
+    paused = {c["name"]: c["depth"] for c in json.loads(
+        d.flowctl("status", run, "--json", check=0).stdout)["channels"]}
+    assert paused["in"] >= 1  # some items wait
+    assert d.proc.poll() is None  # the daemon stays up
+    os.unlink(filler)  # space comes back: flowd resumes by itself
+    wait_until(lambda: {c["name"]: c["depth"] for c in json.loads(
+        d.flowctl("status", run, "--json", check=0).stdout)["channels"]}["out"] == 5,
+        timeout=120, what="the run to finish its items")
+    out = pull(d, run, "out", os.path.join(workdir, "pulled"))
+    assert [len(x) for x in out] == [4 * MiB] * 5  # every item whole, none lost
+    d.flowctl("cancel", run, check=0)
