@@ -214,7 +214,7 @@ def _render_run(d: dict) -> str:
                   [[c["name"], c["depth"], "result" if c["result"] else ""] for c in d["channels"]]),
     ]
     for f in d.get("failures", []):
-        out += ["", f"failed task {f['task']} ({f['process']}) after {f['attempts']} attempt(s): "
+        out += ["", f"failed: {f['process']} task {f['task']} after {f['attempts']} attempt(s): "
                     f"{f['reason']}"]
         tail = (f.get("log_tail") or "").rstrip("\n").splitlines()[-10:]
         out += [f"  | {line}" for line in tail]

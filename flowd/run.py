@@ -366,7 +366,8 @@ class Run:
         fails = []
         for info in self.failures[-10:]:
             fails.append({
-                "task": info.get("dirname", info.get("task")),
+                "task": str(info.get("task_id", "")),  # as in FLOWD_TASK, logs --task
+                "folder": info.get("dirname", info.get("task")),  # SPOOL/runs/RUN/failed/...
                 "process": info.get("process"),
                 "reason": info.get("reason"),
                 "attempts": info.get("attempts"),

@@ -57,7 +57,7 @@ def test_failures_are_retried_then_kept_with_their_reason(daemon, workdir, docke
     assert reason in failure["reason"] and failure["attempts"] == 2
     assert len(failure["history"]) == 2
     # the input survives, as a failed task the operator can inspect
-    failed_dir = os.path.join(daemon.spool, "runs", detail["id"], "failed", failure["task"], "in")
+    failed_dir = os.path.join(daemon.spool, "runs", detail["id"], "failed", failure["folder"], "in")
     (kept,) = os.listdir(failed_dir)
     assert open(os.path.join(failed_dir, kept), "rb").read() == b"x"
     # no container left behind (removal runs beside the loop: give it a moment)
