@@ -56,6 +56,7 @@ class Daemon:
         self.disk_free = 0
         self.deferred: list[object] = []  # results that could not be committed: disk full
         self.stop_requested = False
+        self._hup = False
         self.notifier = Notifier()
         self._executor_factory = executor_factory
         self._locks: list[int] = []
@@ -71,7 +72,10 @@ class Daemon:
         for d in (self.spool, self.runs_dir, self.uploads_dir,
                   os.path.join(self.spool, "incoming"), os.path.join(self.spool, "rejected")):
             try:
-                os.makedirs(d, exist_ok=True)
+                if not os.path.isdir(d):
+                    os.makedirs(d, exist_ok=True)
+                    if d.endswith("/incoming"):  # the daemon's group may drop workflows
+                        os.chmod(d, 0o2770)
             except OSError as e:
                 raise UsageError(f"cannot create spool folder {d}: {e.strerror}") from None
         self._lock(os.path.join(self.spool, "flowd.lock"), f"spool {self.spool}")
@@ -141,7 +145,7 @@ class Daemon:
             os.umask(old)
         os.chmod(self.socket_path, self.cfg.socket_mode)
         gid = self.cfg.socket_gid()
-        if gid is not None:
+        if gid is not None and gid != os.getegid():  # ours already: no chown needed
             os.chown(self.socket_path, -1, gid)
         self.sock = sock
 
@@ -190,9 +194,9 @@ class Daemon:
         active = sum(1 for r in self.runs.values() if not r.finished)
         log.info("recovered %d runs (%d active) in %.3fs", len(self.runs), active,
                  time.monotonic() - t0)
-        self.notifier.ready(self._status_line())
         log.info("flowd %s ready: spool %s, socket %s, %d runs", __version__, self.spool,
                  self.socket_path, len(self.runs))
+        self.notifier.ready(self._status_line())
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -200,7 +204,6 @@ class Daemon:
         if self.intake.fileno() is not None:
             poller.register(self.intake.fileno(), zmq.POLLIN)
         next_status = next_watchdog = next_disk = time.monotonic()
-        self._hup = False
         try:
             while not self.stop_requested:
                 now = time.monotonic()
@@ -246,9 +249,9 @@ class Daemon:
 
         Live: max_containers, pids_limit, default_memory, max_output_size (runs
         opened from now on), cap_add and allowed_images (containers started and
-        workflows submitted from now on) and log_level. spool, socket,
-        socket_group and socket_mode need a restart: a change is logged, not
-        applied. An invalid file changes nothing. Options given on the command
+        workflows submitted from now on), min_free_space and log_level. spool,
+        socket, socket_group and socket_mode need a restart: a change is logged,
+        not applied. An invalid file changes nothing. Options given on the command
         line (--spool, --socket, --log-level) keep winning over the file.
         Runs and containers are not touched.
         """
@@ -275,7 +278,7 @@ class Daemon:
                 log.warning("reload: %s changed in %s; it takes effect only when flowd restarts "
                             "(systemctl restart flowd; a new spool also needs ReadWritePaths=)", key, path)
         live = ("max_containers", "pids_limit", "default_memory", "max_output_size", "cap_add",
-                "allowed_images", "log_level")
+                "allowed_images", "min_free_space", "log_level")
         for key in live:
             if key not in pinned:
                 setattr(old, key, getattr(new, key))
