@@ -8,6 +8,7 @@ load the parser only when they run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -25,37 +26,42 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--socket", help="control socket (default: $FLOWD_SOCKET or /run/flowd/flowd.sock)")
     ap.add_argument("--timeout", type=float, default=10.0,
                     help="seconds to wait for each answer from flowd (default 10)")
+    # the same two options are also accepted after the command (flowctl status --socket S)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    add = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("submit", help="validate a workflow, send it with its files, print the run id")
+    p = add("submit", help="validate a workflow, send it with its files, print the run id")
     p.add_argument("file")
     p.add_argument("--wait", action="store_true", help="follow the run to its end; exit 1 if it fails")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("status", help="all runs, or one run in detail")
+    p = add("status", help="all runs, or one run in detail")
     p.add_argument("run", nargs="?")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("cancel", help="stop runs' containers; their data is kept")
+    p = add("cancel", help="stop runs' containers; their data is kept")
     p.add_argument("runs", nargs="+", metavar="RUN")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("watch", help="follow a run's progress until it ends; exit 1 if it fails")
+    p = add("watch", help="follow a run's progress until it ends; exit 1 if it fails")
     p.add_argument("run")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("validate", help="check a workflow file without a daemon")
+    p = add("validate", help="check a workflow file without a daemon")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("push", help="append an item to a channel of a running run")
+    p = add("push", help="append an item to a channel of a running run")
     p.add_argument("run")
     p.add_argument("channel")
     p.add_argument("file", nargs="?", default="-", help="the item's bytes (default -: stdin)")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("logs", help="task logs (stdout and stderr of each attempt)")
+    p = add("logs", help="task logs (stdout and stderr of each attempt)")
     p.add_argument("run")
     p.add_argument("process", nargs="?")
     p.add_argument("--task", help="only this task (its id, as in the container name)")
@@ -63,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep printing logs as tasks finish, until the run ends")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("graph", help="the workflow as a Graphviz DOT graph (live depths for a run)")
+    p = add("graph", help="the workflow as a Graphviz DOT graph (live depths for a run)")
     p.add_argument("target", metavar="FILE.xml|RUN")
 
-    p = sub.add_parser("pull", help="write a channel's items out as files (they stay in the channel)")
+    p = add("pull", help="write a channel's items out as files (they stay in the channel)")
     p.add_argument("run")
     p.add_argument("channel")
     p.add_argument("--out", default=".", help="folder to write to (default: here)")

@@ -6,7 +6,7 @@ import logging
 import sys
 
 from . import __version__
-from .config import KEYS, load
+from .config import KEYS, toml_value, load
 from .errors import FlowError
 
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.print_config:
         for key, (default, text) in KEYS.items():
-            print(f"# {text}\n{key} = {_toml(default)}\n")
+            print(f"# {text}\n{key} = {toml_value(default)}\n")
         return 0
     try:
         cfg = load(args.config, required=args.config is not None)
@@ -47,14 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_status if e.exit_status != 1 else 1
     except KeyboardInterrupt:
         return 130
-
-
-def _toml(v: object) -> str:
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 if __name__ == "__main__":

@@ -110,8 +110,9 @@ def load(path: str | None, *, required: bool = False) -> Config:
             raise UsageError(f"{path}: unknown key {key!r}; known keys: {', '.join(KEYS)}")
         default = KEYS[key][0]
         if type(value) is not type(default):
-            raise UsageError(f"{path}: {key} = {value!r} should be a {type(default).__name__} "
-                             f"like {default!r}")
+            kind = {int: "whole number", str: "string", list: "list"}.get(type(default), "value")
+            raise UsageError(f"{path}: {key} = {value!r} should be a {kind} like "
+                             f"{key} = {toml_value(default)}")
         try:
             if key == "socket_mode":
                 value = int(value, 8)
@@ -131,3 +132,11 @@ def load(path: str | None, *, required: bool = False) -> Config:
         setattr(cfg, key, value)
         cfg.file_values[key] = value
     return cfg
+
+
+def toml_value(v: object) -> str:
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return str(v).lower() if isinstance(v, bool) else str(v)
