@@ -32,7 +32,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO_ROOT, docker_test_root
+from conftest import REPO_ROOT
 from daemon_fixtures import env_for_subprocess
 
 IMAGE = "flowd-test/systemd:bookworm"
@@ -198,15 +198,21 @@ def systemd_image(docker_client):
     return IMAGE
 
 
+SERVICE_ROOT = os.environ.get("FLOWD_SERVICE_TEST_DIR", "/var/lib/flowd-test")
+
+
 @pytest.fixture(scope="module")
 def box(systemd_image, deb, docker_images):
     """A booted systemd container with the .deb installed and flowd reconfigured for
     a spool at the same path on the host and inside (so the host engine finds it)."""
     tag = uuid.uuid4().hex[:10]
     name = f"flowd-systemd-{tag}"
-    top = os.path.join(docker_test_root(), f"service-{tag}")
+    # Not under /tmp (nor /home): the unit's PrivateTmp= (and ProtectHome=) would hide
+    # it from flowd, and a CI clone may well live in /tmp.
+    top = os.path.join(SERVICE_ROOT, f"service-{tag}")
     spool = os.path.join(top, "spool")
     os.makedirs(spool)
+    os.chmod(SERVICE_ROOT, 0o755)
     os.chmod(top, 0o755)
     sock = os.path.realpath(os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")[7:])
     cmd = ["docker", "run", "-d", "--name", name, "--label", LABEL, "--hostname", "flowd-test",
