@@ -133,6 +133,17 @@ class Daemon:
         return res
 
 
+def wait_until(predicate, timeout=60.0, what="condition"):
+    """Poll an outside condition (the engine, the daemon's status) until it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @pytest.fixture
 def workdir(request):
     """A fresh folder under the test root (Docker-visible), removed after a pass."""

@@ -14,7 +14,7 @@ import time
 import pytest
 import zmq
 
-from daemon_fixtures import REPO, env_for_subprocess
+from daemon_fixtures import REPO, env_for_subprocess, wait_until
 
 pytestmark = pytest.mark.docker
 EXAMPLES = os.path.join(REPO, "examples")
@@ -46,16 +46,6 @@ def pull(daemon, run, channel, out):
 def run_containers(docker_client, run_id):
     """The run's containers as the engine lists them (dicts; "State" is e.g. "running")."""
     return docker_client.api.containers(all=True, filters={"label": [f"io.flowd.run={run_id}"]})
-
-
-def wait_until(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- the examples -------------------------------------------------------------

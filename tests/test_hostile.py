@@ -1,7 +1,6 @@
 """Hostile scripts and the containers flowd makes, against the real engine."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest

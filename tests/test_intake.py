@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from daemon_fixtures import REPO
+from daemon_fixtures import REPO, wait_until
 from flowd import intake as I
 from flowd.errors import Problem, UsageError, WorkflowError
 
@@ -556,14 +556,6 @@ def test_a_drop_that_became_a_run_just_before_a_crash_is_not_submitted_twice(spo
 
 
 # -- end to end, with a real daemon ---------------------------------------------------------
-def wait_until(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def run_named(daemon, name):
