@@ -9,6 +9,18 @@ Each operation is a *durability point*. For the crash tests, the environment
 variable ``FLOWD_CRASH_AT=N`` ends the process (``os._exit``) just before the
 N-th point, and ``FLOWD_CRASH_TRACE=FILE`` appends one line per point, so a
 test can count the points of a workflow and sweep every one of them.
+
+Test hooks used by ``tests/crashsim.py`` (the in-process crash sweep):
+
+- ``crash_mode="raise"`` raises ``SimulatedCrash`` (a ``BaseException``) at the
+  crash point instead of exiting, so one pytest process can sweep thousands of
+  points; the test then throws away every in-memory object, as a restart would.
+- ``observer``: told of every rename (``renamed(src, dst)``) and of every
+  fsync that made something durable (``synced_dir``/``synced_file``), with its
+  *site* (``store.py:LINE:FUNCTION:KIND``, the first caller outside this
+  module and which fsync of the operation it is), so a simulator can work out
+  what a power loss could leave on disk.
+- ``skip_fsync``: a set of sites whose fsync is left out (the mutation check).
 """
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ import errno
 import os
 import shutil
 import stat
+import sys
 from typing import BinaryIO, Iterable
 
 from .errors import DiskFull, StorageError
@@ -24,14 +37,34 @@ CHUNK = 1024 * 1024
 CRASH_EXIT = 86  # exit status of a test-only crash
 
 
+class SimulatedCrash(BaseException):
+    """The test-only crash of ``crash_mode="raise"``: the "process" ends here.
+
+    A ``BaseException`` so that no ``except Exception`` on the way up can
+    swallow it; nothing may clean up after it (a real crash would not).
+    """
+
+
 class Durable:
-    def __init__(self, *, crash_at: int | None = None, trace: str | None = None):
+    def __init__(self, *, crash_at: int | None = None, trace: str | None = None,
+                 crash_mode: str = "exit"):
         if crash_at is None and os.environ.get("FLOWD_CRASH_AT"):
             crash_at = int(os.environ["FLOWD_CRASH_AT"])
+        if crash_mode not in ("exit", "raise"):
+            raise ValueError(f"crash_mode must be 'exit' or 'raise', not {crash_mode!r}")
         self.crash_at = crash_at
+        self.crash_mode = crash_mode
         self.points = 0
         trace = trace or os.environ.get("FLOWD_CRASH_TRACE")
         self._trace = open(trace, "a", buffering=1) if trace else None
+        # Test hooks (module docstring); both off in the daemon.
+        self.observer = None  # .renamed(src, dst), .synced_dir(path, site), .synced_file(path, site)
+        self.skip_fsync: set[str] | frozenset[str] = frozenset()
+
+    def close(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
 
     # -- the test hook ---------------------------------------------------
     def point(self, what: str, path: str) -> None:
@@ -39,24 +72,50 @@ class Durable:
         if self._trace is not None:
             self._trace.write(f"{self.points} {what} {path}\n")
         if self.crash_at is not None and self.points >= self.crash_at:
+            if self.crash_mode == "raise":
+                raise SimulatedCrash(self.points)
             os._exit(CRASH_EXIT)
+
+    def _site(self, kind: str) -> str | None:
+        """The fsync's site, computed only when a test hook is on."""
+        if self.observer is None and not self.skip_fsync:
+            return None
+        f = sys._getframe(1)
+        while f is not None and f.f_code.co_filename == __file__:
+            f = f.f_back
+        if f is None:
+            return f"fsops.py:0:?:{kind}"
+        return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}:{f.f_code.co_name}:{kind}"
 
     # -- primitives --------------------------------------------------------
     def fsync_dir(self, path: str) -> None:
+        self._sync_dir(path, "dir")
+
+    def _sync_dir(self, path: str, kind: str) -> None:
         self.point("fsync", path)
+        site = self._site(kind)
+        if site is not None and site in self.skip_fsync:
+            return
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             _fsync(fd, path)
         finally:
             os.close(fd)
+        if self.observer is not None:
+            self.observer.synced_dir(path, site)
 
     def fsync_file(self, path: str) -> None:
         self.point("fsync", path)
+        site = self._site("file")
+        if site is not None and site in self.skip_fsync:
+            return
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             _fsync(fd, path)
         finally:
             os.close(fd)
+        if self.observer is not None:
+            self.observer.synced_file(path, site)
 
     def mkdir(self, path: str, mode: int = 0o755, *, sync_parent: bool = True) -> None:
         self.point("mkdir", path)
@@ -68,7 +127,7 @@ class Durable:
             raise _storage(e, path) from None
         os.chmod(path, mode)  # not subject to the umask
         if sync_parent:
-            self.fsync_dir(os.path.dirname(path))
+            self._sync_dir(os.path.dirname(path), "mkdir.parent")
 
     def rename(self, src: str, dst: str, *, sync: bool = True) -> None:
         self.point("rename", dst)
@@ -76,10 +135,15 @@ class Durable:
             os.rename(src, dst)
         except OSError as e:
             raise _storage(e, dst) from None
+        if self.observer is not None:
+            self.observer.renamed(src, dst)
         if sync:
-            self.fsync_dir(os.path.dirname(dst))
-            if os.path.dirname(src) != os.path.dirname(dst):
-                self.fsync_dir(os.path.dirname(src))
+            self._sync_dir(os.path.dirname(dst), "rename.dst")
+            # A folder has one parent: once its new name is durable, so is the
+            # whole rename (ext4 and XFS journal it as one). A file may keep
+            # both names until its old folder is fsynced too.
+            if os.path.dirname(src) != os.path.dirname(dst) and not _is_dir(dst):
+                self._sync_dir(os.path.dirname(src), "rename.src")
 
     def link(self, src: str, dst: str) -> None:
         self.point("link", dst)
@@ -112,11 +176,15 @@ class Durable:
         *,
         mode: int = 0o644,
         sync_dir: bool = True,
+        sync: bool = True,
     ) -> int:
         """Write ``path`` atomically: temp name, fsync, rename, fsync folder.
 
         ``data`` may be bytes, an iterable of chunks or a binary file object;
         it is streamed, never held whole. Returns the number of bytes written.
+        ``sync_dir=False``: the caller fsyncs the folder later. ``sync=False``:
+        no fsync at all, for a file whose loss in a power failure recovery
+        tolerates (still atomic: a crash of the process leaves old or new).
         """
         folder, name = os.path.split(path)
         tmp = os.path.join(folder, f".{name}.tmp")
@@ -134,18 +202,34 @@ class Durable:
                     view = view[n:]
                     size += n
             os.fchmod(fd, mode)
-            self.point("fsync", tmp)
-            _fsync(fd, tmp)
+            if sync and size:  # an empty file has no data to lose: its folder's fsync is enough
+                self.point("fsync", tmp)
+                site = self._site("write.data")
+                if site is None or site not in self.skip_fsync:
+                    _fsync(fd, tmp)
+                    if self.observer is not None:
+                        self.observer.synced_file(tmp, site)
         except OSError as e:
             os.close(fd)
             _quiet_unlink(tmp)
             raise _storage(e, tmp) from None
+        except SimulatedCrash:
+            os.close(fd)  # a crash cleans nothing up: the temp file stays
+            raise
         except BaseException:
             os.close(fd)
             _quiet_unlink(tmp)
             raise
         os.close(fd)
-        self.rename(tmp, path, sync=sync_dir)
+        self.point("rename", path)
+        try:
+            os.rename(tmp, path)
+        except OSError as e:
+            raise _storage(e, path) from None
+        if self.observer is not None:
+            self.observer.renamed(tmp, path)
+        if sync and sync_dir:
+            self._sync_dir(folder, "write.dir")
         return size
 
     def copy_file(self, src: str, dst: str, *, mode: int = 0o644) -> int:
@@ -180,6 +264,13 @@ def _storage(e: OSError, path: str) -> StorageError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"no space left on the spool's filesystem (writing {path})")
     return StorageError(f"{e.strerror or e} ({path})")
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _quiet_unlink(path: str) -> None:

@@ -71,7 +71,7 @@ class Run:
         tmp = os.path.join(runs_dir, f".new-{run_id}")
         fs.rmtree(tmp)
         store = RunStore.layout(tmp, fs, wf.channels)
-        fs.rename(bundle, store.path("bundle"))
+        fs.rename(bundle, store.path("bundle"), sync=False)  # run.json's write fsyncs the folder
         for proc in wf.processes.values():
             fs.write_file(store.path("scripts", proc.name), proc.script.encode(), sync_dir=False)
         fs.fsync_dir(store.path("scripts"))
@@ -81,7 +81,8 @@ class Run:
                     store.put_file(ch.name, store.path("bundle", item.file))
                 else:
                     store.put(ch.name, (item.text or "").encode())
-        fs.write_file(store.path("workflow.json"), json.dumps(wf.to_dict()).encode())
+        fs.write_file(store.path("workflow.json"), json.dumps(wf.to_dict()).encode(),
+                      sync_dir=False)  # the folder is fsynced by run.json's write, next
         meta = dict(meta, id=run_id, name=wf.name, mode=wf.mode, state=E.QUEUED,
                     submitted_at=meta.get("submitted_at", time.time()))
         fs.write_file(store.path("run.json"), json.dumps(meta, indent=1).encode())
@@ -108,10 +109,13 @@ class Run:
         eng.fired |= store.scan_fired()
         for info in self.failures:
             if info.get("kind", E.PROCESS) == E.PROCESS:
-                if info.get("process") in self.wf.processes and not info.get("inputs"):
-                    eng.fired.add(info["process"])
+                process = info.get("process")
+                if process not in self.wf.processes:
+                    continue  # an unreadable failure.json: kept on disk, not counted
+                if not info.get("inputs"):
+                    eng.fired.add(process)
                 if not self.finished:
-                    eng.count_failed(info["process"])
+                    eng.count_failed(process)
         for rec in live:
             eng.adopt(E.Claim(rec.kind, rec.name, rec.task_id, tuple(rec.inputs)))
             self.active[rec.dirname] = Active(rec)
@@ -260,7 +264,7 @@ class Run:
         act.history.append(f"attempt {rec.attempt}: {reason}")
         log.info("run %s: task %s attempt %d failed: %s", self.id, rec.dirname, rec.attempt, reason)
         if rec.attempt <= proc.retries and not self.engine.stopping:
-            self._reset_work(rec)
+            self.store.reset_work(rec)
             self._start(act, rec.attempt + 1)
             return
         self.executor.remove(act.spec)
@@ -271,13 +275,6 @@ class Run:
         self.engine.failed(rec.name, rec.task_id)
         if proc.on_failure == "stop":
             self._stop_all(f"task {rec.dirname} failed: {reason}")
-
-    def _reset_work(self, rec: TaskRecord) -> None:
-        work = self.store.task_path(rec, "work")
-        old = self.store.task_path(rec, ".work.old")
-        self.fs.rename(work, old, sync=False)
-        self.fs.rmtree(old)
-        self.fs.mkdir(work, mode=0o777)
 
     def _release(self, act: Active) -> None:
         rec = act.rec

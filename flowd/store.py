@@ -19,7 +19,9 @@ One task's life (RELIABILITY.md), each step durable before the next:
    ``tasks/TASK``; rename each input item into ``in/``; create ``CLAIMED``.
 2. Run: ``attempt`` holds the attempt number, written before each start.
 3. Collect: declared outputs only, regular files opened without following
-   links, one link, size-capped; moved to ``out/N``, fsynced with the folders.
+   links, one link, size-capped; fsynced, then output J of attempt A moved
+   whole to ``out/A.J`` and the folders fsynced. Idempotent: a collect that a
+   crash cut short is done again from what is in ``work/`` and ``out/``.
 4. Commit: ``COMMIT`` lists every output's final channel and SEQ.
 5. Apply (idempotent): move outputs into channels, then delete inputs, then
    retire (rename to ``tasks/.TASK.done``, then remove).
@@ -103,11 +105,16 @@ class RunStore:
     # -- creation ----------------------------------------------------------
     @classmethod
     def layout(cls, root: str, fs: Durable, channels: Iterable[str]) -> "RunStore":
-        """Make the folders of a new run under ``root`` (not yet in place)."""
+        """Make the folders of a new run under ``root`` (not yet in place).
+
+        ``root`` itself is not fsynced here: the caller writes files in it
+        (``run.json`` last, which fsyncs it) before renaming it into place.
+        """
         for d in ("", "channels", "tasks", "failed", "fired", "logs", "scripts"):
-            fs.mkdir(os.path.join(root, d) if d else root, sync_parent=bool(d))
+            fs.mkdir(os.path.join(root, d) if d else root, sync_parent=False)
         for ch in channels:
-            fs.mkdir(os.path.join(root, "channels", ch))
+            fs.mkdir(os.path.join(root, "channels", ch), sync_parent=False)
+        fs.fsync_dir(os.path.join(root, "channels"))
         return cls(root, fs)
 
     # -- metadata ----------------------------------------------------------
@@ -131,10 +138,12 @@ class RunStore:
         dst = self.item_path(channel, seq)
         try:
             self.fs.link(src, dst)
-            self.fs.fsync_file(dst)
-            self.fs.fsync_dir(os.path.dirname(dst))
         except StorageError:
             self.fs.copy_file(src, dst)
+            return seq
+        # Outside the try: a failed fsync is fatal, never retried as a copy.
+        self.fs.fsync_file(dst)
+        self.fs.fsync_dir(os.path.dirname(dst))
         return seq
 
     def _alloc(self) -> int:
@@ -216,9 +225,7 @@ class RunStore:
             else:
                 live.append(rec)
         for rec in [r for r in live if r.committed]:
-            self.apply(rec)
-        if any(r.committed for r in live):
-            self.fs.fsync_dir(folder)
+            self.apply(rec)  # its retire fsyncs tasks/
         return [r for r in live if not r.committed]
 
     def _load_task(self, dirname: str) -> TaskRecord:
@@ -265,7 +272,11 @@ class RunStore:
         fs.fsync_dir(into)
         for d in sorted(touched):
             fs.fsync_dir(d)
-        fs.write_file(self.task_path(rec, "CLAIMED"), b"")
+        # No fsync: a mark lost in a power failure makes recovery release the
+        # claim, which is safe (the machine's containers died with it). It
+        # becomes durable with COMMIT, the next fsync of the task folder; keep
+        # it so (release relies on it: see there).
+        fs.write_file(self.task_path(rec, "CLAIMED"), b"", sync=False)
         rec.claimed = True
         return rec
 
@@ -274,35 +285,69 @@ class RunStore:
 
     # -- 2. attempts -----------------------------------------------------------
     def set_attempt(self, rec: TaskRecord, attempt: int) -> None:
-        self.fs.write_file(self.task_path(rec, "attempt"), str(attempt).encode())
+        """Written before each start. It survives a crash of the daemon (the page
+        cache does; the container may run on); no fsync, because after a power
+        failure no container of the task is running: a lost number only means
+        the task starts again from an earlier attempt."""
+        self.fs.write_file(self.task_path(rec, "attempt"), str(attempt).encode(), sync=False)
         rec.attempt = attempt
+
+    def reset_work(self, rec: TaskRecord) -> None:
+        """Give the task an empty ``work/`` for its next attempt.
+
+        Idempotent: a crash half-way leaves ``.work.old`` and maybe no
+        ``work/``, and the restarted daemon, given the same failed result by
+        the container, does it again.
+        """
+        work = self.task_path(rec, "work")
+        old = self.task_path(rec, ".work.old")
+        if os.path.lexists(work):
+            if os.path.lexists(old):
+                self.fs.rmtree(old)
+            self.fs.rename(work, old, sync=False)
+        self.fs.rmtree(old)
+        # No fsync: work/ only matters while CLAIMED does, and CLAIMED becomes
+        # durable with COMMIT only; after a power failure the task is released.
+        self.fs.mkdir(work, mode=0o777, sync_parent=False)
 
     # -- 3. collect ------------------------------------------------------------
     def collect(self, rec: TaskRecord, outputs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Move the declared outputs from work/ to out/N; returns (channel, out/N).
+        """Move the declared outputs from work/ into out/; returns (channel, rel) in order.
 
         ``outputs`` is the process's (channel, as-name) list. A regular file is
         one item; a folder gives one item per regular file in it, by name; no
         file gives no item. Anything else (a link, a FIFO, a device) is a
         TaskOutputError. Everything is fsynced before this returns.
+
+        Idempotent, because a crash can stop it half-way and the restarted
+        daemon collects the same attempt again (its exited container reports
+        the same result): output J of attempt A moves whole, in one rename, to
+        ``out/A.J``, and the result is read back from ``out/``, so what an
+        earlier collect moved is found there. Data is fsynced before the move.
         """
         work = self.task_path(rec, "work")
         outdir = self.task_path(rec, "out")
-        found: list[tuple[str, str]] = []  # (channel, source path)
-        for channel, as_name in outputs:
+        fs = self.fs
+        moves: list[tuple[str, str, list[str], bool]] = []  # (src, dst, files, is folder)
+        for j, (channel, as_name) in enumerate(outputs):
             src = os.path.join(work, as_name)
+            dst = os.path.join(outdir, f"{rec.attempt}.{j}")
             try:
                 st = os.lstat(src)
             except FileNotFoundError:
-                continue
+                continue  # no output, or an earlier collect moved it already
             if stat.S_ISREG(st.st_mode):
+                if _same_file(st, dst):  # moved, but the removal from work/ was lost
+                    moves.append((src, dst, [], False))
+                    continue
                 self._check_output(src, st, as_name)
-                found.append((channel, src))
+                moves.append((src, dst, [src], False))
             elif stat.S_ISDIR(st.st_mode):
                 names = sorted(os.listdir(src))
                 if len(names) > MAX_OUTPUT_FILES:
                     raise TaskOutputError(
                         f"output {as_name}/ holds {len(names)} entries; the limit is {MAX_OUTPUT_FILES}")
+                files = []
                 for n in names:
                     p = os.path.join(src, n)
                     st2 = os.lstat(p)
@@ -310,19 +355,33 @@ class RunStore:
                         raise TaskOutputError(
                             f"output {as_name}/{n} is a folder; only regular files become items")
                     self._check_output(p, st2, f"{as_name}/{n}")
-                    found.append((channel, p))
+                    files.append(p)
+                moves.append((src, dst, files, True))
             else:
                 raise TaskOutputError(f"output {as_name} is {_kind(st)}; only regular files become items")
-        result = []
-        fs = self.fs
-        for i, (channel, src) in enumerate(found):
-            dst = os.path.join(outdir, str(i))
+        for src, dst, files, is_dir in moves:
+            if not files and not is_dir:
+                fs.unlink(src)
+                continue
+            for p in files:
+                fs.fsync_file(p)
+            if is_dir:
+                fs.fsync_dir(src)
+                if os.path.lexists(dst):
+                    fs.rmtree(dst)  # left by an earlier run of this attempt (its container was lost)
             fs.rename(src, dst, sync=False)
-            fs.fsync_file(dst)
-            result.append((channel, f"out/{i}"))
-        if found:
+        result: list[tuple[str, str]] = []
+        for j, (channel, _) in enumerate(outputs):
+            rel = f"out/{rec.attempt}.{j}"
+            dst = self.task_path(rec, rel)
+            if os.path.isdir(dst):
+                result += [(channel, f"{rel}/{n}") for n in sorted(os.listdir(dst))]
+            elif os.path.lexists(dst):
+                result.append((channel, rel))
+        if result or moves:
+            # out/ only: a name left behind in work/ by a power failure is
+            # harmless (same file; the next collect unlinks it, apply ignores it).
             fs.fsync_dir(outdir)
-            fs.fsync_dir(work)
         return result
 
     def _check_output(self, path: str, st: os.stat_result, label: str) -> None:
@@ -378,15 +437,28 @@ class RunStore:
         indir = self.task_path(rec, "in")
         for _, seq in rec.inputs:
             fs.unlink(os.path.join(indir, seq_name(seq)))
-        fs.fsync_dir(indir)
+        # No fsync of in/: if the unlinks are lost, COMMIT is still there and
+        # recovery redoes them, or retire's durable rename hid the folder.
         self.retire(rec)
 
     def retire(self, rec: TaskRecord) -> None:
         if rec.kind == "process" and not rec.inputs:
             self.mark_fired(rec.name)
+        self._remove_task(rec)
+
+    def _remove_task(self, rec: TaskRecord) -> None:
+        """Take the task folder out of the protocol, then delete it, durably.
+
+        The rename to a hidden name is fsynced before the delete starts, so a
+        crash half-way through leaves a hidden folder (which recovery deletes),
+        never a live task short of files. The fsync after the delete makes the
+        removal durable too: recovery does not run on a finished run, so a
+        folder that came back after a power loss would stay forever.
+        """
         hidden = self.path("tasks", f".{rec.dirname}.done")
         self.fs.rename(self.task_path(rec), hidden)
         self.fs.rmtree(hidden)
+        self.fs.fsync_dir(self.path("tasks"))
 
     def mark_fired(self, process: str) -> None:
         path = self.path("fired", process)
@@ -399,10 +471,12 @@ class RunStore:
 
         CLAIMED goes first, so a crash half-way leaves an unmarked claim,
         which recovery finishes releasing: never a claimed task short of inputs.
+        Its removal needs no fsync: CLAIMED is never durable before COMMIT (no
+        fsync of the task folder comes between them), so after a power failure
+        an uncommitted task is always unmarked, and released again.
         """
         if rec.claimed:
             self.fs.unlink(self.task_path(rec, "CLAIMED"))
-            self.fs.fsync_dir(self.task_path(rec))
             rec.claimed = False
         indir = self.task_path(rec, "in")
         touched = set()
@@ -413,11 +487,10 @@ class RunStore:
                 touched.add(self.path("channels", ch))
         for d in sorted(touched):
             self.fs.fsync_dir(d)
-        if touched:
-            self.fs.fsync_dir(indir)
-        hidden = self.path("tasks", f".{rec.dirname}.done")
-        self.fs.rename(self.task_path(rec), hidden)
-        self.fs.rmtree(hidden)
+        # No fsync of in/: an input found in both places after a power failure
+        # is one file (rename gave it its old name back); CLAIMED is gone for
+        # good, so recovery releases again, and the rename is then a no-op.
+        self._remove_task(rec)
 
     def dead_letter(self, rec: TaskRecord, reason: str, attempts: int) -> dict:
         """Keep a failed task's inputs and reason under failed/ (nothing is lost)."""
@@ -438,6 +511,13 @@ class RunStore:
             self.mark_fired(rec.name)
         info["dirname"] = rec.dirname
         return info
+
+
+def _same_file(st: os.stat_result, path: str) -> bool:
+    try:
+        return os.path.samestat(st, os.lstat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _kind(st: os.stat_result) -> str:

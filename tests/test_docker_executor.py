@@ -325,6 +325,28 @@ def test_adopt_exited_container(reports, docker_images, docker_tmp, docker_spool
 
 
 @pytest.mark.docker
+def test_adopt_does_not_trust_a_container_that_ended_before_a_reboot(
+        reports, docker_images, docker_tmp, docker_spool, docker_client, monkeypatch):
+    spec = make_spec(docker_tmp, docker_spool, "exit 0\n")
+    first = DockerExecutor(reports, spool=docker_spool)
+    first.start(spec)
+    assert reports.result(spec.key).exit_code == 0
+    first.close()
+    import flowd.executor.docker as D
+
+    monkeypatch.setattr(D, "_boot_time", lambda: time.time() + 1)  # "the machine rebooted since"
+    second = DockerExecutor(reports, spool=docker_spool)
+    try:
+        second.adopt(spec).result(WAIT)
+        res = reports.result(spec.key)
+        assert res.status == X.MISSING and "not trusted" in res.message
+        assert docker_client.api.containers(
+            all=True, filters={"name": spec.container_name}) == []
+    finally:
+        second.close()
+
+
+@pytest.mark.docker
 def test_adopt_missing_and_other_attempt(executor, run_task, reports, docker_tmp, docker_spool,
                                          docker_client):
     nothing = make_spec(docker_tmp, docker_spool, "true\n", task="never")

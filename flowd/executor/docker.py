@@ -467,6 +467,18 @@ class DockerExecutor(Executor):
             self._quiet_remove(t.container_id)
             self._result(t, MISSING, message="the container was created but never started")
             return
+        if mine.get("State") == "exited" and _boot_time() is not None:
+            try:
+                finished = _parse_time(self._state(t.container_id).get("FinishedAt"))
+            except FlowError:
+                finished = None
+            if finished is not None and finished < _boot_time():
+                # It ended before this machine booted: what it wrote may never have
+                # reached the disk. Do not trust it: run the attempt again.
+                self._quiet_remove(t.container_id)
+                self._result(t, MISSING, message="the container ended before the machine "
+                                                 "restarted; its outputs are not trusted")
+                return
         if mine.get("State") in _RUNNING_STATES:
             if spec.timeout is not None:
                 try:
@@ -794,6 +806,18 @@ def _reraise(e: BaseException):
 
 # -- human words ------------------------------------------------------------------------
 _TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
+
+
+def _boot_time() -> float | None:
+    """When this machine booted (epoch seconds), from /proc/stat's btime."""
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _parse_time(text: str | None) -> float | None:
