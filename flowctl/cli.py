@@ -219,6 +219,9 @@ def _render_run(d: dict) -> str:
         fmt.table(["CHANNEL", "DEPTH", ""],
                   [[c["name"], c["depth"], "result" if c["result"] else ""] for c in d["channels"]]),
     ]
+    for q in d.get("quarantined", []):
+        out += ["", f"quarantined: item {q['seq']} of channel {q['channel']} (for {q['process']}): "
+                    f"{q['reason']}; kept in SPOOL/runs/{d['id']}/quarantine/"]
     for f in d.get("failures", []):
         out += ["", f"failed: {f['process']} task {f['task']} after {f['attempts']} attempt(s): "
                     f"{f['reason']}"]

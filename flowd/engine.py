@@ -146,11 +146,13 @@ class Engine:
         else:
             bisect.insort(q, seq)
 
-    def released(self, kind: str, name: str, task_id: str) -> None:
-        """The task's inputs went back to their channels, in their old places."""
+    def released(self, kind: str, name: str, task_id: str, skip: frozenset[int] = frozenset()) -> None:
+        """The task's inputs went back to their channels, in their old places
+        (but those in ``skip``: quarantined as damaged)."""
         claim = self._unclaim(kind, name, task_id)
         for ch, seq in claim.inputs:
-            self.add_item(ch, seq)
+            if seq not in skip:
+                self.add_item(ch, seq)
         if kind == PROCESS and not claim.inputs:
             self.fired.discard(name)
 

@@ -31,6 +31,7 @@ import stat
 import sys
 from typing import BinaryIO, Iterable
 
+from . import checksum as checksum_mod
 from .errors import DiskFull, StorageError
 
 CHUNK = 1024 * 1024
@@ -177,6 +178,7 @@ class Durable:
         mode: int = 0o644,
         sync_dir: bool = True,
         sync: bool = True,
+        checksum: bool = False,
     ) -> int:
         """Write ``path`` atomically: temp name, fsync, rename, fsync folder.
 
@@ -185,6 +187,7 @@ class Durable:
         ``sync_dir=False``: the caller fsyncs the folder later. ``sync=False``:
         no fsync at all, for a file whose loss in a power failure recovery
         tolerates (still atomic: a crash of the process leaves old or new).
+        ``checksum=True``: stamp the file with its CRC-32 (an item).
         """
         folder, name = os.path.split(path)
         tmp = os.path.join(folder, f".{name}.tmp")
@@ -194,14 +197,19 @@ class Durable:
         except OSError as e:
             raise _storage(e, tmp) from None
         size = 0
+        summer = checksum_mod.Summer() if checksum else None
         try:
             for chunk in _chunks(data):
+                if summer is not None:
+                    summer.update(chunk)
                 view = memoryview(chunk)
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
                     size += n
             os.fchmod(fd, mode)
+            if summer is not None:
+                checksum_mod.stamp(fd, summer)
             if sync and size:  # an empty file has no data to lose: its folder's fsync is enough
                 self.point("fsync", tmp)
                 site = self._site("write.data")
@@ -232,11 +240,11 @@ class Durable:
             self._sync_dir(folder, "write.dir")
         return size
 
-    def copy_file(self, src: str, dst: str, *, mode: int = 0o644) -> int:
+    def copy_file(self, src: str, dst: str, *, mode: int = 0o644, checksum: bool = False) -> int:
         """Copy ``src`` to ``dst`` atomically; the source is opened without following links."""
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as f:
-            return self.write_file(dst, f, mode=mode)
+            return self.write_file(dst, f, mode=mode, checksum=checksum)
 
 
 def _chunks(data) -> Iterable[bytes]:

@@ -58,6 +58,7 @@ class Run:
         self.engine = E.Engine(wf)
         self.active: dict[str, Active] = {}  # task dirname -> Active
         self.failures: list[dict] = []
+        self.quarantined: list[dict] = []  # damaged items taken out (quarantine/)
 
     # -- creation --------------------------------------------------------
     @staticmethod
@@ -105,6 +106,10 @@ class Run:
         store, eng = self.store, self.engine
         live = store.recover_tasks() if not self.finished else []
         self.failures = store.scan_failed()
+        self.quarantined = store.scan_quarantine()
+        for q in self.quarantined:
+            if isinstance(q.get("seq"), int):
+                store.next_seq = max(store.next_seq, q["seq"] + 1)
         eng.queues.update(store.scan_channels(self.wf.channels))
         eng.fired |= store.scan_fired()
         for info in self.failures:
@@ -209,6 +214,10 @@ class Run:
 
     def _start(self, act: Active, attempt: int) -> None:
         rec = act.rec
+        bad = self.store.check_inputs(rec)  # never feed a damaged item to a script
+        if bad:
+            self._quarantine(act, bad)
+            return
         if rec.attempt != attempt:
             self.store.set_attempt(rec, attempt)
         act.spec = self._spec(rec)
@@ -275,6 +284,17 @@ class Run:
         self.engine.failed(rec.name, rec.task_id)
         if proc.on_failure == "stop":
             self._stop_all(f"task {rec.dirname} failed: {reason}")
+
+    def _quarantine(self, act: Active, bad: list[tuple[str, int, str]]) -> None:
+        rec = act.rec
+        for ch, seq, why in bad:
+            log.error("run %s: item %d of channel %s is damaged (%s); quarantined, not given "
+                      "to %s", self.id, seq, ch, why, rec.name)
+        self.store.quarantine(rec, bad)
+        del self.active[rec.dirname]
+        self.engine.released(rec.kind, rec.name, rec.task_id,
+                             skip=frozenset(seq for _, seq, _ in bad))
+        self.quarantined = self.store.scan_quarantine()
 
     def _release(self, act: Active) -> None:
         rec = act.rec
@@ -371,7 +391,9 @@ class Run:
                 "history": info.get("history", []),
                 "log_tail": self._log_tail(info),
             })
-        out.update(processes=procs, channels=chans, failures=fails)
+        out.update(processes=procs, channels=chans, failures=fails,
+                   quarantined=[{k: q.get(k) for k in ("channel", "seq", "reason", "process")}
+                                for q in self.quarantined])
         return out
 
     def _log_tail(self, info: dict) -> str:

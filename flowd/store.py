@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable
 
 from .errors import NotFound, StorageError
+from . import checksum
 from .fsops import Durable
 
 SEQ_DIGITS = 16
@@ -129,7 +130,7 @@ class RunStore:
     def put(self, channel: str, data: bytes | Iterable[bytes] | BinaryIO) -> int:
         """Append an item (streamed); durable when this returns."""
         seq = self._alloc()
-        self.fs.write_file(self.item_path(channel, seq), data)
+        self.fs.write_file(self.item_path(channel, seq), data, checksum=True)
         return seq
 
     def put_file(self, channel: str, src: str) -> int:
@@ -139,8 +140,9 @@ class RunStore:
         try:
             self.fs.link(src, dst)
         except StorageError:
-            self.fs.copy_file(src, dst)
+            self.fs.copy_file(src, dst, checksum=True)
             return seq
+        checksum.stamp_file(dst)  # the inode's: made durable by the fsync below
         # Outside the try: a failed fsync is fatal, never retried as a copy.
         self.fs.fsync_file(dst)
         self.fs.fsync_dir(os.path.dirname(dst))
@@ -280,6 +282,45 @@ class RunStore:
         rec.claimed = True
         return rec
 
+    def check_inputs(self, rec: TaskRecord) -> list[tuple[str, int, str]]:
+        """The task's inputs that fail their checksum: [(channel, seq, why)]."""
+        bad = []
+        for ch, seq in rec.inputs:
+            why = checksum.check(self.input_path(rec, seq))
+            if why is not None:
+                bad.append((ch, seq, why))
+        return bad
+
+    def quarantine(self, rec: TaskRecord, bad: list[tuple[str, int, str]]) -> None:
+        """Move damaged inputs to quarantine/ with their reason; release the rest.
+
+        Nothing is deleted: ``quarantine/SEQ`` keeps the bytes as found and
+        ``quarantine/SEQ.json`` says where the item was and why it was taken out.
+        """
+        folder = self.path("quarantine")
+        if not os.path.isdir(folder):
+            self.fs.mkdir(folder)
+        for ch, seq, why in bad:
+            info = {"channel": ch, "seq": seq, "reason": why, "task": rec.dirname,
+                    "process": rec.name, "quarantined_at": time.time()}
+            self.fs.write_file(os.path.join(folder, seq_name(seq) + ".json"),
+                               json.dumps(info).encode())
+            self.fs.rename(self.input_path(rec, seq), os.path.join(folder, seq_name(seq)))
+        self.release(rec)
+
+    def scan_quarantine(self) -> list[dict]:
+        folder = self.path("quarantine")
+        out = []
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".json") and not name.startswith("."):
+                    try:
+                        with open(os.path.join(folder, name), "rb") as f:
+                            out.append(json.load(f))
+                    except (OSError, ValueError):
+                        out.append({"seq": name[:-5], "reason": "unknown"})
+        return out
+
     def input_path(self, rec: TaskRecord, seq: int) -> str:
         return self.task_path(rec, "in", seq_name(seq))
 
@@ -364,6 +405,7 @@ class RunStore:
                 fs.unlink(src)
                 continue
             for p in files:
+                checksum.stamp_file(p)  # from here on the item is checked before each use
                 fs.fsync_file(p)
             if is_dir:
                 fs.fsync_dir(src)

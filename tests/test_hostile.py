@@ -1,6 +1,7 @@
-"""Hostile scripts and the containers flowd makes, against the real engine."""
+"""Hostile scripts, damaged items and the containers flowd makes, against the real engine."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -103,4 +104,36 @@ def test_every_container_flowd_creates_is_hardened(daemon, workdir, docker_clien
         for m in mounts.values():
             assert m["Source"].startswith(os.path.join(spool, "runs", run) + "/")
             assert m["RW"] == (m["Destination"] == "/task")
+    daemon.flowctl("cancel", run, check=0)
+
+
+def test_a_flipped_byte_on_disk_is_quarantined_not_fed(daemon, workdir, docker_client):
+    xml = write(os.path.join(workdir, "wf", "workflow.xml"), """<workflow name="corrupt" mode="service">
+  <channel name="a"><item>precious data</item></channel><channel name="b"/><channel name="out"/>
+  <process name="join" image="flowd/busybox">
+    <input channel="a"/><input channel="b"/><output channel="out"/>
+    <script>cat a b > out</script>
+  </process>
+</workflow>""")
+    run = daemon.flowctl("submit", xml, check=0).stdout.strip()
+    folder = os.path.join(daemon.spool, "runs", run, "channels", "a")
+    (name,) = os.listdir(folder)
+    with open(os.path.join(folder, name), "r+b") as f:  # bit rot while it waits
+        f.write(b"X")
+    daemon.flowctl("push", run, "b", input="partner", check=0)
+
+    def detail():
+        return json.loads(daemon.flowctl("status", run, "--json", check=0).stdout)
+
+    wait_until(lambda: detail()["quarantined"], what="the damaged item to be quarantined")
+    d = detail()
+    (q,) = d["quarantined"]
+    assert q["channel"] == "a" and "checksum mismatch" in q["reason"]
+    depths = {c["name"]: c["depth"] for c in d["channels"]}
+    assert depths == {"a": 0, "b": 1, "out": 0}  # the partner went back; nothing published
+    assert run_containers(docker_client, run) == []  # no script ever saw it
+    kept = os.path.join(daemon.spool, "runs", run, "quarantine", name)
+    assert open(kept, "rb").read() == b"Xrecious data"  # kept as found, never deleted
+    text = daemon.flowctl("status", run, check=0).stdout
+    assert "quarantined: item" in text and "checksum mismatch" in text
     daemon.flowctl("cancel", run, check=0)

@@ -241,3 +241,50 @@ def test_task_spec_gives_the_script_its_inputs_env_and_limits(tmp_path):
     assert open(spec.inputs[0].source, "rb").read() == b"1"
     assert (spec.timeout, spec.memory, spec.cpus, spec.network) == (30.0, 64 << 20, 0.5, "bridge")
     assert spec.labels[X.LABEL_RUN] == h.run.id and spec.labels[X.LABEL_TASK] == "1"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_item_is_quarantined_never_fed_and_never_deleted(tmp_path, damage):
+    fed = []
+
+    def copy(t):
+        fed.append(t.read("a"))
+        t.write("out", t.read("a"))
+        return 0
+
+    w = wf(channels={"a": ["first item", "second item", "third item"], "out": []},
+           processes=[proc("p", "a", "out")])
+    h = Harness(tmp_path, w, {"p": copy})
+    folder = os.path.join(h.path, "channels", "a")
+    victim = os.path.join(folder, sorted(os.listdir(folder))[1])
+    with open(victim, "r+b") as f:
+        if damage == "flip":
+            f.seek(3)
+            f.write(b"X")
+        else:
+            f.truncate(4)
+    assert h.drain() == E.SUCCEEDED
+    assert fed == [b"first item", b"third item"]  # the damaged one never reached a script
+    assert h.items("out") == [b"first item", b"third item"]
+    (q,) = h.run.detail()["quarantined"]
+    assert q["channel"] == "a" and q["process"] == "p"
+    assert ("checksum mismatch" if damage == "flip" else "truncated") in q["reason"]
+    kept = os.path.join(h.path, "quarantine", os.path.basename(victim))
+    assert os.path.exists(kept) and os.path.exists(kept + ".json")  # kept, with its reason
+    h.open()  # a restart still knows it
+    assert len(h.run.detail()["quarantined"]) == 1
+
+
+def test_task_outputs_and_pushed_items_carry_a_checksum(tmp_path):
+    from flowd import checksum
+
+    w = wf(channels={"a": ["x"], "out": []}, processes=[proc("p", "a", "out")])
+    h = Harness(tmp_path, w, {"p": lambda t: (t.write("out", b"made by the task"), 0)[1]})
+    assert h.drain() == E.SUCCEEDED
+    folder = os.path.join(h.path, "channels", "out")
+    (name,) = os.listdir(folder)
+    path = os.path.join(folder, name)
+    assert checksum.check(path) is None and os.getxattr(path, checksum.XATTR)
+    with open(path, "r+b") as f:
+        f.write(b"M")
+    assert "checksum mismatch" in checksum.check(path)

@@ -1,0 +1,89 @@
+"""Item checksums: a CRC-32 and the size, kept in an extended attribute of the file.
+
+The attribute lives in the inode, so it moves with every rename and is
+shared by the hard links a mux makes; the file's fsync makes it durable with
+the data. Every item is stamped when it enters a channel (submitted, pushed,
+or collected from a task) and checked before a script is given it: a flipped
+byte or a truncated file is found and the item quarantined, never fed to a
+script and never deleted. On a filesystem without user extended attributes
+items carry no stamp and are not checked (flowd says so once in its log).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import zlib
+
+XATTR = "user.flowd.crc32"
+CHUNK = 1024 * 1024
+log = logging.getLogger("flowd.checksum")
+_warned = False
+
+
+class Summer:
+    """A running CRC-32 and size, fed while data is written."""
+
+    def __init__(self) -> None:
+        self.crc = 0
+        self.size = 0
+
+    def update(self, data) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+
+    @property
+    def value(self) -> bytes:
+        return f"{self.crc:08x}:{self.size}".encode()
+
+
+def of_file(path: str) -> Summer:
+    s = Summer()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        while chunk := os.read(fd, CHUNK):
+            s.update(chunk)
+    finally:
+        os.close(fd)
+    return s
+
+
+def stamp(target: int | str, summer: Summer) -> None:
+    """Record the checksum on a file (an open fd or a path, never followed)."""
+    global _warned
+    try:
+        if isinstance(target, int):
+            os.setxattr(target, XATTR, summer.value)
+        else:
+            os.setxattr(target, XATTR, summer.value, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+            if not _warned:
+                log.warning("cannot record an item checksum (user extended attributes: %s); "
+                            "such items are not checked", e.strerror)
+                _warned = True
+            return
+        raise
+
+
+def stamp_file(path: str) -> None:
+    stamp(path, of_file(path))
+
+
+def check(path: str) -> str | None:
+    """None if the file matches its stamp (or has none); else why it does not."""
+    try:
+        stored = os.getxattr(path, XATTR, follow_symlinks=False).decode()
+    except OSError:
+        return None  # no stamp: an item from before checksums, or no xattr support
+    try:
+        crc_hex, size_text = stored.split(":")
+        want_crc, want_size = int(crc_hex, 16), int(size_text)
+    except ValueError:
+        return f"its checksum record is unreadable ({stored!r})"
+    got = of_file(path)
+    if got.size != want_size:
+        return f"truncated or grown: {got.size} bytes, {want_size} when it was stored"
+    if got.crc != want_crc:
+        return f"checksum mismatch: CRC-32 {got.crc:08x}, {want_crc:08x} when it was stored"
+    return None
