@@ -31,6 +31,9 @@ class Notifier:
                 import sdnotify
 
                 self._sock = sdnotify.SystemdNotifier(debug=True)
+                # Never block the loop: a datagram socket whose reader lags (more than
+                # net.unix.max_dgram_qlen messages unread) would block a plain send.
+                self._sock.socket.setblocking(False)
             except Exception as e:  # the package missing, or the socket unusable
                 log.warning("cannot talk to systemd (NOTIFY_SOCKET): %s", e)
             os.environ.pop("NOTIFY_SOCKET", None)
@@ -44,6 +47,8 @@ class Notifier:
             return
         try:
             self._sock.notify("\n".join(lines))
+        except BlockingIOError:
+            log.debug("sd_notify: the manager is not reading; dropped %s", lines)
         except Exception as e:
             if not self._failed:
                 log.warning("sd_notify failed: %s", e)

@@ -437,3 +437,11 @@ def test_a_user_outside_the_sockets_group_is_refused_and_callers_are_logged(daem
     assert re.search(r"uid 0 \(root\) pid \d+: submit name=ok.xml", log), log
     assert re.search(rf"uid 0 \(root\) pid \d+: cancel runs=\['{run}'\]", log), log
     assert f"run {run} submitted by root" in log
+
+
+def test_a_systemd_that_stops_reading_never_blocks_the_loop(daemon_factory):
+    # watchdog pings every 10 ms; after READY this test reads none of them, so the
+    # notify socket's queue (10 datagrams) is full within a fraction of a second
+    d = daemon_factory().start(WATCHDOG_USEC="20000")
+    for _ in range(5):
+        assert d.flowctl("--timeout", "5", "status", check=0).stdout.strip() == "no runs"
