@@ -307,3 +307,18 @@ def _rmtree(path: str) -> None:
 
     if os.path.lexists(path):
         shutil.rmtree(path, onerror=onerror)
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for messages ("a symbolic link")."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import FlowError, WorkflowError
+from .fsops import file_kind
 
 log = logging.getLogger("flowd.intake")
 
@@ -551,7 +552,7 @@ class Intake:
             elif stat.S_ISDIR(st.st_mode):
                 self._copy_folder(staged, st, bundle, name)
             else:
-                raise _Refused(f"{name}: {_kind(st.st_mode)}: only a workflow file or a folder "
+                raise _Refused(f"{name}: {file_kind(st.st_mode)}: only a workflow file or a folder "
                                "is taken" + (" (links are never followed: drop the file itself)"
                                              if stat.S_ISLNK(st.st_mode) else ""))
         except BaseException:
@@ -612,7 +613,7 @@ class Intake:
                 continue
             kind = est.st_mode
             if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
-                raise _Refused(f"{path}: {_kind(kind)}: a folder drop may hold only regular files "
+                raise _Refused(f"{path}: {file_kind(kind)}: a folder drop may hold only regular files "
                                "and folders" + (" (links are never followed: copy the file in)"
                                                 if stat.S_ISLNK(kind) else ""))
             if owner != 0 and est.st_uid != owner:
@@ -813,18 +814,6 @@ def _show(name: str) -> str:
 
 def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", " / ")
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
 
 
 def _human(n: int) -> str:

@@ -43,7 +43,7 @@ from typing import BinaryIO, Iterable
 
 from .errors import NotFound, StorageError
 from . import checksum
-from .fsops import Durable
+from .fsops import Durable, file_kind
 
 SEQ_DIGITS = 16
 MAX_OUTPUT_FILES = 10_000  # per output name, when the script writes a folder
@@ -399,7 +399,7 @@ class RunStore:
                     files.append(p)
                 moves.append((src, dst, files, True))
             else:
-                raise TaskOutputError(f"output {as_name} is {_kind(st)}; only regular files become items")
+                raise TaskOutputError(f"output {as_name} is {file_kind(st.st_mode)}; only regular files become items")
         for src, dst, files, is_dir in moves:
             if not files and not is_dir:
                 fs.unlink(src)
@@ -428,7 +428,7 @@ class RunStore:
 
     def _check_output(self, path: str, st: os.stat_result, label: str) -> None:
         if not stat.S_ISREG(st.st_mode):
-            raise TaskOutputError(f"output {label} is {_kind(st)}; only regular files become items")
+            raise TaskOutputError(f"output {label} is {file_kind(st.st_mode)}; only regular files become items")
         if st.st_nlink != 1:
             raise TaskOutputError(f"output {label} is a hard link; write a new file instead")
         if self.max_output_bytes is not None and st.st_size > self.max_output_bytes:
@@ -560,18 +560,3 @@ def _same_file(st: os.stat_result, path: str) -> bool:
         return os.path.samestat(st, os.lstat(path))
     except FileNotFoundError:
         return False
-
-
-def _kind(st: os.stat_result) -> str:
-    m = st.st_mode
-    if stat.S_ISLNK(m):
-        return "a symbolic link"
-    if stat.S_ISFIFO(m):
-        return "a FIFO"
-    if stat.S_ISSOCK(m):
-        return "a socket"
-    if stat.S_ISCHR(m) or stat.S_ISBLK(m):
-        return "a device"
-    if stat.S_ISDIR(m):
-        return "a folder"
-    return "not a regular file"
