@@ -41,7 +41,7 @@ def test_kill9_with_20_tasks_running_takes_them_all_back(daemon_factory, workdir
   <channel name="in">{items}</channel><channel name="out"/>
   <process name="p" image="flowd/busybox" parallel="20">
     <input channel="in"/><output channel="out"/>
-    <script>n=$(cat in); sleep $(( n % 2 == 0 ? 12 : 30 )); echo "done $n" > out</script>
+    <script>n=$(cat in); sleep $(( n % 2 == 0 ? 25 : 45 )); echo "done $n" > out</script>
   </process>
 </workflow>""")
     since = time.time() - 1
