@@ -90,10 +90,12 @@ class Daemon:
             except socket.timeout:
                 pass
 
-    def log(self) -> str:
+    def log(self, full: bool = False) -> str:
+        """The daemon's log (all its lives): the last 6,000 characters, or all of it."""
         try:
             with open(self.log_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")[-6000:]
+                text = f.read().decode("utf-8", "replace")
+                return text if full else text[-6000:]
         except OSError:
             return ""
 

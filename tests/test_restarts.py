@@ -174,7 +174,7 @@ def test_random_kill9_soak_loses_and_duplicates_nothing(daemon_factory, workdir,
     import re
 
     spool_times = [float(x) for x in re.findall(r"recovered \d+ runs \(\d+ active\) in ([\d.]+)s",
-                                                d.log())]
+                                                d.log(full=True))]
     print(f"\nsoak: {n_items} items, {kills} kills, 0 lost, 0 duplicated; recovery (spool to "
           f"READY) max {max(spool_times):.3f}s; process start to READY max "
           f"{max(recoveries or [0]):.2f}s mean {sum(recoveries) / max(1, len(recoveries)):.2f}s")
