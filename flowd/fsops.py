@@ -130,7 +130,7 @@ class Durable:
         if sync_parent:
             self._sync_dir(os.path.dirname(path), "mkdir.parent")
 
-    def rename(self, src: str, dst: str, *, sync: bool = True) -> None:
+    def rename(self, src: str, dst: str, *, sync: bool = True, site: str = "rename.dst") -> None:
         self.point("rename", dst)
         try:
             os.rename(src, dst)
@@ -139,7 +139,7 @@ class Durable:
         if self.observer is not None:
             self.observer.renamed(src, dst)
         if sync:
-            self._sync_dir(os.path.dirname(dst), "rename.dst")
+            self._sync_dir(os.path.dirname(dst), site)
             # A folder has one parent: once its new name is durable, so is the
             # whole rename (ext4 and XFS journal it as one). A file may keep
             # both names until its old folder is fsynced too.
@@ -229,15 +229,7 @@ class Durable:
             _quiet_unlink(tmp)
             raise
         os.close(fd)
-        self.point("rename", path)
-        try:
-            os.rename(tmp, path)
-        except OSError as e:
-            raise _storage(e, path) from None
-        if self.observer is not None:
-            self.observer.renamed(tmp, path)
-        if sync and sync_dir:
-            self._sync_dir(folder, "write.dir")
+        self.rename(tmp, path, sync=sync and sync_dir, site="write.dir")
         return size
 
     def copy_file(self, src: str, dst: str, *, mode: int = 0o644, checksum: bool = False) -> int:
