@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("process", nargs="?")
     p.add_argument("--task", help="only this task (its id, as in the container name)")
     p.add_argument("-f", "--follow", action="store_true",
-                   help="keep printing logs as tasks finish, until the run ends")
+                   help="keep printing logs as tasks write them, until the run ends")
     p.add_argument("--json", action="store_true")
 
     p = add("graph", help="the workflow as a Graphviz DOT graph (live depths for a run)")
@@ -283,6 +283,7 @@ def cmd_push(client: Client, args) -> int:
 def cmd_logs(client: Client, args) -> int:
     seen: dict[str, int] = {}  # log name -> bytes printed
     printed_json = []
+    last = None  # the log whose bytes were printed last (as tail -f, a header on each switch)
     while True:
         result, _ = client.call("logs", {"run": args.run, "process": args.process,
                                          "task": args.task})
@@ -296,15 +297,17 @@ def cmd_logs(client: Client, args) -> int:
                     printed_json.append(entry)
                 seen[name] = entry["size"]
                 continue
-            if name not in seen:
+            if name != last:
                 print(f"==> {entry['process']} task {entry['task']} attempt {entry['attempt']} <==",
                       flush=True)
+            last = name
             seen[name] = done + client.copy_log(result["run"], name, done, sys.stdout.buffer)
             sys.stdout.flush()
         if args.json or not args.follow or result["state"] in FINAL:
             break
-        # a long-poll: the daemon answers when the run changes or after a while
-        client.call("status", {"run": result["run"], "wait": 2}, timeout=client.timeout + 2)
+        # A long-poll: the daemon answers when the run changes, or after a
+        # second for the logs of running tasks to grow.
+        client.call("status", {"run": result["run"], "wait": 1}, timeout=client.timeout + 1)
     if args.json:
         print(json.dumps({"run": result["run"], "logs": printed_json}, indent=1))
     elif not seen:

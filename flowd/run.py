@@ -439,35 +439,46 @@ class Run:
         return seq
 
     def logs(self, process: str | None = None, task: str | None = None) -> list[dict]:
-        """The run's task logs, oldest first: [{name, process, task, attempt, size}]."""
+        """The run's task logs, oldest first: [{name, process, task, attempt,
+        size, running}]. A running attempt's log is its live file (see
+        ``executor.base.live_log_path``), under the name its final log will have."""
         if process and process not in self.wf.processes:
             raise NotFound(f"run {self.id} has no process {process!r}; it has: "
                            + ", ".join(self.wf.processes))
-        out = []
+        found: dict[str, dict] = {}
         folder = self.store.path("logs")
-        for name in os.listdir(folder):
+        for entry in sorted(os.listdir(folder), key=lambda n: n.startswith(".")):  # finals first
+            running = entry.startswith(".") and entry.endswith(".live")
+            name = entry[1:-len(".live")] if running else entry
             parsed = _parse_log_name(name)
-            if parsed is None:
+            if parsed is None or name in found:
                 continue
             proc, task_id, attempt = parsed
             if (process and proc != process) or (task and task_id != str(task)):
                 continue
-            st = os.stat(os.path.join(folder, name))
-            out.append({"name": name, "process": proc, "task": task_id, "attempt": attempt,
-                        "size": st.st_size, "mtime": st.st_mtime})
-        out.sort(key=lambda d: (d["mtime"], int(d["task"]) if d["task"].isdigit() else 0,
-                                d["attempt"]))
-        return out
+            try:
+                st = os.stat(os.path.join(folder, entry))
+            except FileNotFoundError:  # a live log that just ended
+                continue
+            found[name] = {"name": name, "process": proc, "task": task_id, "attempt": attempt,
+                           "size": st.st_size, "mtime": st.st_mtime, "running": running}
+        # Ended attempts in the order they ended, then the running ones by task.
+        return sorted(found.values(), key=lambda d: (
+            d["running"], 0 if d["running"] else d["mtime"],
+            int(d["task"]) if d["task"].isdigit() else 0, d["attempt"]))
 
     def read_log(self, name: str, offset: int, length: int) -> bytes:
         if _parse_log_name(name) is None:
             raise NotFound(f"no log named {name!r}")
-        try:
-            with open(self.store.path("logs", name), "rb") as f:
-                f.seek(offset)
-                return f.read(length)
-        except FileNotFoundError:
-            raise NotFound(f"run {self.id} has no log {name!r}") from None
+        final = self.store.path("logs", name)
+        for path in (final, X.live_log_path(final), final):  # the final one may land meanwhile
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(length)
+            except FileNotFoundError:
+                continue
+        raise NotFound(f"run {self.id} has no log {name!r}")
 
     def read(self, channel: str, seq: int, offset: int, length: int) -> bytes:
         if channel not in self.wf.channels:

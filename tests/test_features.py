@@ -168,3 +168,49 @@ def test_the_service_example_answers_pushed_items(daemon, workdir):
         what="two replies")
     assert sorted(pull(daemon, run, "replies", os.path.join(workdir, "o"))) == [b"HELLO", b"WORLD"]
     daemon.flowctl("cancel", run, check=0)
+
+
+def test_logs_follow_prints_lines_while_the_script_runs(daemon, workdir):
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from daemon_fixtures import env_for_subprocess
+
+    xml = one_process(workdir, "live", "echo LIVE-1; sleep 4; echo LIVE-2 >&2; cp in out")
+    run = daemon.flowctl("submit", xml, check=0).stdout.strip()
+    follow = subprocess.Popen([sys.executable, "-m", "flowctl", "--socket", daemon.socket,
+                               "logs", run, "--follow"], env=env_for_subprocess(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[tuple[str, dict | None]] = []  # each line, with the run's state when it came
+
+    def read():
+        for line in follow.stdout:
+            state = None
+            if "LIVE-1" in line:
+                state = json.loads(daemon.flowctl("status", run, "--json").stdout)
+            lines.append((line.rstrip("\n"), state))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any("LIVE-1" in line for line, _ in lines), timeout=30,
+                   what="the first line of the running script")
+        (state,) = [s for line, s in lines if "LIVE-1" in line]
+        # It came while the script was still running (4 s before its end).
+        assert state["state"] == "running" and state["processes"][0]["running"] == 1, state
+        listed = json.loads(daemon.flowctl("logs", run, "--json", check=0).stdout)["logs"]
+        assert [e["running"] for e in listed] == [True]
+        assert follow.wait(timeout=60) == 0, follow.stderr.read()
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    reader.join(timeout=10)
+    text = [line for line, _ in lines]
+    # Every line once, under one header, though the log moved from live to final.
+    assert text == ["==> p task 1 attempt 1 <==", "LIVE-1", "LIVE-2"], text
+    listed = json.loads(daemon.flowctl("logs", run, "--json", check=0).stdout)["logs"]
+    assert [e["running"] for e in listed] == [False]
+    assert not [n for n in os.listdir(os.path.join(daemon.spool, "runs", run, "logs"))
+                if n.endswith(".live")]

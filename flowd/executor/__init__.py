@@ -17,9 +17,11 @@ from .base import (
     Mount,
     TaskResult,
     TaskSpec,
+    live_log_path,
 )
 
 __all__ = [
     "ERROR", "EXITED", "KILLED", "MISSING", "OOM", "TIMEOUT",
     "ContainerInfo", "EngineState", "Executor", "Mount", "TaskResult", "TaskSpec",
+    "live_log_path",
 ]

@@ -13,6 +13,7 @@ A container that exits non-zero is a *result*, never an exception.
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,6 +67,7 @@ class TaskSpec:
     outputs: list[str] = field(default_factory=list)  # declared names in /task
     env: dict[str, str] = field(default_factory=dict)
     log_path: str = ""  # host path where stdout+stderr are written at the end
+    # (while the task runs, executors that can may grow live_log_path(log_path))
     timeout: float | None = None  # seconds of run time
     memory: int | None = None  # bytes
     cpus: float | None = None
@@ -196,3 +198,15 @@ class Executor(abc.ABC):
 
     def close(self) -> None:
         """Stop threads; running containers are left running."""
+
+
+def live_log_path(log_path: str) -> str:
+    """Where a task's log grows while it runs, beside its final ``log_path``.
+
+    The final log replaces nothing here: it is renamed to ``log_path`` at the
+    end and the live file is then removed. Its content starts with what the
+    live file held (same stream, same order), so a reader that printed N bytes
+    of the live file goes on at byte N of the final one.
+    """
+    folder, name = os.path.split(log_path)
+    return os.path.join(folder, "." + name + ".live")

@@ -32,7 +32,10 @@ bytes (as JSON: usually 40-100 % of that is the raw output) and a chatty
 task can never fill the engine's disk. The log written to ``spec.log_path``
 is therefore the *tail* of stdout+stderr (interleaved as written), streamed
 in chunks and capped at ``log_limit`` bytes; it is fsynced and renamed into
-place.
+place. While the container runs, one thread per task follows its log into
+``live_log_path(spec.log_path)`` (the first ``log_limit`` bytes), for
+``flowctl logs --follow``; the final log starts with the same bytes unless
+the engine rotated some away (over ``log_limit / 2`` of output).
 
 OOM. A task is ``OOM`` only on exit 137 with the engine's OOMKilled flag (it
 is container-wide and sticky) or, since that flag is lost now and then on
@@ -83,6 +86,7 @@ from .base import (
     Report,
     TaskResult,
     TaskSpec,
+    live_log_path,
 )
 
 log = logging.getLogger(__name__)
@@ -163,6 +167,7 @@ class DockerExecutor(Executor):
         self._starts = _Lane("flowd-docker-start", STARTS_LANE)
         self._waits = _Lane("flowd-docker-wait", max_workers)
         self._ops = _Lane("flowd-docker-ops", OPS_LANE)
+        self._follows = _Lane("flowd-docker-logs", max_workers)
 
     # -- the Executor interface ---------------------------------------------
     def start(self, spec: TaskSpec) -> concurrent.futures.Future:
@@ -203,7 +208,7 @@ class DockerExecutor(Executor):
             self._closed = True
         self._stop.set()
         self._up.set()  # wake jobs waiting for the engine: they see _closed
-        for lane in (self._starts, self._waits, self._ops):
+        for lane in (self._starts, self._waits, self._ops, self._follows):
             lane.close()
         if self._own_client and self._client is not None:
             try:
@@ -249,6 +254,7 @@ class DockerExecutor(Executor):
                 self._kill_container(t.container_id)
             except FlowError:
                 pass  # the wait below meets the same trouble and handles it
+        self._follow(t)
         self._waits.submit(self._wait_job, t, deadline)
 
     def _ensure_image(self, image: str) -> None:
@@ -376,11 +382,13 @@ class DockerExecutor(Executor):
             # process that exits at once can have a FinishedAt a bit earlier.
             started = finished
         note = ""
+        t.finished = True  # before the live log goes: see _follow_job
         if spec.log_path:
             try:
                 self._save_log(info["Id"], spec.log_path)
             except OSError as e:
                 note = f" (log not saved: {e.strerror or e})"
+            _unlink(live_log_path(spec.log_path))
         if self._kill_requested(spec) and code != 0:
             status, message = KILLED, "killed on request"
         elif t.timed_out and code != 0:
@@ -426,18 +434,47 @@ class DockerExecutor(Executor):
                 os.fsync(f.fileno())
             os.replace(part, path)
         except BaseException:
-            try:
-                os.unlink(part)
-            except OSError:
-                pass
+            _unlink(part)
             raise
         finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:  # noqa: BLE001 - closing is best effort
-                    pass
+            _close_quietly(stream)
+
+    # -- jobs: the live log ---------------------------------------------------------
+    def _follow(self, t: _Task) -> None:
+        if t.spec.log_path and t.container_id is not None:
+            self._follows.submit(self._follow_job, t)
+
+    def _follow_job(self, t: _Task) -> None:
+        """Copy the running container's log into the live file as it comes.
+
+        Best effort: the final log (``_save_log``) is the record. The live file
+        is (re)written from the start, so an adopted task's is whole again.
+        """
+        live = live_log_path(t.spec.log_path)
+        try:
+            stream = self._call(self.api.logs, t.container_id, stdout=True, stderr=True,
+                                stream=True, follow=True)
+        except FlowError:
+            return
+        try:
+            with open(live, "wb") as f:
+                if t.finished:  # _finish ran while we opened it: leave nothing behind
+                    _unlink(live)
+                    return
+                written = 0
+                for chunk in self._iterate(stream):
+                    if t.finished or self._closed:
+                        return
+                    chunk = chunk[: self.log_limit - written]
+                    f.write(chunk)
+                    f.flush()
+                    written += len(chunk)
+                    if written >= self.log_limit:
+                        return
+        except (OSError, FlowError):
+            return  # the final log still comes from the engine
+        finally:
+            _close_quietly(stream)
 
     # -- jobs: adopt ------------------------------------------------------------
     def _adopt_job(self, t: _Task) -> None:
@@ -489,6 +526,7 @@ class DockerExecutor(Executor):
                 deadline = started + spec.timeout
             if self._kill_requested(spec):
                 self._ops.submit(self._kill_job, spec.key, t.container_id, self._spool(spec))
+            self._follow(t)
         # An exited container's wait returns at once; _wait_job then reports it.
         self._wait_job(t, deadline)
 
@@ -537,7 +575,7 @@ class DockerExecutor(Executor):
             if self._api is not None:
                 return self._api
             try:
-                client = docker.from_env(version="auto", max_pool_size=self.max_workers + 16)
+                client = docker.from_env(version="auto", max_pool_size=2 * self.max_workers + 16)
             except Exception as e:  # noqa: BLE001 - translated right here
                 err = _translate(e)
             else:
@@ -678,6 +716,23 @@ class _Task:
     timed_out: bool = False
     reported: bool = False
     engine_lost: bool = False  # the engine went away while we waited
+    finished: bool = False  # _finish began: the live log is done with
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _close_quietly(stream) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
 
 
 class _Lane:
