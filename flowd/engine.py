@@ -14,12 +14,15 @@ Rules (SPEC §2):
 - at most ``parallel`` tasks of a process are claimed at once, and the caller
   passes how many containers the daemon may still start (its global cap);
 - a mux moves every item of its ``from`` channels, oldest first (lowest
-  SEQ, which is global to the run, so a merge keeps arrival order);
+  SEQ, which is global to the run, so a merge keeps arrival order); ``step``
+  may bound the moves it returns at once, so that a caller with a loop to
+  keep responsive moves a 100,000-item channel in slices;
 - a batch run ends when nothing is claimed and nothing is ready.
 """
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from dataclasses import dataclass, field
 
 from .model import Workflow
@@ -56,20 +59,24 @@ class ProcessCounts:
 @dataclass
 class Engine:
     wf: Workflow
-    queues: dict[str, list[int]] = field(default_factory=dict)
+    queues: dict[str, deque[int]] = field(default_factory=dict)  # each sorted, oldest first
     fired: set[str] = field(default_factory=set)
     stopping: bool = False  # a task failed under on-failure="stop", or cancel
     cancelled: bool = False
 
     def __post_init__(self) -> None:
-        for ch in self.wf.channels:
-            self.queues.setdefault(ch, [])
+        self.load({ch: self.queues.get(ch, ()) for ch in self.wf.channels})
         self.counts = {p: ProcessCounts() for p in self.wf.processes}
         self.claimed: dict[tuple[str, str, str], Claim] = {}
         self.failed_stop = False
         self._mux_by_name = {m.name: m for m in self.wf.muxes}
 
     # -- start-up --------------------------------------------------------
+    def load(self, queues: dict[str, object]) -> None:
+        """Set channels' queues (item numbers in any order)."""
+        for ch, seqs in queues.items():
+            self.queues[ch] = deque(sorted(seqs))
+
     def adopt(self, claim: Claim) -> None:
         """A task found claimed at start-up (its inputs are not in the queues)."""
         self.claimed[(claim.kind, claim.name, claim.task_id)] = claim
@@ -87,19 +94,21 @@ class Engine:
                 self.stopping = True
 
     # -- deciding ----------------------------------------------------------
-    def step(self, capacity: int | None = None) -> list[Claim]:
-        """What to claim now. ``capacity``: containers the caller may still start."""
+    def step(self, capacity: int | None = None, moves: int | None = None) -> list[Claim]:
+        """What to claim now. ``capacity``: containers the caller may still
+        start; ``moves``: mux moves it takes at most (``None``: all)."""
         if self.stopping:
             return []
         claims: list[Claim] = []
         for mux in self.wf.muxes:
-            while True:
+            while moves is None or moves > 0:
                 heads = [(q[0], ch) for ch in mux.sources if (q := self.queues[ch])]
                 if not heads:
                     break
                 seq, ch = min(heads)
-                self.queues[ch].pop(0)
+                self.queues[ch].popleft()
                 claims.append(self._claim(MUX, mux.name, str(seq), ((ch, seq),)))
+                moves = None if moves is None else moves - 1
         for proc in self.wf.processes.values():
             counts = self.counts[proc.name]
             if not proc.inputs:
@@ -113,7 +122,7 @@ class Engine:
             while counts.running < proc.parallel and all(queues):
                 if capacity is not None and capacity <= 0:
                     break
-                inputs = tuple((port.channel, q.pop(0)) for port, q in zip(proc.inputs, queues))
+                inputs = tuple((port.channel, q.popleft()) for port, q in zip(proc.inputs, queues))
                 claims.append(self._claim(PROCESS, proc.name, str(inputs[0][1]), inputs))
                 capacity = None if capacity is None else capacity - 1
         return claims

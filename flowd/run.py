@@ -21,6 +21,8 @@ from .store import RunStore, TaskOutputError, TaskRecord, seq_name
 log = logging.getLogger("flowd.run")
 
 LOG_TAIL_BYTES = 2048
+# A tick checks the clock (Run.tick_budget) every this many mux moves.
+MOVE_SLICE = 32
 
 
 @dataclass
@@ -45,6 +47,10 @@ class Active:
 
 
 class Run:
+    # A tick gives the loop back after this long: a mux with 100,000 items to
+    # move moves them in slices, and the daemon serves its socket in between.
+    tick_budget = 0.05  # seconds
+
     def __init__(self, root: str, fs: Durable, wf: Workflow, meta: dict, executor: X.Executor,
                  limits: Limits):
         self.root = root
@@ -59,6 +65,7 @@ class Run:
         self.active: dict[str, Active] = {}  # task dirname -> Active
         self.failures: list[dict] = []
         self.quarantined: list[dict] = []  # damaged items taken out (quarantine/)
+        self.more = False  # the last tick ran out of time with work still ready
 
     # -- creation --------------------------------------------------------
     @staticmethod
@@ -110,7 +117,7 @@ class Run:
         for q in self.quarantined:
             if isinstance(q.get("seq"), int):
                 store.next_seq = max(store.next_seq, q["seq"] + 1)
-        eng.queues.update(store.scan_channels(self.wf.channels))
+        eng.load(store.scan_channels(self.wf.channels))
         eng.fired |= store.scan_fired()
         for info in self.failures:
             if info.get("kind", E.PROCESS) == E.PROCESS:
@@ -164,13 +171,15 @@ class Run:
     # -- the loop's entry points ------------------------------------------
     def tick(self, capacity: int | None) -> int:
         """Claim and start what is ready; returns how many containers started."""
+        self.more = False
         if self.finished:
             return 0
         if self.state == E.QUEUED:
             self._set_state(E.RUNNING, started_at=time.time())
         started = 0
+        deadline = time.monotonic() + self.tick_budget
         while True:  # a mux move can make more work ready at once
-            claims = self.engine.step(capacity)
+            claims = self.engine.step(capacity, moves=MOVE_SLICE)
             if not claims:
                 break
             for claim in claims:
@@ -184,7 +193,11 @@ class Run:
                 started += 1
                 if capacity is not None:
                     capacity -= 1
+            if time.monotonic() >= deadline:
+                self.more = True  # the daemon's loop serves its socket, then ticks again
+                break
         self._check_end()
+        self.more = self.more and not self.finished
         return started
 
     def _commit_mux(self, rec: TaskRecord) -> None:

@@ -76,7 +76,7 @@ def test_fan_out_mux_claims_each_item_once_and_targets_get_copies():
     assert [c.kind for c in claims] == [E.MUX, E.MUX]
     finish(eng, claims[0], [("b", 3), ("c", 4)])
     finish(eng, claims[1], [("b", 5), ("c", 6)])
-    assert eng.queues["b"] == [3, 5] and eng.queues["c"] == [4, 6]
+    assert list(eng.queues["b"]) == [3, 5] and list(eng.queues["c"]) == [4, 6]
     assert eng.state() == E.SUCCEEDED
 
 
@@ -94,7 +94,7 @@ def test_released_inputs_go_back_to_the_head_in_order():
     eng = make(w, a=3)
     (claim,) = eng.step()
     eng.released(claim.kind, claim.name, claim.task_id)
-    assert eng.queues["a"] == [1, 2, 3]
+    assert list(eng.queues["a"]) == [1, 2, 3]
 
 
 def test_failure_under_stop_ends_run_failed_and_claims_nothing_more():
@@ -104,7 +104,7 @@ def test_failure_under_stop_ends_run_failed_and_claims_nothing_more():
     eng.failed(claim.name, claim.task_id)
     assert eng.step() == []
     assert eng.state() == E.FAILED
-    assert eng.queues["a"] == [2, 3]  # unconsumed items are kept
+    assert list(eng.queues["a"]) == [2, 3]  # unconsumed items are kept
 
 
 def test_failure_under_continue_goes_on_and_succeeds():
@@ -142,7 +142,7 @@ def test_cancel_waits_for_claimed_tasks_to_be_released():
     assert eng.state() == E.RUNNING
     eng.released(claim.kind, claim.name, claim.task_id)
     assert eng.state() == E.CANCELLED
-    assert eng.queues["a"] == [1]
+    assert list(eng.queues["a"]) == [1]
 
 
 def test_process_that_can_never_run_does_not_keep_a_batch_run_open():

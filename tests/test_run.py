@@ -288,3 +288,27 @@ def test_task_outputs_and_pushed_items_carry_a_checksum(tmp_path):
     with open(path, "r+b") as f:
         f.write(b"M")
     assert "checksum mismatch" in checksum.check(path)
+
+
+def test_a_long_mux_move_is_done_in_slices_in_order(tmp_path):
+    """A tick out of time gives the loop back (``more``) and the next one goes
+    on where it stopped: 100 items through a merge-and-copy mux, FIFO kept."""
+    import flowd.run as R
+
+    items = [str(i) for i in range(100)]
+    w = wf(channels={"a": items[:50], "b": items[50:], "x": [], "y": []}, processes=[],
+           muxes=[("a b", "x y")])
+    h = Harness(tmp_path, w, {})
+    h.run.tick_budget = 0.0  # every tick runs out of time after one slice
+    h.run.tick(8)
+    assert h.run.more and h.run.state == E.RUNNING
+    assert len(h.items("x")) == R.MOVE_SLICE  # one slice, not the whole channel
+    ticks = 1
+    while h.run.more:
+        h.run.tick(8)
+        ticks += 1
+    assert ticks >= 100 // R.MOVE_SLICE
+    assert h.run.state == E.SUCCEEDED
+    want = [i.encode() for i in items]
+    assert h.items("x") == want and h.items("y") == want
+    assert h.items("a") == [] and h.items("b") == [] and h.leftovers() == []
