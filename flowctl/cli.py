@@ -127,6 +127,9 @@ def cmd_validate(client: Client, args) -> int:
     return 0
 
 
+SUBMIT_TIMEOUT = 600.0  # seconds for the daemon to write a submitted run's items
+
+
 def cmd_submit(client: Client, args) -> int:
     wf, warnings = _load(args.file)
     for w in warnings:
@@ -134,7 +137,11 @@ def cmd_submit(client: Client, args) -> int:
     base = os.path.dirname(os.path.abspath(args.file))
     files = [("workflow.xml", args.file)] + [(rel, os.path.join(base, rel)) for rel in wf.files()]
     upload = client.upload(files)
-    result, _ = client.call("submit", {"upload": upload, "name": os.path.basename(args.file)})
+    # The daemon answers once the run's items are all on disk: seconds for
+    # tens of thousands (it serves other requests meanwhile), so wait longer.
+    result = client.call_patiently("submit", {"upload": upload,
+                                              "name": os.path.basename(args.file)},
+                                   max(client.timeout, SUBMIT_TIMEOUT))
     run = result["run"]
     if not args.wait:
         if args.json:

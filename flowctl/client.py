@@ -54,6 +54,40 @@ class Client:
     def call(self, cmd: str, args: dict | None = None, payload: bytes | None = None,
              timeout: float | None = None) -> tuple[dict, bytes | None]:
         sock = self._connect()
+        req_id = self._send(sock, cmd, args, payload)
+        wait = self.timeout if timeout is None else timeout
+        reply = self._receive(sock, {req_id}, time.monotonic() + wait)
+        if reply is None:
+            raise self._no_answer(wait)
+        _, result, data = P.decode_reply(reply)
+        return result, data
+
+    def call_patiently(self, cmd: str, args: dict, limit: float) -> dict:
+        """A request the daemon may take minutes to answer (``submit``): wait
+        up to ``limit`` seconds, as long as the daemon (the same process)
+        answers a ping every ``timeout`` seconds meanwhile."""
+        sock = self._connect()
+        pid = self.call("ping")[0]["pid"]
+        req_id = self._send(sock, cmd, args, None)
+        deadline = time.monotonic() + limit
+        while True:
+            reply = self._receive(sock, {req_id}, min(deadline, time.monotonic() + self.timeout))
+            if reply is None:
+                if time.monotonic() >= deadline:
+                    raise self._no_answer(limit)
+                ping_id = self._send(sock, "ping", {}, None)
+                reply = self._receive(sock, {req_id, ping_id}, time.monotonic() + self.timeout)
+                if reply is None:
+                    raise self._no_answer(self.timeout)
+                if P.reply_id(reply) == ping_id:
+                    if P.decode_reply(reply)[1].get("pid") != pid:
+                        raise DaemonUnreachable(
+                            f"flowd restarted before it answered {cmd}; see `flowctl status` "
+                            "whether it was done, and try again if not")
+                    continue
+            return P.decode_reply(reply)[1]
+
+    def _send(self, sock: zmq.Socket, cmd: str, args: dict | None, payload: bytes | None) -> str:
         req_id = P.new_id()
         frames = P.encode_request(req_id, cmd, args or {}, payload)
         if sum(len(f) for f in frames) > P.MAX_MESSAGE:
@@ -66,19 +100,21 @@ class Client:
             if e.errno in (errno.EACCES, errno.EPERM):
                 raise DaemonUnreachable(f"permission denied on {self.path}") from None
             raise DaemonUnreachable(f"cannot reach flowd at {self.path}: {e}") from None
-        wait = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
+        return req_id
+
+    @staticmethod
+    def _receive(sock: zmq.Socket, ids: set[str], deadline: float) -> list[bytes] | None:
+        """The first reply to one of ``ids`` before ``deadline``, or None."""
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
-                if time.monotonic() < deadline:
-                    continue
-                raise self._no_answer(wait)
+            if left <= 0:
+                return None
+            if not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                continue
             reply = sock.recv_multipart()
-            if P.reply_id(reply) != req_id:
-                continue  # a late answer to an earlier request
-            _, result, data = P.decode_reply(reply)
-            return result, data
+            if P.reply_id(reply) in ids:
+                return reply
+            # else: a late answer to an earlier request
 
     def _no_answer(self, wait: float) -> DaemonUnreachable:
         return DaemonUnreachable(

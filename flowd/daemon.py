@@ -15,7 +15,9 @@ import re
 import secrets
 import shutil
 import signal
+import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import zmq
@@ -50,6 +52,7 @@ class Daemon:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.runs: dict[str, Run] = {}
         self.waiters: list[tuple[float, str, bytes, str]] = []  # (deadline, run, peer, req id)
+        self.creating: dict[str, _Creation] = {}  # runs whose folders are being made
         self.engine_up = True
         self.engine_message = ""
         self.disk_ok = True
@@ -321,7 +324,9 @@ class Daemon:
                 ev = self.events.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(ev, X.TaskResult):
+            if isinstance(ev, _Creation):
+                self._created(ev)
+            elif isinstance(ev, X.TaskResult):
                 run = self.runs.get(ev.run_id)
                 if run is None:
                     continue
@@ -549,15 +554,22 @@ class Daemon:
 
     def _cmd_submit(self, args, payload, peer, req_id):
         base = self._upload_dir(args)
-        return self.submit_bundle(base, args.get("name") or "workflow.xml", args["_caller"].user)
+        return self.submit_bundle(base, args.get("name") or "workflow.xml", args["_caller"].user,
+                                  reply=(peer, req_id))
 
-    def submit_bundle(self, bundle: str, name: str, user: str = "") -> dict:
+    def submit_bundle(self, bundle: str, name: str, user: str = "",
+                      reply: tuple[bytes, str] | None = None) -> dict | None:
         """Validate ``bundle/workflow.xml`` and make a run of it; the folder is consumed.
 
         ``bundle`` must be a folder of the spool's filesystem that only flowd
         writes (an upload, or a drop moved out of incoming/). On an invalid
         workflow it raises WorkflowError (with the problems naming ``name``)
         and removes the folder.
+
+        With ``reply`` (a client's peer and request id), the run's folder is
+        made on a thread, since writing 20,000 items takes seconds: the loop
+        goes on serving, and the client is answered when the run exists
+        (``_created``). Without, it is made here and the answer returned.
         """
         from .errors import WorkflowError
         from .parser import load_workflow  # lxml lives only there
@@ -577,16 +589,49 @@ class Daemon:
                                  f"{', '.join(self.cfg.allowed_images)})")
         run_id = self._new_run_id()
         meta = {"submitted_at": time.time(), "source": name, "submitted_by": user}
+        job = _Creation(run_id, wf, [str(w) for w in warnings], bundle, meta, reply)
+        self.creating[run_id] = job
+        if reply is None:
+            self._create(job)
+            return self._created(job)
+        threading.Thread(target=self._create, args=(job,), name=f"flowd-create-{run_id}",
+                         daemon=True).start()
+        return None  # answered by _created, from the loop
+
+    def _create(self, job: "_Creation") -> None:
+        """Make the run's folder (on a thread for a client's submit). A crash
+        or a stop meanwhile leaves a ``.new-RUN`` folder, removed at start."""
         try:
-            path = Run.create(self.runs_dir, run_id, wf, bundle, self.fs, meta)
-        except StorageError:
-            shutil.rmtree(os.path.join(self.runs_dir, f".new-{run_id}"), ignore_errors=True)
-            shutil.rmtree(bundle, ignore_errors=True)
-            raise
-        run = Run.open(path, self.fs, self.executor, self.limits)
-        self.runs[run.id] = run
-        log.info("run %s submitted by %s: workflow %s (%s)", run.id, user or "?", wf.name, name)
-        return {"run": run.id, "name": wf.name, "warnings": [str(w) for w in warnings]}
+            job.path = Run.create(self.runs_dir, job.run_id, job.wf, job.bundle, self.fs, job.meta)
+        except Exception as e:  # noqa: BLE001 - answered to the client by _created
+            job.error = e
+            shutil.rmtree(os.path.join(self.runs_dir, f".new-{job.run_id}"), ignore_errors=True)
+            shutil.rmtree(job.bundle, ignore_errors=True)
+        if job.reply is not None:
+            self.report(job)
+
+    def _created(self, job: "_Creation") -> dict | None:
+        """In the loop: open the new run, and answer its submitter."""
+        self.creating.pop(job.run_id, None)
+        if job.reply is None and job.error is not None:
+            raise job.error  # the caller (intake) tells its errors apart
+        result = error = None
+        if isinstance(job.error, FlowError):
+            error = job.error
+        elif job.error is not None:
+            log.error("could not create run %s", job.run_id, exc_info=job.error)
+            error = FlowError("internal error in flowd; see its log (journalctl -u flowd)")
+            error.code = "internal"
+        else:
+            run = Run.open(job.path, self.fs, self.executor, self.limits)
+            self.runs[run.id] = run
+            log.info("run %s submitted by %s: workflow %s (%s)", run.id,
+                     job.meta["submitted_by"] or "?", job.wf.name, job.meta["source"])
+            result = {"run": run.id, "name": job.wf.name, "warnings": job.warnings}
+        if job.reply is None:
+            return result
+        self._send(job.reply[0], P.encode_reply(job.reply[1], result, error=error))
+        return None
 
     # push: a client appends an item to a channel of a running run, in chunks
     def _cmd_push_begin(self, args, payload, **kw):
@@ -646,7 +691,7 @@ class Daemon:
     def _new_run_id(self) -> str:
         while True:
             rid = secrets.token_hex(6)
-            if not any(r.startswith(rid[:4]) for r in self.runs):
+            if not any(r.startswith(rid[:4]) for r in (*self.runs, *self.creating)):
                 return rid
 
     def _cmd_items(self, args, payload, **kw):
@@ -666,6 +711,20 @@ class Daemon:
 
 _QUIET = {"ping", "status", "items", "read", "upload_begin", "upload_chunk", "push_begin", "push_chunk", "logs", "read_log",
           "graph"}
+
+
+@dataclass(eq=False)
+class _Creation:
+    """A run being made (``Daemon.submit_bundle``)."""
+
+    run_id: str
+    wf: object
+    warnings: list[str]
+    bundle: str
+    meta: dict
+    reply: tuple[bytes, str] | None  # (peer, request id) to answer, or None: made inline
+    path: str = ""
+    error: BaseException | None = None
 
 
 class Caller:

@@ -22,7 +22,7 @@ log = logging.getLogger("flowd.run")
 
 LOG_TAIL_BYTES = 2048
 # A tick checks the clock (Run.tick_budget) every this many mux moves.
-MOVE_SLICE = 32
+MOVE_SLICE = 8
 
 
 @dataclass

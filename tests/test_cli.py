@@ -61,3 +61,77 @@ def test_tables_align_and_units_are_human():
     assert fmt.size(512) == "512 B" and fmt.size(3 * 1024 * 1024) == "3.0 MiB"
     assert fmt.duration(5.25) == "5.2s" and fmt.duration(125) == "2m05s"
     assert fmt.duration(3 * 3600 + 60) == "3h01m"
+
+
+class FakeDaemon:
+    """A ROUTER that answers ``ping`` with ``pids`` in turn and keeps ``slow``
+    requests unanswered until ``answer_slow`` rounds of pings have passed."""
+
+    def __init__(self, path, pids, answer_slow_after=None):
+        import threading
+
+        import zmq
+
+        from flowd import protocol as P
+
+        self.P, self.zmq = P, zmq
+        self.pids = list(pids)
+        self.answer_slow_after = answer_slow_after
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("ipc://" + path)
+        self.stop = False
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        slow = None
+        pings = 0
+        while not self.stop:
+            if not self.sock.poll(50):
+                continue
+            peer, *body = self.sock.recv_multipart()
+            req_id, cmd, _, _ = self.P.decode_request(body)
+            if cmd == "ping":
+                pid = self.pids[min(pings, len(self.pids) - 1)]
+                pings += 1
+                self.sock.send_multipart([peer] + self.P.encode_reply(req_id, {"pid": pid}))
+                if slow is not None and self.answer_slow_after is not None \
+                        and pings > self.answer_slow_after:
+                    self.sock.send_multipart([peer] + self.P.encode_reply(slow, {"run": "r1"}))
+                    slow = None
+            else:
+                slow = req_id
+
+    def close(self):
+        self.stop = True
+        self.thread.join(5)
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def test_a_slow_request_waits_while_the_same_daemon_answers_pings(tmp_path):
+    from flowctl.client import Client
+
+    path = str(tmp_path / "s.sock")
+    fake = FakeDaemon(path, pids=[7], answer_slow_after=3)
+    try:
+        # The answer comes after 3 pings, each after a silent 0.2 s: well past one timeout.
+        assert Client(path, timeout=0.2).call_patiently("submit", {}, 30) == {"run": "r1"}
+    finally:
+        fake.close()
+
+
+def test_a_slow_request_gives_up_when_the_daemon_restarted(tmp_path):
+    from flowctl.client import Client
+
+    from flowd.errors import DaemonUnreachable
+
+    path = str(tmp_path / "s.sock")
+    fake = FakeDaemon(path, pids=[7, 7, 8])  # never answers the submit; a new pid on ping 3
+    try:
+        with pytest.raises(DaemonUnreachable, match="flowd restarted before it answered submit"):
+            Client(path, timeout=0.2).call_patiently("submit", {}, 30)
+    finally:
+        fake.close()

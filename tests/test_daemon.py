@@ -240,6 +240,40 @@ def test_garbage_and_oversized_frames_leave_the_daemon_answering(daemon):
     assert res.stdout.strip() == "no runs"
 
 
+def test_a_big_submission_is_written_while_the_daemon_goes_on_answering(daemon, workdir):
+    """20,000 items take seconds to write durably: the loop serves others meanwhile."""
+    n = 20_000
+    items = "".join(f"<item>{i}</item>" for i in range(n))
+    xml = write(os.path.join(workdir, "big", "workflow.xml"), f"""<workflow name="big" mode="service">
+  <channel name="a">{items}</channel><channel name="go"/><channel name="out"/>
+  <process name="p" image="flowd/busybox">
+    <input channel="a"/><input channel="go"/><output channel="out"/>
+    <script>cp a out</script>
+  </process>
+</workflow>""")
+    runs = os.path.join(daemon.spool, "runs")
+    submit = subprocess.Popen([sys.executable, "-m", "flowctl", "--socket", daemon.socket,
+                               "submit", xml], env=env_for_subprocess(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: [n for n in os.listdir(runs) if n.startswith(".new-")], timeout=60,
+                   what="the run's folder to be in the making")
+        res = daemon.flowctl("--timeout", "5", "status", "--json", check=0)
+        making = [n for n in os.listdir(runs) if n.startswith(".new-")]
+        assert making, "the run was made before status answered: make the workflow bigger"
+        assert json.loads(res.stdout)["runs"] == []  # not a run until it is whole
+        out, err = submit.communicate(timeout=300)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, err
+    run = out.strip()
+    assert making == [f".new-{run}"]
+    detail = json.loads(daemon.flowctl("status", run, "--json", check=0).stdout)
+    assert {c["name"]: c["depth"] for c in detail["channels"]}["a"] == n
+    daemon.flowctl("cancel", run, check=0)
+
+
 def test_replies_carry_the_request_id_and_errors_are_codes_not_tracebacks(daemon):
     ctx = zmq.Context()
     try:

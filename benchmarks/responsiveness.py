@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Responsiveness: how long a request waits while flowd writes and moves a big run.
+
+A workflow with N initial items (default 20,000) whose channel a mux copies
+to two others is submitted; from then until the last item is moved, a client
+pings the daemon in a loop. The baseline is the same ping against the same
+daemon, idle, in the same run: the ratio (busy / idle) says what a big run
+costs everyone else, whatever the machine. No container runs (the process
+waits on a channel nothing fills), so no Docker engine is needed.
+
+    python benchmarks/responsiveness.py [--items 20000] [--pings 200]
+
+Prints ping latency (median, p99, max) idle and busy, the busy/idle ratios,
+and the rates at which the run's items were written (submit) and moved (mux).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from flowctl.client import Client  # noqa: E402
+
+
+def pings(client: Client, stop: threading.Event | None = None, count: int | None = None,
+          gap: float = 0.005) -> list[float]:
+    out = []
+    while (count is None or len(out) < count) and not (stop is not None and stop.is_set()):
+        t = time.perf_counter()
+        client.call("ping")
+        out.append(time.perf_counter() - t)
+        time.sleep(gap)
+    return out
+
+
+def summary(lat: list[float]) -> tuple[float, float, float]:
+    lat = sorted(lat)
+    return (statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))], lat[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--items", type=int, default=20_000)
+    ap.add_argument("--pings", type=int, default=200, help="idle pings for the baseline")
+    args = ap.parse_args()
+
+    root = tempfile.mkdtemp(prefix="flowd-resp-", dir="/var/tmp")
+    sockdir = tempfile.mkdtemp(prefix="flowd-resp-")
+    sock = os.path.join(sockdir, "flowd.sock")
+    spool = os.path.join(root, "spool")
+    wfdir = os.path.join(root, "wf")
+    os.makedirs(wfdir)
+    items = "\n".join(f"    <item>{i}</item>" for i in range(args.items))
+    with open(os.path.join(wfdir, "workflow.xml"), "w") as f:
+        f.write(f"""<workflow name="responsiveness" mode="service">
+  <channel name="a">
+{items}
+  </channel>
+  <channel name="x"/><channel name="y"/><channel name="go"/><channel name="out"/>
+  <mux from="a" to="x y"/>
+  <process name="p" image="flowd/busybox">
+    <input channel="x"/><input channel="go"/><output channel="out"/>
+    <script>cp x out</script>
+  </process>
+</workflow>
+""")
+    env = dict(os.environ, PYTHONPATH=REPO, FLOWD_SOCKET=sock)
+    log = open(os.path.join(root, "flowd.log"), "wb")
+    daemon = subprocess.Popen([sys.executable, "-m", "flowd", "--spool", spool, "--socket", sock,
+                               "--log-level", "warning"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                raise SystemExit("flowd did not start; see " + log.name)
+            time.sleep(0.05)
+        client = Client(sock, timeout=120)
+        pings(client, count=20)  # warm up
+        idle = pings(client, count=args.pings)
+
+        stop = threading.Event()
+        busy: list[float] = []
+        pinger = threading.Thread(target=lambda: busy.extend(pings(Client(sock, timeout=120),
+                                                                   stop)))
+        t0 = time.monotonic()
+        pinger.start()
+        run = subprocess.run([sys.executable, "-m", "flowctl", "submit",
+                              os.path.join(wfdir, "workflow.xml")], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        t_made = time.monotonic()
+        while True:
+            detail = client.call("status", {"run": run})[0]["run"]
+            depth = {c["name"]: c["depth"] for c in detail["channels"]}
+            if depth["x"] == args.items and depth["y"] == args.items:
+                break
+            time.sleep(0.2)
+        t_moved = time.monotonic()
+        stop.set()
+        pinger.join()
+        client.call("cancel", {"runs": [run]})
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        shutil.rmtree(sockdir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    i, b = summary(idle), summary(busy)
+    ms = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
+    print(f"items: {args.items}; submit (upload + durable write) {t_made - t0:.1f} s "
+          f"({args.items / (t_made - t0):.0f} items/s); mux copy to 2 channels "
+          f"{t_moved - t_made:.1f} s ({args.items / (t_moved - t_made):.0f} items/s)")
+    print(f"ping idle: median {ms(i[0])}, p99 {ms(i[1])}, max {ms(i[2])} ({len(idle)} pings)")
+    print(f"ping busy: median {ms(b[0])}, p99 {ms(b[1])}, max {ms(b[2])} ({len(busy)} pings)")
+    print(f"ratio busy/idle: median {b[0] / i[0]:.1f}, p99 {b[1] / i[1]:.1f}; "
+          f"worst wait {ms(b[2])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
