@@ -3,7 +3,8 @@
 The attribute lives in the inode, so it moves with every rename and is
 shared by the hard links a mux makes; the file's fsync makes it durable with
 the data. Every item is stamped when it enters a channel (submitted, pushed,
-or collected from a task) and checked before a script is given it: a flipped
+or collected from a task) and checked before a script is given it (by the
+executor, on its own thread: ``executor.base.check_inputs``): a flipped
 byte or a truncated file is found and the item quarantined, never fed to a
 script and never deleted. On a filesystem without user extended attributes
 items carry no stamp and are not checked (flowd says so once in its log).

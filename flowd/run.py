@@ -223,14 +223,12 @@ class Run:
             log_path=self.store.log_path(rec, rec.attempt), timeout=proc.timeout,
             memory=proc.memory or self.limits.default_memory, cpus=proc.cpus,
             pids_limit=self.limits.pids_limit, network=proc.network, spool=self.limits.spool,
+            # never feed a damaged item to a script (checked by the executor, off the loop)
+            verify=[(ch, seq, self.store.input_path(rec, seq)) for ch, seq in rec.inputs],
         )
 
     def _start(self, act: Active, attempt: int) -> None:
         rec = act.rec
-        bad = self.store.check_inputs(rec)  # never feed a damaged item to a script
-        if bad:
-            self._quarantine(act, bad)
-            return
         if rec.attempt != attempt:
             self.store.set_attempt(rec, attempt)
         act.spec = self._spec(rec)
@@ -249,6 +247,8 @@ class Run:
         elif res.retryable:
             act.parked = True
             act.last_error = res.message
+        elif res.status == X.DAMAGED:
+            self._quarantine(act, res.damaged)
         elif res.status == X.MISSING:
             log.info("run %s: task %s had no container; starting it again", self.id, rec.dirname)
             self._start(act, rec.attempt)

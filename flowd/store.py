@@ -282,15 +282,6 @@ class RunStore:
         rec.claimed = True
         return rec
 
-    def check_inputs(self, rec: TaskRecord) -> list[tuple[str, int, str]]:
-        """The task's inputs that fail their checksum: [(channel, seq, why)]."""
-        bad = []
-        for ch, seq in rec.inputs:
-            why = checksum.check(self.input_path(rec, seq))
-            if why is not None:
-                bad.append((ch, seq, why))
-        return bad
-
     def quarantine(self, rec: TaskRecord, bad: list[tuple[str, int, str]]) -> None:
         """Move damaged inputs to quarantine/ with their reason; release the rest.
 

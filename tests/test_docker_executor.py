@@ -214,6 +214,27 @@ def test_oom_flag_alone_is_not_oom(run_task):
 
 
 @pytest.mark.docker
+def test_a_damaged_input_is_reported_and_no_container_is_made(run_task, docker_client, docker_tmp):
+    from flowd import checksum
+
+    good, bad = os.path.join(docker_tmp, "good"), os.path.join(docker_tmp, "bad")
+    for path in (good, bad):
+        with open(path, "wb") as f:
+            f.write(b"an item\n")
+        checksum.stamp_file(path)
+    with open(bad, "r+b") as f:
+        f.write(b"A")  # a flipped byte, after the stamp
+    spec, res = run_task("touch ran\n", verify=[("a", 1, good), ("b", 2, bad)])
+    assert res.status == X.DAMAGED and not res.retryable
+    assert [(ch, seq) for ch, seq, _ in res.damaged] == [("b", 2)]
+    assert "checksum mismatch" in res.damaged[0][2] and "item 2 of b" in res.message
+    assert containers(docker_client, spec) == [] and not os.path.exists(
+        os.path.join(spec.workdir, "ran"))
+    _, res = run_task("touch ran\n", verify=[("a", 1, good)])
+    assert res.ok
+
+
+@pytest.mark.docker
 def test_missing_image_is_an_error(run_task):
     _, res = run_task("true\n", image="flowd/no-such-image:latest")
     assert res.status == X.ERROR and not res.retryable

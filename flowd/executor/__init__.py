@@ -5,6 +5,7 @@ only module that imports the docker SDK) is imported by whoever needs it, so
 that ``flowctl`` and the engine's tests never load docker.
 """
 from .base import (
+    DAMAGED,
     ERROR,
     EXITED,
     KILLED,
@@ -17,11 +18,12 @@ from .base import (
     Mount,
     TaskResult,
     TaskSpec,
+    check_inputs,
     live_log_path,
 )
 
 __all__ = [
-    "ERROR", "EXITED", "KILLED", "MISSING", "OOM", "TIMEOUT",
+    "DAMAGED", "ERROR", "EXITED", "KILLED", "MISSING", "OOM", "TIMEOUT",
     "ContainerInfo", "EngineState", "Executor", "Mount", "TaskResult", "TaskSpec",
-    "live_log_path",
+    "check_inputs", "live_log_path",
 ]

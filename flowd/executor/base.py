@@ -24,6 +24,7 @@ OOM = "oom"  # killed by the kernel for going over its memory limit
 KILLED = "killed"  # stopped on request (cancel)
 MISSING = "missing"  # adopt found no container: never started, or removed
 ERROR = "error"  # could not start: no image, bad config, engine refused
+DAMAGED = "damaged"  # an input failed its checksum: not started (see TaskResult.damaged)
 
 LABEL_PREFIX = "io.flowd."
 LABEL_RUN = LABEL_PREFIX + "run"
@@ -66,6 +67,10 @@ class TaskSpec:
     inputs: list[Mount] = field(default_factory=list)  # read-only files in /task
     outputs: list[str] = field(default_factory=list)  # declared names in /task
     env: dict[str, str] = field(default_factory=dict)
+    # Inputs to check against their checksums before the container starts, on
+    # the executor's thread (reading a big item must not stall the loop):
+    # [(channel, seq, host path)]. Any that fails: a DAMAGED result, no start.
+    verify: list[tuple[str, int, str]] = field(default_factory=list)
     log_path: str = ""  # host path where stdout+stderr are written at the end
     # (while the task runs, executors that can may grow live_log_path(log_path))
     timeout: float | None = None  # seconds of run time
@@ -130,6 +135,7 @@ class TaskResult:
     started_at: float | None = None
     finished_at: float | None = None
     retryable: bool = False  # not the script's fault (engine down): start again, same attempt
+    damaged: list[tuple[str, int, str]] = field(default_factory=list)  # DAMAGED: (channel, seq, why)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -210,3 +216,19 @@ def live_log_path(log_path: str) -> str:
     """
     folder, name = os.path.split(log_path)
     return os.path.join(folder, "." + name + ".live")
+
+
+def check_inputs(spec: TaskSpec) -> TaskResult | None:
+    """A DAMAGED result if an input of ``spec.verify`` fails its checksum.
+
+    Executors call it on their own thread before they start a container.
+    """
+    from .. import checksum  # flowd's own, stdlib only
+
+    bad = [(ch, seq, why) for ch, seq, path in spec.verify
+           if (why := checksum.check(path)) is not None]
+    if not bad:
+        return None
+    return TaskResult(spec.run_id, spec.task_id, spec.attempt, DAMAGED, damaged=bad,
+                      message="damaged input: " + "; ".join(
+                          f"item {seq} of {ch}: {why}" for ch, seq, why in bad))

@@ -86,6 +86,7 @@ from .base import (
     Report,
     TaskResult,
     TaskSpec,
+    check_inputs,
     live_log_path,
 )
 
@@ -219,6 +220,10 @@ class DockerExecutor(Executor):
     # -- jobs: start --------------------------------------------------------
     def _start_job(self, t: _Task) -> None:
         spec = t.spec
+        damaged = check_inputs(spec)  # here, not in the loop: it reads every input whole
+        if damaged is not None:
+            self._result(t, damaged.status, message=damaged.message, damaged=damaged.damaged)
+            return
         try:
             # No removal of a leftover container up front: create() meets a
             # name conflict only in the rare case there is one, and handles it.

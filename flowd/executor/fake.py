@@ -84,6 +84,12 @@ class FakeExecutor(X.Executor):
         n = 0
         while self.pending and (limit is None or n < limit):
             spec = self.pending.pop(0)
+            n += 1
+            damaged = X.check_inputs(spec)
+            if damaged is not None:  # as the real executor: never started
+                self.containers.pop(spec.container_name, None)
+                self.report(damaged)
+                continue
             fn = self.scripts.get(spec.process, lambda t: 0)
             outcome = fn(FakeTask(spec))
             if isinstance(outcome, str):
@@ -95,5 +101,4 @@ class FakeExecutor(X.Executor):
             with open(spec.log_path, "a") as f:
                 f.write(f"fake {spec.process} task {spec.task_id} attempt {spec.attempt}\n")
             self.report(res)
-            n += 1
         return n
