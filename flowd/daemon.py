@@ -17,7 +17,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import zmq
@@ -562,34 +562,20 @@ class Daemon:
         """Validate ``bundle/workflow.xml`` and make a run of it; the folder is consumed.
 
         ``bundle`` must be a folder of the spool's filesystem that only flowd
-        writes (an upload, or a drop moved out of incoming/). On an invalid
-        workflow it raises WorkflowError (with the problems naming ``name``)
-        and removes the folder.
+        writes (an upload, or a drop moved out of incoming/). An invalid
+        workflow gives WorkflowError (its problems naming ``name``), or
+        UsageError for an image the config does not allow, and the folder is
+        removed.
 
-        With ``reply`` (a client's peer and request id), the run's folder is
-        made on a thread, since writing 20,000 items takes seconds: the loop
-        goes on serving, and the client is answered when the run exists
-        (``_created``). Without, it is made here and the answer returned.
+        With ``reply`` (a client's peer and request id), this is done on a
+        thread, since 20,000 items take seconds to write: the loop goes on
+        serving, and the client gets the run or the error when it is done
+        (``_created``). Without, it is done here: the result is returned, the
+        error raised.
         """
-        from .errors import WorkflowError
-        from .parser import load_workflow  # lxml lives only there
-
-        try:
-            wf, warnings = load_workflow(os.path.join(bundle, "workflow.xml"))
-        except WorkflowError as e:
-            for p in e.problems:  # speak of the user's file, not our private copy
-                p.file = name
-            shutil.rmtree(bundle, ignore_errors=True)
-            raise
-        for proc in wf.processes.values():  # the image allowlist (config key allowed_images)
-            if not self.cfg.image_allowed(proc.image):
-                shutil.rmtree(bundle, ignore_errors=True)
-                raise UsageError(f"process {proc.name!r} uses image {proc.image!r}, which this flowd "
-                                 f"does not allow (allowed_images in {self.cfg.source or 'its config'}: "
-                                 f"{', '.join(self.cfg.allowed_images)})")
         run_id = self._new_run_id()
         meta = {"submitted_at": time.time(), "source": name, "submitted_by": user}
-        job = _Creation(run_id, wf, [str(w) for w in warnings], bundle, meta, reply)
+        job = _Creation(run_id, bundle, meta, reply)
         self.creating[run_id] = job
         if reply is None:
             self._create(job)
@@ -599,9 +585,12 @@ class Daemon:
         return None  # answered by _created, from the loop
 
     def _create(self, job: "_Creation") -> None:
-        """Make the run's folder (on a thread for a client's submit). A crash
-        or a stop meanwhile leaves a ``.new-RUN`` folder, removed at start."""
+        """Validate the workflow and make the run's folder (on a thread for a
+        client's submit: parsing 20,000 items takes a fraction of a second,
+        writing them seconds). A crash or a stop meanwhile leaves a
+        ``.new-RUN`` folder, removed at start."""
         try:
+            job.wf, job.warnings = self._validate(job.bundle, job.meta["source"])
             job.path = Run.create(self.runs_dir, job.run_id, job.wf, job.bundle, self.fs, job.meta)
         except Exception as e:  # noqa: BLE001 - answered to the client by _created
             job.error = e
@@ -609,6 +598,25 @@ class Daemon:
             shutil.rmtree(job.bundle, ignore_errors=True)
         if job.reply is not None:
             self.report(job)
+
+    def _validate(self, bundle: str, name: str) -> tuple:
+        """The bundle's workflow and its warnings, or WorkflowError/UsageError."""
+        from .errors import WorkflowError
+        from .parser import load_workflow  # lxml lives only there
+
+        try:
+            wf, warnings = load_workflow(os.path.join(bundle, "workflow.xml"))
+        except WorkflowError as e:
+            for p in e.problems:  # speak of the user's file, not our private copy
+                p.file = name
+            raise
+        cfg = self.cfg  # one config, though a reload may replace it meanwhile
+        for proc in wf.processes.values():  # the image allowlist (config key allowed_images)
+            if not cfg.image_allowed(proc.image):
+                raise UsageError(f"process {proc.name!r} uses image {proc.image!r}, which this flowd "
+                                 f"does not allow (allowed_images in {cfg.source or 'its config'}: "
+                                 f"{', '.join(cfg.allowed_images)})")
+        return wf, [str(w) for w in warnings]
 
     def _created(self, job: "_Creation") -> dict | None:
         """In the loop: open the new run, and answer its submitter."""
@@ -718,11 +726,11 @@ class _Creation:
     """A run being made (``Daemon.submit_bundle``)."""
 
     run_id: str
-    wf: object
-    warnings: list[str]
     bundle: str
-    meta: dict
+    meta: dict  # run.json's first fields: submitted_at, source, submitted_by
     reply: tuple[bytes, str] | None  # (peer, request id) to answer, or None: made inline
+    wf: object = None  # the validated workflow
+    warnings: list[str] = field(default_factory=list)
     path: str = ""
     error: BaseException | None = None
 

@@ -14,9 +14,10 @@ Rules (SPEC §2):
 - at most ``parallel`` tasks of a process are claimed at once, and the caller
   passes how many containers the daemon may still start (its global cap);
 - a mux moves every item of its ``from`` channels, oldest first (lowest
-  SEQ, which is global to the run, so a merge keeps arrival order); ``step``
-  may bound the moves it returns at once, so that a caller with a loop to
-  keep responsive moves a 100,000-item channel in slices;
+  SEQ, which is global to the run, so a merge keeps arrival order), up to
+  ``MUX_BATCH`` items per mux task; ``step`` may bound the items it moves at
+  once, so that a caller with a loop to keep responsive moves a
+  100,000-item channel in slices;
 - a batch run ends when nothing is claimed and nothing is ready.
 """
 from __future__ import annotations
@@ -37,6 +38,9 @@ FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 
 PROCESS = "process"
 MUX = "mux"
+
+# Items one mux task moves at most: the task's fsyncs are paid once for them all.
+MUX_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -102,13 +106,18 @@ class Engine:
         claims: list[Claim] = []
         for mux in self.wf.muxes:
             while moves is None or moves > 0:
-                heads = [(q[0], ch) for ch in mux.sources if (q := self.queues[ch])]
-                if not heads:
+                batch: list[tuple[str, int]] = []  # oldest first, across its sources
+                while len(batch) < MUX_BATCH and (moves is None or moves > 0):
+                    heads = [(q[0], ch) for ch in mux.sources if (q := self.queues[ch])]
+                    if not heads:
+                        break
+                    seq, ch = min(heads)
+                    self.queues[ch].popleft()
+                    batch.append((ch, seq))
+                    moves = None if moves is None else moves - 1
+                if not batch:
                     break
-                seq, ch = min(heads)
-                self.queues[ch].popleft()
-                claims.append(self._claim(MUX, mux.name, str(seq), ((ch, seq),)))
-                moves = None if moves is None else moves - 1
+                claims.append(self._claim(MUX, mux.name, str(batch[0][1]), tuple(batch)))
         for proc in self.wf.processes.values():
             counts = self.counts[proc.name]
             if not proc.inputs:

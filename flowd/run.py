@@ -21,8 +21,8 @@ from .store import RunStore, TaskOutputError, TaskRecord, seq_name
 log = logging.getLogger("flowd.run")
 
 LOG_TAIL_BYTES = 2048
-# A tick checks the clock (Run.tick_budget) every this many mux moves.
-MOVE_SLICE = 8
+# A tick checks the clock (Run.tick_budget) every this many items a mux moves.
+MOVE_SLICE = 64
 
 
 @dataclass

@@ -439,9 +439,10 @@ class RunStore:
         return [(channel, seq) for _, channel, seq in entries]
 
     def commit_mux(self, rec: TaskRecord, targets: list[str]) -> list[tuple[str, int]]:
-        (_, seq), = rec.inputs
-        rel = f"in/{seq_name(seq)}"
-        return self.commit(rec, [(t, rel) for t in targets])
+        """Each input, oldest first, into every target: numbered in that order,
+        so each target gets the items in the order they came."""
+        return self.commit(rec, [(t, f"in/{seq_name(seq)}") for _, seq in rec.inputs
+                                 for t in targets])
 
     def _read_commit(self, rec: TaskRecord) -> dict:
         with open(self.task_path(rec, "COMMIT"), "rb") as f:

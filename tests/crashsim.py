@@ -528,8 +528,17 @@ def flow_cancel() -> Flow:
                 client=_cancel_client, expect=_cancel_expect)
 
 
+def flow_muxbatch() -> Flow:
+    """One mux task moves a batch: items of two channels, oldest first, into two
+    channels; each target must get them all, in the order they came."""
+    w = wf(channels={"a": ["a1", "a2"], "b": ["b1"], "l": [], "r": []}, processes=[],
+           muxes=[("a b", "l r")])
+    want = [b"a1", b"a2", b"b1"]
+    return Flow("muxbatch", w, {}, {"l": want, "r": want}, {"l", "r"})
+
+
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
-         "faults": flow_faults, "cancel": flow_cancel}
+         "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch}
 
 
 class Sim:

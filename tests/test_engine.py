@@ -72,12 +72,24 @@ def test_source_process_runs_exactly_once():
 def test_fan_out_mux_claims_each_item_once_and_targets_get_copies():
     w = wf(channels={"a": [], "b": [], "c": []}, muxes=[("a", "b c")])
     eng = make(w, a=2)
-    claims = eng.step()
-    assert [c.kind for c in claims] == [E.MUX, E.MUX]
-    finish(eng, claims[0], [("b", 3), ("c", 4)])
-    finish(eng, claims[1], [("b", 5), ("c", 6)])
+    (claim,) = eng.step()  # one mux task moves both
+    assert claim.kind == E.MUX and claim.inputs == (("a", 1), ("a", 2))
+    assert eng.step() == []  # each item claimed once
+    finish(eng, claim, [("b", 3), ("c", 4), ("b", 5), ("c", 6)])
     assert list(eng.queues["b"]) == [3, 5] and list(eng.queues["c"]) == [4, 6]
     assert eng.state() == E.SUCCEEDED
+
+
+def test_mux_tasks_hold_at_most_a_batch_and_moves_bound_a_step():
+    w = wf(channels={"a": [], "b": []}, muxes=[("a", "b")])
+    eng = make(w, a=E.MUX_BATCH * 2 + 1)
+    claims = eng.step()
+    assert [len(c.inputs) for c in claims] == [E.MUX_BATCH, E.MUX_BATCH, 1]
+    assert [seq for c in claims for _, seq in c.inputs] == list(range(1, 2 * E.MUX_BATCH + 2))
+    eng = make(w, a=10)
+    assert [len(c.inputs) for c in eng.step(moves=4)] == [4]
+    assert [len(c.inputs) for c in eng.step(moves=4)] == [4]
+    assert [c.inputs for c in eng.step()] == [(("a", 9), ("a", 10))]
 
 
 def test_merge_mux_takes_oldest_item_first_across_sources():
@@ -86,7 +98,8 @@ def test_merge_mux_takes_oldest_item_first_across_sources():
     eng.add_item("y", 1)
     eng.add_item("x", 2)
     eng.add_item("y", 3)
-    assert [c.inputs[0] for c in eng.step()] == [("y", 1), ("x", 2), ("y", 3)]
+    (claim,) = eng.step()
+    assert claim.inputs == (("y", 1), ("x", 2), ("y", 3))
 
 
 def test_released_inputs_go_back_to_the_head_in_order():
