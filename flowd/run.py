@@ -118,6 +118,9 @@ class Run:
             if isinstance(q.get("seq"), int):
                 store.next_seq = max(store.next_seq, q["seq"] + 1)
         eng.load(store.scan_channels(self.wf.channels))
+        for process, n in store.scan_done().items():
+            if process in eng.counts:
+                eng.counts[process].done = n
         eng.fired |= store.scan_fired()
         for info in self.failures:
             if info.get("kind", E.PROCESS) == E.PROCESS:

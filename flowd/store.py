@@ -12,6 +12,9 @@ Layout of one run (``SPOOL/runs/RUN/``)::
     failed/TASK/             a dead letter: inputs, task.json and reason kept
     fired/PROCESS            marks a source process (no inputs) as done
     logs/TASK.ATTEMPT.log    the task's stdout and stderr
+    done.log                 "PROCESS<TAB>TASK" per process task applied, for the
+                             counts `status` shows after a restart (statistics
+                             only: appended without fsync, read as a set)
 
 One task's life (RELIABILITY.md), each step durable before the next:
 
@@ -45,6 +48,7 @@ from .errors import NotFound, StorageError
 from . import checksum
 from .fsops import Durable, file_kind
 
+DONE_LOG = "done.log"
 SEQ_DIGITS = 16
 MAX_OUTPUT_FILES = 10_000  # per output name, when the script writes a folder
 
@@ -444,6 +448,31 @@ class RunStore:
         return self.commit(rec, [(t, f"in/{seq_name(seq)}") for _, seq in rec.inputs
                                  for t in targets])
 
+    def _note_done(self, rec: TaskRecord) -> None:
+        """One line in done.log (a redo may write it twice: read as a set)."""
+        try:
+            fd = os.open(self.path(DONE_LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{rec.name}\t{rec.task_id}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # a count, never data: the commit stands
+
+    def scan_done(self) -> dict[str, int]:
+        """Process tasks applied so far, per process (see done.log)."""
+        try:
+            with open(self.path(DONE_LOG), "rb") as f:
+                lines = set(f.read().decode("utf-8", "replace").splitlines())
+        except FileNotFoundError:
+            return {}
+        counts: dict[str, int] = {}
+        for line in lines:
+            name, sep, _ = line.partition("\t")
+            if sep:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def _read_commit(self, rec: TaskRecord) -> dict:
         with open(self.task_path(rec, "COMMIT"), "rb") as f:
             return json.load(f)
@@ -452,6 +481,8 @@ class RunStore:
         """Idempotent redo of a committed task; then retire it."""
         commit = self._read_commit(rec)
         fs = self.fs
+        if rec.kind == "process":
+            self._note_done(rec)
         touched = set()
         for rel, channel, seq in commit["outputs"]:
             src = self.task_path(rec, rel)

@@ -313,3 +313,17 @@ def test_a_long_mux_move_is_done_in_slices_in_order(tmp_path):
     want = [i.encode() for i in items]
     assert h.items("x") == want and h.items("y") == want
     assert h.items("a") == [] and h.items("b") == [] and h.leftovers() == []
+
+
+def test_done_counts_survive_a_restart(tmp_path):
+    w = wf(channels={"lines": ["a b c", "d e", "f"], "counts": []},
+           processes=[proc("count", "lines", "counts")])
+    h = Harness(tmp_path, w, {"count": count_words})
+    h.pump(limit=1)  # one task done, then the daemon stops
+    assert [p["done"] for p in h.run.detail()["processes"]] == [1]
+    h.open(containers=dict(h.ex.containers))
+    assert [p["done"] for p in h.run.detail()["processes"]] == [1]
+    assert h.drain() == E.SUCCEEDED
+    h.open()
+    assert h.run.summary()["tasks_done"] == 3
+    assert [p["done"] for p in h.run.detail()["processes"]] == [3]
