@@ -217,7 +217,7 @@ class Daemon:
                     deadlines.append(min(w[0] for w in self.waiters))
                 deadlines.append(self.intake.next_deadline())
                 timeout_ms = max(0, int((min(deadlines) - now) * 1000)) + 1
-                if any(r.more for r in self.runs.values()):
+                if self.disk_ok and any(r.more for r in self.runs.values()):
                     timeout_ms = 0  # a tick ran out of time: serve the socket, then go on
                 ready = dict(poller.poll(timeout_ms))
                 if self._wake_r in ready:
