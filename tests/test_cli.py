@@ -117,8 +117,8 @@ def test_a_slow_request_waits_while_the_same_daemon_answers_pings(tmp_path):
     path = str(tmp_path / "s.sock")
     fake = FakeDaemon(path, pids=[7], answer_slow_after=3)
     try:
-        # The answer comes after 3 pings, each after a silent 0.2 s: well past one timeout.
-        assert Client(path, timeout=0.2).call_patiently("submit", {}, 30) == {"run": "r1"}
+        # The answer comes after 3 pings, each after a silent 0.5 s: well past one timeout.
+        assert Client(path, timeout=0.5).call_patiently("submit", {}, 30) == {"run": "r1"}
     finally:
         fake.close()
 
@@ -132,6 +132,6 @@ def test_a_slow_request_gives_up_when_the_daemon_restarted(tmp_path):
     fake = FakeDaemon(path, pids=[7, 7, 8])  # never answers the submit; a new pid on ping 3
     try:
         with pytest.raises(DaemonUnreachable, match="flowd restarted before it answered submit"):
-            Client(path, timeout=0.2).call_patiently("submit", {}, 30)
+            Client(path, timeout=0.5).call_patiently("submit", {}, 30)
     finally:
         fake.close()
