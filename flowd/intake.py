@@ -560,14 +560,8 @@ class Intake:
             raise
 
     def _copy_workflow_file(self, staged: str, st: os.stat_result, dst: str, name: str) -> None:
+        fd, fst = _open_same(staged, None, os.O_NONBLOCK, st, name)
         try:
-            fd = os.open(staged, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise _Refused(*_unreadable(name, e)) from None
-        try:
-            fst = os.fstat(fd)
-            if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
-                raise _Refused(f"{name}: it changed while flowd took it; drop it again")
             if fst.st_size > XML_CAP:
                 raise _Refused(_too_big_xml(name))
             _copy_fd(fd, dst, XML_CAP, 0o644, lambda: _Refused(_too_big_xml(name)))
@@ -577,14 +571,8 @@ class Intake:
     def _copy_folder(self, staged: str, st: os.stat_result, bundle: str, name: str) -> None:
         owner = st.st_uid
         state = {"entries": 0, "bytes": 0}
+        top, _ = _open_same(staged, None, os.O_DIRECTORY, st, name)
         try:
-            top = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise _Refused(*_unreadable(name, e)) from None
-        try:
-            tst = os.fstat(top)
-            if (tst.st_dev, tst.st_ino) != (st.st_dev, st.st_ino):
-                raise _Refused(f"{name}: it changed while flowd took it; drop it again")
             self._copy_tree(top, bundle, name, owner, state, 0)
         finally:
             os.close(top)
@@ -621,15 +609,8 @@ class Intake:
                                "owns the folder; copy it (cp) so that it is yours")
             dst = os.path.join(out, entry)
             if stat.S_ISDIR(kind):
+                sub, _ = _open_same(entry, dfd, os.O_DIRECTORY, est, path)
                 try:
-                    sub = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                  dir_fd=dfd)
-                except OSError as e:
-                    raise _Refused(*_unreadable(path, e)) from None
-                try:
-                    sst = os.fstat(sub)
-                    if (sst.st_dev, sst.st_ino) != (est.st_dev, est.st_ino):
-                        raise _Refused(f"{path}: it changed while flowd took it; drop it again")
                     os.mkdir(dst, 0o755)
                     self._copy_tree(sub, dst, path, owner, state, depth + 1)
                 finally:
@@ -645,15 +626,8 @@ class Intake:
             if est.st_uid == self._euid and est.st_nlink == 1 and self._try_link(entry, dfd, dst, est):
                 state["bytes"] += est.st_size
                 continue
+            fd, fst = _open_same(entry, dfd, os.O_NONBLOCK, est, path)
             try:
-                fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                             dir_fd=dfd)
-            except OSError as e:
-                raise _Refused(*_unreadable(path, e)) from None
-            try:
-                fst = os.fstat(fd)
-                if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (est.st_dev, est.st_ino):
-                    raise _Refused(f"{path}: it changed while flowd took it; drop it again")
                 mode = 0o755 if fst.st_mode & 0o111 else 0o644
                 state["bytes"] += _copy_fd(fd, dst, left, mode, too_big)
             finally:
@@ -827,6 +801,23 @@ def _human(n: int) -> str:
 def _too_big_xml(name: str) -> str:
     return (f"{name}: larger than 1 MiB, the limit for a workflow file (keep data out of the "
             "workflow: drop a folder holding workflow.xml and its data files)")
+
+
+def _open_same(entry: str, dfd: int | None, flags: int, est: os.stat_result,
+               path: str) -> tuple[int, os.stat_result]:
+    """Open ``entry`` (in folder ``dfd``; never through a link) and check it is
+    still the file or folder ``est`` saw, of the same kind: (fd, its fstat), or
+    _Refused naming ``path``."""
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags, dir_fd=dfd)
+    except OSError as e:
+        raise _Refused(*_unreadable(path, e)) from None
+    fst = os.fstat(fd)
+    if (stat.S_IFMT(fst.st_mode), fst.st_dev, fst.st_ino) != (
+            stat.S_IFMT(est.st_mode), est.st_dev, est.st_ino):
+        os.close(fd)
+        raise _Refused(f"{path}: it changed while flowd took it; drop it again")
+    return fd, fst
 
 
 def _unreadable(what: str, e: OSError) -> list[str]:
