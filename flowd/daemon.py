@@ -193,7 +193,7 @@ class Daemon:
         for run in self.runs.values():
             keep |= run.keep()
         self.executor.sweep(self.spool, keep)
-        self._tick_runs()
+        more = self._tick_runs()
         active = sum(1 for r in self.runs.values() if not r.finished)
         log.info("recovered %d runs (%d active) in %.3fs", len(self.runs), active,
                  time.monotonic() - t0)
@@ -217,7 +217,7 @@ class Daemon:
                     deadlines.append(min(w[0] for w in self.waiters))
                 deadlines.append(self.intake.next_deadline())
                 timeout_ms = max(0, int((min(deadlines) - now) * 1000)) + 1
-                if self.disk_ok and any(r.more for r in self.runs.values()):
+                if more:
                     timeout_ms = 0  # a tick ran out of time: serve the socket, then go on
                 ready = dict(poller.poll(timeout_ms))
                 if self._wake_r in ready:
@@ -234,7 +234,7 @@ class Daemon:
                 if now >= next_disk:
                     self._check_disk()
                     next_disk = now + DISK_CHECK_EVERY
-                self._tick_runs()
+                more = self._tick_runs()
                 now = time.monotonic()
                 if self.waiters:
                     self._answer_waiters(now)
@@ -374,10 +374,13 @@ class Daemon:
                         _mib(self._free()), _mib(self.cfg.min_free_space))
         self.notifier.status(self._status_line())
 
-    def _tick_runs(self) -> None:
+    def _tick_runs(self) -> bool:
+        """Let the runs claim and start what is ready; True if one ran out of
+        time with work left (the loop then polls without waiting)."""
         self._check_disk()  # one statvfs: cheap, and no claim starts past the floor
         if not self.disk_ok:
-            return  # nothing new is claimed until space is freed
+            return False  # nothing new is claimed until space is freed
+        more = False
         capacity = self.cfg.container_cap - sum(r.running_containers() for r in self.runs.values())
         if not self.engine_up:
             capacity = 0
@@ -390,6 +393,8 @@ class Daemon:
                 capacity -= run.tick(max(0, capacity))
             except StorageError as e:
                 log.error("run %s: %s", run.id, e)
+            more = more or run.more
+        return more
 
     def _status_line(self) -> str:
         active = [r for r in self.runs.values() if not r.finished]

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import threading
 
 import pytest
+from daemon_fixtures import env_for_subprocess
 from test_daemon import pull, run_containers, submit_wait, wait_until, write
 
 pytestmark = pytest.mark.docker
@@ -171,13 +175,6 @@ def test_the_service_example_answers_pushed_items(daemon, workdir):
 
 
 def test_logs_follow_prints_lines_while_the_script_runs(daemon, workdir):
-    import subprocess
-    import sys
-    import threading
-    import time
-
-    from daemon_fixtures import env_for_subprocess
-
     xml = one_process(workdir, "live", "echo LIVE-1; sleep 4; echo LIVE-2 >&2; cp in out")
     run = daemon.flowctl("submit", xml, check=0).stdout.strip()
     follow = subprocess.Popen([sys.executable, "-m", "flowctl", "--socket", daemon.socket,
