@@ -218,8 +218,9 @@ def live_log_path(log_path: str) -> str:
     return os.path.join(folder, "." + name + ".live")
 
 
-def check_inputs(spec: TaskSpec) -> TaskResult | None:
-    """A DAMAGED result if an input of ``spec.verify`` fails its checksum.
+def check_inputs(spec: TaskSpec) -> dict | None:
+    """If an input of ``spec.verify`` fails its checksum, the fields of the
+    DAMAGED result to report (``damaged``, ``message``); else None.
 
     Executors call it on their own thread before they start a container.
     """
@@ -229,6 +230,5 @@ def check_inputs(spec: TaskSpec) -> TaskResult | None:
            if (why := checksum.check(path)) is not None]
     if not bad:
         return None
-    return TaskResult(spec.run_id, spec.task_id, spec.attempt, DAMAGED, damaged=bad,
-                      message="damaged input: " + "; ".join(
-                          f"item {seq} of {ch}: {why}" for ch, seq, why in bad))
+    return {"damaged": bad, "message": "damaged input: " + "; ".join(
+        f"item {seq} of {ch}: {why}" for ch, seq, why in bad)}

@@ -69,6 +69,7 @@ from ..errors import (
     NotFound,
 )
 from .base import (
+    DAMAGED,
     ERROR,
     EXITED,
     KILLED,
@@ -222,7 +223,7 @@ class DockerExecutor(Executor):
         spec = t.spec
         damaged = check_inputs(spec)  # here, not in the loop: it reads every input whole
         if damaged is not None:
-            self._result(t, damaged.status, message=damaged.message, damaged=damaged.damaged)
+            self._result(t, DAMAGED, **damaged)
             return
         try:
             # No removal of a leftover container up front: create() meets a
@@ -426,15 +427,9 @@ class DockerExecutor(Executor):
     def _save_log(self, cid: str, path: str) -> None:
         part = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".part")
         stream = self._call(self.api.logs, cid, stdout=True, stderr=True, stream=True, follow=False)
-        written = 0
         try:
             with open(part, "wb") as f:
-                for chunk in self._iterate(stream):
-                    if written + len(chunk) > self.log_limit:
-                        f.write(chunk[: self.log_limit - written])
-                        break
-                    f.write(chunk)
-                    written += len(chunk)
+                self._copy_log(stream, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(part, path)
@@ -443,6 +438,21 @@ class DockerExecutor(Executor):
             raise
         finally:
             _close_quietly(stream)
+
+    def _copy_log(self, stream, f, stop: Callable[[], bool] | None = None) -> None:
+        """Write a log stream's chunks to ``f`` up to ``log_limit`` bytes (or
+        until ``stop()``), each flushed when ``stop`` is given (a live log)."""
+        written = 0
+        for chunk in self._iterate(stream):
+            if stop is not None and stop():
+                return
+            chunk = chunk[: self.log_limit - written]
+            f.write(chunk)
+            written += len(chunk)
+            if stop is not None:
+                f.flush()
+            if written >= self.log_limit:
+                return
 
     # -- jobs: the live log ---------------------------------------------------------
     def _follow(self, t: _Task) -> None:
@@ -466,16 +476,7 @@ class DockerExecutor(Executor):
                 if t.finished:  # _finish ran while we opened it: leave nothing behind
                     _unlink(live)
                     return
-                written = 0
-                for chunk in self._iterate(stream):
-                    if t.finished or self._closed:
-                        return
-                    chunk = chunk[: self.log_limit - written]
-                    f.write(chunk)
-                    f.flush()
-                    written += len(chunk)
-                    if written >= self.log_limit:
-                        return
+                self._copy_log(stream, f, stop=lambda: t.finished or self._closed)
         except (OSError, FlowError):
             return  # the final log still comes from the engine
         finally:

@@ -88,7 +88,8 @@ class FakeExecutor(X.Executor):
             damaged = X.check_inputs(spec)
             if damaged is not None:  # as the real executor: never started
                 self.containers.pop(spec.container_name, None)
-                self.report(damaged)
+                self.report(X.TaskResult(spec.run_id, spec.task_id, spec.attempt, X.DAMAGED,
+                                         **damaged))
                 continue
             fn = self.scripts.get(spec.process, lambda t: 0)
             outcome = fn(FakeTask(spec))
