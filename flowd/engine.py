@@ -100,7 +100,7 @@ class Engine:
     # -- deciding ----------------------------------------------------------
     def step(self, capacity: int | None = None, moves: int | None = None) -> list[Claim]:
         """What to claim now. ``capacity``: containers the caller may still
-        start; ``moves``: mux moves it takes at most (``None``: all)."""
+        start; ``moves``: items muxes may move at most (``None``: all)."""
         if self.stopping:
             return []
         claims: list[Claim] = []

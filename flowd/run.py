@@ -21,8 +21,9 @@ from .store import RunStore, TaskOutputError, TaskRecord, seq_name
 log = logging.getLogger("flowd.run")
 
 LOG_TAIL_BYTES = 2048
-# A tick checks the clock (Run.tick_budget) every this many items a mux moves.
-MOVE_SLICE = 64
+# A tick checks the clock (Run.tick_budget) after each engine step of at most
+# this many items moved by muxes: one mux task's worth.
+MOVE_SLICE = E.MUX_BATCH
 
 
 @dataclass

@@ -312,6 +312,10 @@ def test_a_long_mux_move_is_done_in_slices_in_order(tmp_path):
     assert h.run.state == E.SUCCEEDED
     want = [i.encode() for i in items]
     assert h.items("x") == want and h.items("y") == want
+    # A fan-out copies no bytes: each item's two copies are one file (docs/format.md, mux).
+    xs, ys = (sorted(os.listdir(os.path.join(h.path, "channels", c))) for c in "xy")
+    assert all(os.path.samefile(os.path.join(h.path, "channels", "x", a),
+                                os.path.join(h.path, "channels", "y", b)) for a, b in zip(xs, ys))
     assert h.items("a") == [] and h.items("b") == [] and h.leftovers() == []
 
 
