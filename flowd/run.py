@@ -33,6 +33,10 @@ class Limits:
     pids_limit: int = 256
     max_output_bytes: int | None = None
     default_memory: int | None = None
+    default_timeout: float | None = None  # for processes that set none (config max_timeout)
+    # Who a task's container runs as (config container_user): "daemon" (flowd's
+    # own uid:gid), "image" (the image's USER) or "UID[:GID]".
+    container_user: str = "daemon"
     spool: str = ""
 
 
