@@ -67,16 +67,34 @@ def stamp(target: int | str, summer: Summer) -> None:
         raise
 
 
+def check_stamp_present(path: str) -> bool | None:
+    """Has the file a stamp? None when the filesystem has no extended attributes."""
+    try:
+        os.getxattr(path, XATTR, follow_symlinks=False)
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        return False
+
+
 def stamp_file(path: str) -> None:
     stamp(path, of_file(path))
 
 
 def check(path: str) -> str | None:
-    """None if the file matches its stamp (or has none); else why it does not."""
+    """None if the file matches its stamp (or the filesystem has no extended
+    attributes at all); else why it does not: a missing stamp is a failure."""
     try:
         stored = os.getxattr(path, XATTR, follow_symlinks=False).decode()
-    except OSError:
-        return None  # no stamp: an item from before checksums, or no xattr support
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None  # no extended attributes on this filesystem: items are not stamped
+        if e.errno == errno.ENODATA:
+            # Every item is stamped when it enters a channel: one without a stamp
+            # did not come through flowd (or its stamp was stripped). Not a pass.
+            return "it has no checksum stamp (it did not enter its channel through flowd)"
+        return f"its checksum cannot be read: {e.strerror}"
     try:
         crc_hex, size_text = stored.split(":")
         want_crc, want_size = int(crc_hex, 16), int(size_text)

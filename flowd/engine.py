@@ -124,7 +124,7 @@ class Engine:
                 if proc.name in self.fired or (capacity is not None and capacity <= 0):
                     continue
                 self.fired.add(proc.name)
-                claims.append(self._claim(PROCESS, proc.name, "0", ()))
+                claims.append(self._claim(PROCESS, proc.name, source_task_id(self.wf, proc.name), ()))
                 capacity = None if capacity is None else capacity - 1
                 continue
             queues = [self.queues[port.channel] for port in proc.inputs]
@@ -212,3 +212,20 @@ class Engine:
 
     def depth(self, channel: str) -> int:
         return len(self.queues[channel])
+
+
+def source_task_id(wf, process: str) -> str:
+    """The task id of a process without inputs (it runs once per run).
+
+    Other process tasks are named by their first input's item number, which
+    is unique in the run; a source has none, so it is ``s1``, ``s2``... by
+    its place among the workflow's sources. Unique in the run: it is a key in
+    the engine, the store, the executor, container names, logs and FLOWD_TASK.
+    """
+    k = 0
+    for p in wf.processes.values():
+        if not p.inputs:
+            k += 1
+            if p.name == process:
+                return f"s{k}"
+    raise KeyError(process)

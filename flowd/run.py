@@ -65,7 +65,8 @@ class Run:
         self.meta = meta
         self.executor = executor
         self.limits = limits
-        self.store = RunStore(root, fs, max_output_bytes=limits.max_output_bytes)
+        self.user, self.group_add, work_mode = container_identity(limits.container_user)
+        self.store = RunStore(root, fs, max_output_bytes=limits.max_output_bytes, work_mode=work_mode)
         self.engine = E.Engine(wf)
         self.active: dict[str, Active] = {}  # task dirname -> Active
         self.failures: list[dict] = []
@@ -221,6 +222,8 @@ class Run:
             for port, (_, seq) in zip(proc.inputs, rec.inputs)
         ]
         env = dict(proc.env)
+        if self.user is not None:
+            env.setdefault("HOME", "/tmp")  # a uid the image's passwd may not know: HOME=/ is not writable
         env.update(FLOWD_RUN=self.id, FLOWD_PROCESS=proc.name, FLOWD_TASK=rec.task_id,
                    FLOWD_ATTEMPT=str(rec.attempt))
         return X.TaskSpec(
@@ -228,8 +231,9 @@ class Run:
             image=proc.image, lang=proc.lang, script_path=self.store.path("scripts", proc.name),
             workdir=self.store.task_path(rec, "work"), inputs=inputs,
             outputs=[p.as_name for p in proc.outputs], env=env,
-            log_path=self.store.log_path(rec, rec.attempt), timeout=proc.timeout,
+            log_path=self.store.log_path(rec, rec.attempt), timeout=proc.timeout or self.limits.default_timeout,
             memory=proc.memory or self.limits.default_memory, cpus=proc.cpus,
+            user=self.user, group_add=list(self.group_add),
             pids_limit=self.limits.pids_limit, network=proc.network, spool=self.limits.spool,
             # never feed a damaged item to a script (checked by the executor, off the loop)
             verify=[(ch, seq, self.store.input_path(rec, seq)) for ch, seq in rec.inputs],
@@ -512,6 +516,31 @@ class Run:
             raise
         except OSError as e:
             raise NotFound(f"item {seq} of channel {channel}: {e.strerror}") from None
+
+
+def container_identity(setting: str) -> tuple[str | None, list[str], int]:
+    """Config ``container_user`` -> (user for the container, extra groups, work/ mode).
+
+    - ``daemon`` (the default): flowd's own uid and gid. Whatever a script
+      writes in /task is flowd's, so flowd can always read and delete it, and
+      its task folder is 0700.
+    - ``image``: the image's USER (root for most images; with every capability
+      dropped it cannot pass file permissions). The container also gets
+      flowd's group, and work/ is 02770 (setgid: new files stay in that group),
+      so flowd can read and delete what it writes.
+    - ``UID[:GID]``: that user; as for ``image`` unless it is flowd's own uid.
+    Either way the run's folders are 0700 and flowd's alone, and every item is
+    a copy flowd made (store.collect), never the container's file.
+    """
+    me, my_gid = os.geteuid(), os.getegid()
+    if setting in ("", "daemon"):
+        return f"{me}:{my_gid}", [], 0o700
+    if setting == "image":
+        return None, [str(my_gid)], 0o2770
+    uid, _, gid = setting.partition(":")
+    if int(uid) == me:
+        return setting if gid else f"{uid}:{my_gid}", [], 0o700
+    return setting, [str(my_gid)], 0o2770
 
 
 def _parse_log_name(name: str) -> tuple[str, str, int] | None:

@@ -37,6 +37,7 @@ every target channel, so fan-out costs no copy.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -88,10 +89,16 @@ def task_dirname(kind: str, name: str, task_id: str) -> str:
 class RunStore:
     """One run's durable state. All writes go through ``Durable``."""
 
-    def __init__(self, root: str, fs: Durable, *, max_output_bytes: int | None = None):
+    def __init__(self, root: str, fs: Durable, *, max_output_bytes: int | None = None,
+                 work_mode: int = 0o700):
         self.root = root
         self.fs = fs
         self.max_output_bytes = max_output_bytes
+        # work/ (the container's /task): 0700 when containers run as flowd's own
+        # uid; 02770 when they run as another (the container gets flowd's group,
+        # and setgid keeps new files in it). Reached only through the run's 0700
+        # folders either way.
+        self.work_mode = work_mode
         self.next_seq = 1
 
     # -- paths -------------------------------------------------------------
@@ -137,16 +144,23 @@ class RunStore:
         self.fs.write_file(self.item_path(channel, seq), data, checksum=True)
         return seq
 
-    def put_file(self, channel: str, src: str) -> int:
-        """Append a copy of ``src`` (a hard link when possible: items never change)."""
+    def put_file(self, channel: str, src: str, *, stamped: bool = False) -> int:
+        """Append a copy of ``src`` (a hard link when possible: items never change).
+
+        ``src`` must be a file only flowd writes (an upload, a staged drop).
+        ``stamped``: its checksum stamp was written while it was received, so
+        it is not read again here (a big push costs the loop nothing).
+        """
         seq = self._alloc()
         dst = self.item_path(channel, seq)
         try:
             self.fs.link(src, dst)
         except StorageError:
-            self.fs.copy_file(src, dst, checksum=True)
+            self.fs.copy_file(src, dst, mode=ITEM_MODE, checksum=True)
             return seq
-        checksum.stamp_file(dst)  # the inode's: made durable by the fsync below
+        _chmod_nofollow(dst, ITEM_MODE)
+        if not stamped or checksum.check_stamp_present(dst) is False:
+            checksum.stamp_file(dst)  # the inode's: made durable by the fsync below
         # Outside the try: a failed fsync is fatal, never retried as a copy.
         self.fs.fsync_file(dst)
         self.fs.fsync_dir(os.path.dirname(dst))
@@ -263,7 +277,7 @@ class RunStore:
         fs.mkdir(hidden, sync_parent=False)
         fs.mkdir(os.path.join(hidden, "in"), sync_parent=False)
         if kind == "process":
-            fs.mkdir(os.path.join(hidden, "work"), mode=0o777, sync_parent=False)
+            fs.mkdir(os.path.join(hidden, "work"), mode=self.work_mode, sync_parent=False)
             fs.mkdir(os.path.join(hidden, "out"), sync_parent=False)
         meta = {"kind": kind, "name": name, "task_id": task_id, "inputs": rec.inputs,
                 "claimed_at": time.time()}
@@ -344,69 +358,46 @@ class RunStore:
         self.fs.rmtree(old)
         # No fsync: work/ only matters while CLAIMED does, and CLAIMED becomes
         # durable with COMMIT only; after a power failure the task is released.
-        self.fs.mkdir(work, mode=0o777, sync_parent=False)
+        self.fs.mkdir(work, mode=self.work_mode, sync_parent=False)
 
     # -- 3. collect ------------------------------------------------------------
     def collect(self, rec: TaskRecord, outputs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Move the declared outputs from work/ into out/; returns (channel, rel) in order.
+        """Copy the declared outputs from work/ into out/; returns (channel, rel) in order.
 
         ``outputs`` is the process's (channel, as-name) list. A regular file is
         one item; a folder gives one item per regular file in it, by name; no
-        file gives no item. Anything else (a link, a FIFO, a device) is a
-        TaskOutputError. Everything is fsynced before this returns.
+        file gives no item. Anything else (a link, a FIFO, a device, a folder
+        in the folder, a hard link, an oversized file) is a TaskOutputError.
 
-        Idempotent, because a crash can stop it half-way and the restarted
-        daemon collects the same attempt again (its exited container reports
-        the same result): output J of attempt A moves whole, in one rename, to
-        ``out/A.J``, and the result is read back from ``out/``, so what an
-        earlier collect moved is found there. Data is fsynced before the move.
+        What a container leaves is hostile (RELIABILITY.md), so an item is
+        never the container's own inode: each output is opened once, without
+        following links, through the descriptor of its folder; the open file
+        is checked (fstat) and its bytes are copied into a new file that flowd
+        creates and owns, mode 0640, no setuid, one link, stamped with its
+        checksum and fsynced. Nothing is looked up twice: a name swapped
+        during the collect is either the file checked or not collected. The
+        result is exactly the files copied.
+
+        Idempotent (a crash can stop it half-way and the restarted daemon
+        collects the same attempt again): output J of attempt A is built as
+        ``out/.A.J.tmp`` and renamed whole to ``out/A.J`` (a file, or a
+        folder of files named 000000, 000001... in the order of the names the
+        script gave), so an output found in out/ is complete and not copied
+        again; the result is read back from ``out/``.
         """
         work = self.task_path(rec, "work")
         outdir = self.task_path(rec, "out")
         fs = self.fs
-        moves: list[tuple[str, str, list[str], bool]] = []  # (src, dst, files, is folder)
-        for j, (channel, as_name) in enumerate(outputs):
-            src = os.path.join(work, as_name)
-            dst = os.path.join(outdir, f"{rec.attempt}.{j}")
-            try:
-                st = os.lstat(src)
-            except FileNotFoundError:
-                continue  # no output, or an earlier collect moved it already
-            if stat.S_ISREG(st.st_mode):
-                if _same_file(st, dst):  # moved, but the removal from work/ was lost
-                    moves.append((src, dst, [], False))
-                    continue
-                self._check_output(src, st, as_name)
-                moves.append((src, dst, [src], False))
-            elif stat.S_ISDIR(st.st_mode):
-                names = sorted(os.listdir(src))
-                if len(names) > MAX_OUTPUT_FILES:
-                    raise TaskOutputError(
-                        f"output {as_name}/ holds {len(names)} entries; the limit is {MAX_OUTPUT_FILES}")
-                files = []
-                for n in names:
-                    p = os.path.join(src, n)
-                    st2 = os.lstat(p)
-                    if stat.S_ISDIR(st2.st_mode):
-                        raise TaskOutputError(
-                            f"output {as_name}/{n} is a folder; only regular files become items")
-                    self._check_output(p, st2, f"{as_name}/{n}")
-                    files.append(p)
-                moves.append((src, dst, files, True))
-            else:
-                raise TaskOutputError(f"output {as_name} is {file_kind(st.st_mode)}; only regular files become items")
-        for src, dst, files, is_dir in moves:
-            if not files and not is_dir:
-                fs.unlink(src)
-                continue
-            for p in files:
-                checksum.stamp_file(p)  # from here on the item is checked before each use
-                fs.fsync_file(p)
-            if is_dir:
-                fs.fsync_dir(src)
+        made = False
+        wfd = os.open(work, _DIR_OPEN)
+        try:
+            for j, (channel, as_name) in enumerate(outputs):
+                dst = os.path.join(outdir, f"{rec.attempt}.{j}")
                 if os.path.lexists(dst):
-                    fs.rmtree(dst)  # left by an earlier run of this attempt (its container was lost)
-            fs.rename(src, dst, sync=False)
+                    continue  # an earlier collect of this attempt finished it
+                made = self._collect_one(wfd, as_name, dst) or made
+        finally:
+            os.close(wfd)
         result: list[tuple[str, str]] = []
         for j, (channel, _) in enumerate(outputs):
             rel = f"out/{rec.attempt}.{j}"
@@ -415,13 +406,55 @@ class RunStore:
                 result += [(channel, f"{rel}/{n}") for n in sorted(os.listdir(dst))]
             elif os.path.lexists(dst):
                 result.append((channel, rel))
-        if result or moves:
-            # out/ only: a name left behind in work/ by a power failure is
-            # harmless (same file; the next collect unlinks it, apply ignores it).
+        if made:
             fs.fsync_dir(outdir)
         return result
 
-    def _check_output(self, path: str, st: os.stat_result, label: str) -> None:
+    def _collect_one(self, wfd: int, as_name: str, dst: str) -> bool:
+        """Copy one declared output into ``dst``; False when the script wrote none."""
+        fs = self.fs
+        fd = _open_output(wfd, as_name, as_name)
+        if fd is None:
+            return False
+        tmp = os.path.join(os.path.dirname(dst), "." + os.path.basename(dst) + ".tmp")
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                self._check_output(st, as_name)
+                self._copy_output(fd, st, dst, as_name)  # via .A.J.tmp, renamed whole
+                return True
+            # a folder: one item per regular file in it, in name order
+            names = _list_output(fd, as_name)
+            if os.path.lexists(tmp):
+                fs.rmtree(tmp)  # left by an earlier collect of this attempt
+            fs.mkdir(tmp, sync_parent=False)
+            for k, n in enumerate(names):
+                label = f"{as_name}/{n}"
+                ffd = _open_output(fd, n, label, folder_ok=False)
+                if ffd is None:
+                    continue  # gone since the listing: not collected
+                try:
+                    fst = os.fstat(ffd)
+                    self._check_output(fst, label)
+                    self._copy_output(ffd, fst, os.path.join(tmp, f"{k:06d}"), label, sync_dir=False)
+                finally:
+                    os.close(ffd)
+            fs.fsync_dir(tmp)
+            fs.rename(tmp, dst, sync=False)
+            return True
+        finally:
+            os.close(fd)
+
+    def _copy_output(self, fd: int, st: os.stat_result, path: str, label: str, *,
+                     sync_dir: bool = False) -> None:
+        """A new, daemon-owned item file at ``path`` with the bytes of ``fd``."""
+        cap = self.max_output_bytes
+        src = os.fdopen(os.dup(fd), "rb", buffering=0)
+        with src:
+            reader = src if cap is None else _Capped(src, cap, label)
+            self.fs.write_file(path, reader, mode=ITEM_MODE, checksum=True, sync_dir=sync_dir)
+
+    def _check_output(self, st: os.stat_result, label: str) -> None:
         if not stat.S_ISREG(st.st_mode):
             raise TaskOutputError(f"output {label} is {file_kind(st.st_mode)}; only regular files become items")
         if st.st_nlink != 1:
@@ -583,3 +616,101 @@ def _same_file(st: os.stat_result, path: str) -> bool:
         return os.path.samestat(st, os.lstat(path))
     except FileNotFoundError:
         return False
+
+
+def _chmod_nofollow(path: str, mode: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+ITEM_MODE = 0o640  # every item: owned by flowd, no setuid, readable by its group at most
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_output(dfd: int, name: str, label: str, *, folder_ok: bool = True) -> int | None:
+    """Open an output once, through its folder's descriptor; None if it is not there.
+
+    lstat first, so nothing but a regular file or a folder is ever opened (a
+    device's open can act); then open without following a link and without
+    blocking, and fstat what was opened: it must be the very inode checked,
+    and it is what gets copied.
+    """
+    try:
+        st = os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode) and not folder_ok:
+        raise TaskOutputError(f"output {label} is a folder; only regular files become items")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise TaskOutputError(f"output {label} is {file_kind(st.st_mode)}; only regular files become items")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(name, flags, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        if st.st_uid != os.geteuid():
+            raise TaskOutputError(f"output {label} cannot be read by flowd (owner uid {st.st_uid}, "
+                                  f"mode {stat.S_IMODE(st.st_mode):o}); leave outputs readable") from None
+        fd = _reopen_own(dfd, name, st, label)
+    except OSError as e:
+        raise TaskOutputError(f"output {label} cannot be opened: {e.strerror}") from None
+    try:
+        got = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not os.path.samestat(st, got):
+        os.close(fd)
+        raise TaskOutputError(f"output {label} changed while flowd collected it")
+    if stat.S_ISREG(got.st_mode):
+        os.set_blocking(fd, True)
+    return fd
+
+
+def _reopen_own(dfd: int, name: str, st: os.stat_result, label: str) -> int:
+    """The script made its own output unreadable; the file is flowd's (same uid),
+    so flowd gives itself read permission on that very inode (through an
+    O_PATH descriptor, never a second lookup of the name) and opens it."""
+    pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        if not os.path.samestat(st, os.fstat(pfd)):
+            raise TaskOutputError(f"output {label} changed while flowd collected it")
+        folder = stat.S_ISDIR(st.st_mode)
+        proc = f"/proc/self/fd/{pfd}"
+        os.chmod(proc, 0o700 if folder else 0o600)
+        return os.open(proc, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if folder else 0))
+    except OSError as e:
+        raise TaskOutputError(f"output {label} cannot be read by flowd ({e.strerror})") from None
+    finally:
+        os.close(pfd)
+
+
+def _list_output(fd: int, label: str) -> list[str]:
+    """The names in an output folder (by its descriptor), sorted; bounded."""
+    names = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            names.append(entry.name)
+            if len(names) > MAX_OUTPUT_FILES:
+                raise TaskOutputError(
+                    f"output {label}/ holds more than {MAX_OUTPUT_FILES} entries; that is the limit")
+    names.sort()
+    return names
+
+
+class _Capped:
+    """A reader that fails once more than ``cap`` bytes came (a file that grew)."""
+
+    def __init__(self, f, cap: int, label: str):
+        self.f, self.left, self.label, self.cap = f, cap, label, cap
+
+    def read(self, n: int) -> bytes:
+        chunk = self.f.read(min(n, self.left + 1))
+        self.left -= len(chunk)
+        if self.left < 0:
+            raise TaskOutputError(f"output {self.label} is over {self.cap} bytes; that is the limit")
+        return chunk

@@ -355,7 +355,7 @@ class DiskModel:
         old_root = self.root + ".old"
         for p in (new_root, old_root):
             if os.path.exists(p):
-                fsops._rmtree(p)
+                fsops.remove_tree(p)
         os.mkdir(new_root)
         made_files: dict[int, str] = {}
         made_dirs = {self.root_ino}
@@ -385,7 +385,7 @@ class DiskModel:
         os.rename(self.root, old_root)
         os.rename(new_root, self.root)
         self.close()
-        fsops._rmtree(old_root)
+        fsops.remove_tree(old_root)
 
 
 # -- workflows and their oracle ------------------------------------------------
@@ -559,7 +559,7 @@ class Sim:
         self.recovery_points = 0
         self.durable: Durable | None = None
         if os.path.exists(root):
-            fsops._rmtree(root)
+            fsops.remove_tree(root)
         os.makedirs(self.runs)
         os.makedirs(self.uploads)
         self.model = DiskModel(root) if lost else None
@@ -578,7 +578,7 @@ class Sim:
             self.model.close()
         for p in (self.root, self.root + ".crash", self.root + ".old"):
             if os.path.exists(p):
-                fsops._rmtree(p)
+                fsops.remove_tree(p)
 
     def life(self, crash_at: int | None = None) -> tuple[bool, int]:
         """One daemon life; returns (crashed, durability points it went through)."""

@@ -63,7 +63,7 @@ def test_source_process_runs_exactly_once():
     w = wf(channels={"out": []}, processes=[proc("gen", "", "out")])
     eng = E.Engine(w)
     (claim,) = eng.step()
-    assert claim.inputs == () and claim.task_id == "0"
+    assert claim.inputs == () and claim.task_id == "s1"
     finish(eng, claim, [("out", 1)])
     assert eng.step() == []
     assert eng.state() == E.SUCCEEDED

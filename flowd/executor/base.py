@@ -79,6 +79,8 @@ class TaskSpec:
     pids_limit: int = 256
     network: str = "none"
     spool: str = ""  # label, so one engine can serve several spools
+    user: str | None = None  # "UID:GID" the container runs as; None: the image's USER
+    group_add: list[str] = field(default_factory=list)  # extra gids (flowd's, for another uid)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -106,10 +108,14 @@ class TaskSpec:
         readable and deletable by the daemon whatever uid the image uses.
         """
         interp = INTERPRETERS[self.lang]
+        # New files are rw for the user and flowd's group (the container's own
+        # group is flowd's, or it was added: TaskSpec.group_add); outputs a
+        # script chmod-ed shut are opened again for that group at the end.
+        # Nothing is ever world-writable. The outputs are copied, never used.
         outs = " ".join(_sh_quote(f"{TASK_DIR}/{o}") for o in self.outputs)
-        chmod = f"chmod -R a+rwX {outs} 2>/dev/null; " if outs else ""
+        chmod = f"chmod -R ug+rwX {outs} 2>/dev/null; " if outs else ""
         wrapper = (
-            "umask 000; "
+            "umask 007; "
             f"cd {TASK_DIR} || exit 125; "
             f"if ! command -v {interp} >/dev/null 2>&1; then "
             f"echo 'flowd: the image has no {interp} for lang=\"{self.lang}\"; "
@@ -224,11 +230,33 @@ def check_inputs(spec: TaskSpec) -> dict | None:
 
     Executors call it on their own thread before they start a container.
     """
-    from .. import checksum  # flowd's own, stdlib only
-
     bad = [(ch, seq, why) for ch, seq, path in spec.verify
-           if (why := checksum.check(path)) is not None]
+           if (why := check_input(path)) is not None]
     if not bad:
         return None
     return {"damaged": bad, "message": "damaged input: " + "; ".join(
         f"item {seq} of {ch}: {why}" for ch, seq, why in bad)}
+
+
+def check_input(path: str) -> str | None:
+    """Why the item at ``path`` must not be mounted into a container, or None.
+
+    Only a regular file that flowd owns (lstat: a link is never followed into
+    a bind mount), with no setuid, setgid or write bit for others, whose
+    checksum stamp is present and matches.
+    """
+    import stat
+
+    from .. import checksum  # flowd's own, stdlib only
+
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"it cannot be found ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"it is owned by uid {st.st_uid}, not by flowd"
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID | 0o022):
+        return f"its mode {stat.S_IMODE(st.st_mode):o} is not one flowd gives items"
+    return checksum.check(path)

@@ -26,6 +26,9 @@ starts a watcher that pings every ``ping_interval`` seconds until the engine
 answers, then reports ``EngineState(up=True)``), ``ImageUnavailable``,
 ``NotFound`` (no such container) and ``EngineError`` (the engine refused).
 
+Removal. A container is always removed with its anonymous volumes (an
+image that declares a VOLUME would otherwise leak one per task).
+
 Logs. Containers log with the ``json-file`` driver rotated at
 ``log_limit / 2`` bytes, two files, so the engine keeps at most ``log_limit``
 bytes (as JSON: usually 40-100 % of that is the raw output) and a chatty
@@ -326,6 +329,7 @@ class DockerExecutor(Executor):
             cap_add=list(self.cap_add) or None,
             network_mode="bridge" if spec.network == "bridge" else "none",
             pids_limit=spec.pids_limit,
+            group_add=list(spec.group_add) or None,
             log_config=docker.types.LogConfig(
                 type="json-file", config={"max-size": str(half), "max-file": "2"}
             ),
@@ -341,6 +345,7 @@ class DockerExecutor(Executor):
             labels=labels,
             working_dir=TASK_DIR,
             environment=dict(spec.env),
+            user=spec.user or "",  # "": the image's USER
             host_config=host_config,
             use_config_proxy=False,  # no proxy variables from ~/.docker/config.json
         )
@@ -638,7 +643,7 @@ class DockerExecutor(Executor):
 
     def _remove_by_name(self, name: str) -> None:
         try:
-            self._call(self.api.remove_container, name, force=True)
+            self._call(self.api.remove_container, name, force=True, v=True)
         except NotFound:
             pass
         except EngineUnavailable:
@@ -649,7 +654,7 @@ class DockerExecutor(Executor):
 
     def _quiet_remove(self, cid: str) -> None:
         try:
-            self._call(self.api.remove_container, cid, force=True)
+            self._call(self.api.remove_container, cid, force=True, v=True)
         except NotFound:
             pass
         except FlowError as e:
