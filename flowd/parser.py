@@ -74,7 +74,91 @@ XINCLUDE_NAMESPACES = (
 
 AS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+# Docker's image reference grammar (github.com/distribution/reference):
+#   reference := name [":" tag] ["@" digest]
+#   name      := [domain "/"] path-component ["/" path-component]*     (at most 255)
+#   domain    := host [":" port]; host := domain-name | "[" IPv6 "]"
+#   path-component := [a-z0-9]+ (separator [a-z0-9]+)*, separator := . | _ | __ | -+
+#   tag       := [\w][\w.-]{0,127}
+#   digest    := algorithm ":" hex; algorithm := [A-Za-z][A-Za-z0-9]* ([+._-][A-Za-z][A-Za-z0-9]*)*
+IMAGE_NAME_MAX = 255
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_IMAGE_HOST_RE = re.compile(rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
+                            r"|\[[a-fA-F0-9:]+\])(?::[0-9]+)?$")
+_IMAGE_PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_IMAGE_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_IMAGE_ALGORITHM_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:[+._-][A-Za-z][A-Za-z0-9]*)*$")
+_IMAGE_DIGEST_HEX = {"sha256": 64, "sha384": 96, "sha512": 128}  # what Docker can check
+_IMAGE_ID_RE = re.compile(r"^[a-f0-9]{64}$")
+
+
+def image_reference_problem(ref: str) -> str | None:
+    """Why Docker would refuse ``ref`` as an image reference, or None if it is valid."""
+    if not ref:
+        return "it is empty"
+    if ref != ref.strip() or any(c.isspace() for c in ref):
+        return "it holds white space"
+    name, at, digest = ref.partition("@")
+    if at:
+        algorithm, colon, hexpart = digest.partition(":")
+        if "@" in digest:
+            return "it has more than one @; write at most one @DIGEST, at the end"
+        if not colon or not algorithm or not hexpart:
+            return f"the digest {_q(digest)} is not ALGORITHM:HEX, e.g. sha256: and 64 hex digits"
+        if not _IMAGE_ALGORITHM_RE.match(algorithm):
+            return f"the digest's algorithm {_q(algorithm)} is not valid"
+        want = _IMAGE_DIGEST_HEX.get(algorithm)
+        if want is None:
+            return (f"the digest's algorithm {_q(algorithm)} is not one Docker supports "
+                    "(sha256, sha384, sha512)")
+        if len(hexpart) != want or not re.fullmatch(r"[a-f0-9]+", hexpart):
+            return f"a {algorithm} digest is {want} lowercase hex digits (0-9, a-f)"
+    last_slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > last_slash:  # the tag: after the last ":" that follows the last "/"
+        name, tag = name[:colon], name[colon + 1:]
+        if not _IMAGE_TAG_RE.match(tag):
+            return (f"the tag {_q(tag)} is not valid: a tag is 1 to 128 letters, digits, _ . -, "
+                    "not starting with . or -")
+    if not name:
+        return "it has no name before the tag or digest"
+    if len(name) > IMAGE_NAME_MAX:
+        return f"the name is longer than {IMAGE_NAME_MAX} characters"
+    parts = name.split("/")
+    if "" in parts:
+        return "it has an empty path part (a doubled / or a / at either end)"
+    if len(parts) > 1 and _IMAGE_HOST_RE.match(parts[0]):
+        parts = parts[1:]  # a registry (host[:port]), which may hold capitals
+    elif len(parts) > 1 and (":" in parts[0] or "." in parts[0]):
+        return f"the registry {parts[0]!r} is not a host name or host:port"
+    for part in parts:
+        if ":" in part:
+            return (f"the name part {_q(part)} holds \":\"; only one :TAG is allowed, after the "
+                    "name (and a :PORT after a registry host)")
+        if part.lower() != part and _IMAGE_PATH_COMPONENT_RE.match(part.lower()):
+            return "the repository name must be lowercase"
+        if not _IMAGE_PATH_COMPONENT_RE.match(part):
+            return (f"the name part {_q(part)} is not valid: lowercase letters and digits, "
+                    "separated by one . or _, two __, or dashes, with none at either end")
+    if len(parts) == 1 and _IMAGE_ID_RE.match(parts[0]):
+        return "a 64-digit hexadecimal name is an image id, not a name Docker accepts here"
+    return None
+
+
+def _image_suggestion(ref: str) -> str:
+    """A fix for a bad image reference: the nearest valid one, else an example."""
+    guess = re.sub(r"/+", "/", ref.strip()).strip("/")
+    name, at, digest = guess.partition("@")
+    slash = name.rfind("/")
+    if name.rfind(":") > slash:
+        colon = name.rfind(":")
+        name, tag = name[:colon].lower(), name[colon:]
+    else:
+        name, tag = name.lower(), ""
+    guess = name + tag + at + digest
+    if guess != ref and image_reference_problem(guess) is None:
+        return f"write image={_q(guess)}"
+    return f"write {EXAMPLES['image']}"
 COUNT_RE = re.compile(r"^[0-9]+$")
 DECIMAL_RE = re.compile(r"^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
 _ENCODING_RE = re.compile(rb"""^\s*<\?xml[^>]*?\bencoding\s*=\s*["']([^"']*)["']""")
@@ -594,11 +678,11 @@ class _Builder:
     def process_attr(self, el, attr: str, value: str):
         """Parse one process attribute (also used for <defaults>); None if bad."""
         if attr == "image":
-            if IMAGE_RE.match(value):
+            why = image_reference_problem(value)
+            if why is None:
                 return value
-            self.error(el, f"attribute \"image\" is {_q(value)}; it must be a Docker image "
-                           "reference such as busybox:1.36 or python:3.12-slim",
-                       f"write {EXAMPLES['image']}")
+            self.error(el, f"attribute \"image\" is {_q(value)}; it is not a Docker image reference: {why}",
+                       _image_suggestion(value))
             return None
         if attr == "lang":
             return self.choice(el, attr, value, model.LANGS)
