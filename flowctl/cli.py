@@ -1,35 +1,59 @@
 """flowctl: talk to the flowd daemon (SPEC §4).
 
 Exit status: 0 success; 1 the run failed (``--wait``) or the command failed;
-2 bad usage or an invalid workflow; 3 the daemon did not answer.
+2 bad usage or an invalid workflow; 3 the daemon did not answer; 130 Ctrl-C.
 This module imports neither docker nor lxml: ``validate`` and ``submit``
 load the parser only when they run.
+
+Every string that a container, another user or the daemon chose (names,
+failure reasons, log tails, messages, error texts, and log bytes on a
+terminal) is printed through ``flowd.textsafe``: control characters other
+than newline and tab show as escapes. ``logs`` into a pipe or file is
+byte-exact, and ``--json`` is JSON (json.dumps escapes every control
+character).
 """
 from __future__ import annotations
 
 import argparse
+import codecs
 import functools
 import json
+import math
 import os
 import sys
 
 from flowd.errors import FlowError, UsageError, WorkflowError
+from flowd.textsafe import for_terminal as _t
 
 from . import fmt
-from .client import Client, check_out_dir
+from .client import Client, DaemonStopped, LocalFileError, NotRunning, check_out_dir
 
 FINAL = ("succeeded", "failed", "cancelled")
+MAX_TIMEOUT = 86400.0  # --timeout: at most a day
+
+
+def _timeout(text: str) -> float:
+    """``--timeout``: seconds, more than 0 and at most a day (not inf, not nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(
+            f"{_t(text)!r} is not a number of seconds more than 0 and at most {MAX_TIMEOUT:g} "
+            "(fix: e.g. --timeout 30)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flowctl", description="Control the flowd workflow daemon.")
     ap.add_argument("--socket", help="control socket (default: $FLOWD_SOCKET or /run/flowd/flowd.sock)")
-    ap.add_argument("--timeout", type=float, default=10.0,
+    ap.add_argument("--timeout", type=_timeout, default=10.0,
                     help="seconds to wait for each answer from flowd (default 10)")
     # the same two options are also accepted after the command (flowctl status --socket S)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--timeout", type=_timeout, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     add = functools.partial(sub.add_parser, parents=[common])
@@ -90,14 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"ok": False, "error": e.to_dict()}, indent=1))
         else:
             for p in e.problems:
-                print(p, file=sys.stderr)
+                print(_t(p), file=sys.stderr)
         return e.exit_status
     except FlowError as e:
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": e.to_dict()}, indent=1))
-        print(f"flowctl: {e}", file=sys.stderr)
+        print(f"flowctl: {_t(e)}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
+        print("flowctl: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
@@ -106,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(path: str):
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such file")
+    # The parser says what is wrong with the path itself (missing, a folder,
+    # not a regular file) in the documented FILE: error: ... (fix: ...) form.
     from flowd.parser import load_workflow  # lxml: only for the commands that parse
 
     return load_workflow(path)
@@ -121,37 +146,44 @@ def cmd_validate(client: Client, args) -> int:
                           "warnings": [w.to_dict() for w in warnings]}, indent=1))
     else:
         for w in warnings:
-            print(w, file=sys.stderr)
-        print(f"{args.file}: valid: workflow {wf.name!r}, {len(wf.processes)} processes, "
-              f"{len(wf.channels)} channels, {len(wf.muxes)} muxes")
+            print(_t(w), file=sys.stderr)
+        print(_t(f"{args.file}: valid: workflow {wf.name!r}, {len(wf.processes)} processes, "
+                 f"{len(wf.channels)} channels, {len(wf.muxes)} muxes"))
     return 0
 
 
 SUBMIT_TIMEOUT = 600.0  # seconds for the daemon to write a submitted run's items
+INTERRUPTED_WAIT = 30.0  # after Ctrl-C: seconds to wait for the id of a run already sent
 
 
 def cmd_submit(client: Client, args) -> int:
     wf, warnings = _load(args.file)
     for w in warnings:
-        print(w, file=sys.stderr)
+        print(_t(w), file=sys.stderr)
     base = os.path.dirname(os.path.abspath(args.file))
     files = [("workflow.xml", args.file)] + [(rel, os.path.join(base, rel)) for rel in wf.files()]
-    upload = client.upload(files)
-    # The daemon answers once the run's items are all on disk: seconds for
-    # tens of thousands (it serves other requests meanwhile), so wait longer.
-    result = client.call_patiently("submit", {"upload": upload,
-                                              "name": os.path.basename(args.file)},
-                                   max(client.timeout, SUBMIT_TIMEOUT))
+    request = {"name": os.path.basename(args.file)}
+    client.pending = None
+    try:
+        request["upload"] = client.upload(files)
+        client.send_patiently("submit", request)
+        # The daemon answers once the run's items are all on disk: seconds for
+        # tens of thousands (it serves other requests meanwhile), so wait longer.
+        result = client.await_patiently("submit", max(client.timeout, SUBMIT_TIMEOUT))
+    except KeyboardInterrupt:
+        return _submit_interrupted(client, args, wf.name)
     run = result["run"]
     if not args.wait:
         if args.json:
             print(json.dumps(result, indent=1))
         else:
-            print(run)
+            print(_t(run))
         return 0
     if not args.json:
-        print(f"{run}: submitted workflow {result['name']!r}", file=sys.stderr)
-    detail = _wait(client, run, quiet=args.json)
+        print(_t(f"{run}: submitted workflow {result['name']!r}"), file=sys.stderr)
+    detail = _watch(client, run, quiet=args.json)
+    if detail is None:
+        return 130
     if args.json:
         print(json.dumps(detail, indent=1))
     else:
@@ -159,22 +191,89 @@ def cmd_submit(client: Client, args) -> int:
     return 0 if detail["state"] == "succeeded" else 1
 
 
+def _submit_interrupted(client: Client, args, name: str) -> int:
+    """Ctrl-C during submit. Before the submit request left, nothing was made.
+    After, the daemon goes on making the run: wait a little for its id so the
+    user knows what exists (a second Ctrl-C stops waiting). Ctrl-C stops
+    flowctl, never a run: ``flowctl cancel`` does that."""
+    if client.pending is None:
+        print("flowctl: interrupted before the workflow was submitted: no run was made",
+              file=sys.stderr)
+        return 130
+    may_exist = _t(f"flowctl: the run of workflow {name!r} may still be made: `flowctl status` "
+                   "lists it once it is, and `flowctl cancel RUN` stops it")
+    print(f"flowctl: interrupted after the workflow was sent: flowd goes on making the run; "
+          f"waiting up to {INTERRUPTED_WAIT:g}s for its id (Ctrl-C again to stop waiting)",
+          file=sys.stderr)
+    try:
+        result = client.await_patiently("submit", INTERRUPTED_WAIT)
+    except KeyboardInterrupt:
+        print(may_exist, file=sys.stderr)
+        return 130
+    except FlowError as e:
+        print(f"flowctl: {_t(e)}", file=sys.stderr)
+        print(may_exist, file=sys.stderr)
+        return 130
+    run = result["run"]
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(_t(run))
+    print(_t(f"flowctl: run {run} was made and goes on; `flowctl cancel {run}` stops it"),
+          file=sys.stderr)
+    return 130
+
+
+def _call_riding(client: Client, run: str, cmd: str, args: dict, timeout: float) -> dict:
+    """A request that is safe to repeat (``status``), through a daemon stop or
+    restart: when the daemon goes away, say so at once and wait up to
+    ``--timeout`` for it to come back; exit 3 (not running) if it does not."""
+    while True:
+        try:
+            return client.call(cmd, args, timeout=timeout)[0]
+        except (DaemonStopped, NotRunning) as e:
+            if not client.answered:
+                raise  # not running from the start: nothing to wait for
+            stopped = e
+        print(_t(f"flowctl: flowd stopped while following run {run} ({stopped}); waiting up to "
+                 f"{client.timeout:g}s for it to come back"), file=sys.stderr)
+        try:
+            client.reconnect(client.timeout)
+        except NotRunning as e:
+            raise NotRunning(f"{e}; the run is kept: `flowctl watch {run}` follows it again "
+                             "once flowd runs") from None
+        print("flowctl: flowd is back; following the run again", file=sys.stderr)
+
+
 def _wait(client: Client, run: str, quiet: bool) -> dict:
     last = None
     while True:
-        result, _ = client.call("status", {"run": run, "wait": 30}, timeout=client.timeout + 30)
+        result = _call_riding(client, run, "status", {"run": run, "wait": 30},
+                              timeout=client.timeout + 30)
         detail = result["run"]
         line = f"{run}: {detail['state']}, {detail['tasks_done']} tasks done, " \
                f"{detail['tasks_running']} running, {detail['tasks_failed']} failed"
         if not quiet and line != last:
-            print(line, file=sys.stderr)
+            print(_t(line), file=sys.stderr)
             last = line
         if detail["state"] in FINAL:
             return detail
 
 
+def _watch(client: Client, run: str, quiet: bool) -> dict | None:
+    """``_wait``, where Ctrl-C stops watching (None), not the run."""
+    try:
+        return _wait(client, run, quiet)
+    except KeyboardInterrupt:
+        print(_t(f"flowctl: stopped watching; run {run} goes on (`flowctl watch {run}` follows "
+                 f"it again, `flowctl cancel {run}` stops it)"), file=sys.stderr)
+        return None
+
+
 def cmd_watch(client: Client, args) -> int:
-    detail = _wait(client, args.run, quiet=args.json)
+    detail = _watch(client, args.run, quiet=args.json)
+    if detail is None:
+        return 130
     print(json.dumps(detail, indent=1) if args.json else _render_run(detail))
     return 0 if detail["state"] == "succeeded" else 1
 
@@ -195,15 +294,16 @@ def cmd_status(client: Client, args) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    rows = [[r["id"], r["name"], r["state"], r["tasks_done"], r["tasks_running"], r["tasks_failed"],
-             fmt.ago(r["submitted_at"]), fmt.duration(r["elapsed"])] for r in result["runs"]]
+    rows = [[_t(r["id"]), _t(r["name"]), _t(r["state"]), r["tasks_done"], r["tasks_running"],
+             r["tasks_failed"], fmt.ago(r["submitted_at"]), fmt.duration(r["elapsed"])]
+            for r in result["runs"]]
     if rows:
         print(fmt.table(["RUN", "WORKFLOW", "STATE", "DONE", "RUNNING", "FAILED", "SUBMITTED",
                          "ELAPSED"], rows))
     else:
         print("no runs")
     if not result.get("engine_up", True):
-        print(f"\nwarning: the Docker engine is unavailable ({result.get('engine_message')}); "
+        print(f"\nwarning: the Docker engine is unavailable ({_t(result.get('engine_message'))}); "
               "tasks wait for it")
     if not result.get("disk_ok", True):
         print(f"\nwarning: the spool is below its free-space floor ({fmt.size(result['disk_free'])} "
@@ -212,28 +312,32 @@ def cmd_status(client: Client, args) -> int:
 
 
 def _render_run(d: dict) -> str:
+    """The run's view; every string from the daemon passes ``_t`` (a name,
+    reason, message or log line may hold what a container chose)."""
     out = [
-        f"run       {d['id']}",
-        f"workflow  {d['name']} ({d['mode']})",
-        f"state     {d['state']}" + (f": {d['message']}" if d.get("message") else ""),
+        f"run       {_t(d['id'])}",
+        f"workflow  {_t(d['name'])} ({_t(d['mode'])})",
+        f"state     {_t(d['state'])}" + (f": {_t(d['message'])}" if d.get("message") else ""),
         f"submitted {fmt.when(d['submitted_at'])}",
         f"elapsed   {fmt.duration(d['elapsed'])}",
         "",
         fmt.table(["PROCESS", "DONE", "RUNNING", "QUEUED", "FAILED"],
-                  [[p["name"], p["done"], p["running"], p["queued"], p["failed"]]
+                  [[_t(p["name"]), p["done"], p["running"], p["queued"], p["failed"]]
                    for p in d["processes"]]),
         "",
         fmt.table(["CHANNEL", "DEPTH", ""],
-                  [[c["name"], c["depth"], "result" if c["result"] else ""] for c in d["channels"]]),
+                  [[_t(c["name"]), c["depth"], "result" if c["result"] else ""]
+                   for c in d["channels"]]),
     ]
     for q in d.get("quarantined", []):
-        out += ["", f"quarantined: item {q['seq']} of channel {q['channel']} (for {q['process']}): "
-                    f"{q['reason']}; kept in SPOOL/runs/{d['id']}/quarantine/"]
+        out += ["", _t(f"quarantined: item {q['seq']} of channel {q['channel']} "
+                       f"(for {q['process']}): {q['reason']}; kept in "
+                       f"SPOOL/runs/{d['id']}/quarantine/")]
     for f in d.get("failures", []):
-        out += ["", f"failed: {f['process']} task {f['task']} after {f['attempts']} attempt(s): "
-                    f"{f['reason']}"]
+        out += ["", _t(f"failed: {f['process']} task {f['task']} after {f['attempts']} "
+                       f"attempt(s): {f['reason']}")]
         tail = (f.get("log_tail") or "").rstrip("\n").splitlines()[-10:]
-        out += [f"  | {line}" for line in tail]
+        out += [f"  | {_t(line)}" for line in tail]
     return "\n".join(out)
 
 
@@ -249,7 +353,7 @@ def cmd_cancel(client: Client, args) -> int:
         if not r["ok"]:
             status = 1
         if not args.json:
-            print(f"{r['id']}: {r['state']}" + ("" if r["ok"] else f" ({r['message']})"))
+            print(_t(f"{r['id']}: {r['state']}" + ("" if r["ok"] else f" ({r['message']})")))
     return status
 
 
@@ -258,15 +362,20 @@ def cmd_pull(client: Client, args) -> int:
     out = check_out_dir(args.out)
     written = []
     for item in result["items"]:
-        dest = os.path.join(out, item["name"])
+        name = item["name"]
+        if not isinstance(name, str) or not name or "/" in name or "\0" in name \
+                or name in (".", ".."):
+            raise FlowError(f"flowd gave the item {item.get('seq')!r} the name {name!r}, which is "
+                            "not a plain file name; this is a flowd bug")
+        dest = os.path.join(out, name)
         size = client.download(result["run"], args.channel, item["seq"], dest)
         written.append({"file": dest, "size": size, "seq": item["seq"]})
     if args.json:
         print(json.dumps({"run": result["run"], "channel": args.channel, "files": written}, indent=1))
     else:
         for w in written:
-            print(w["file"])
-        print(f"{len(written)} items from {args.channel} written to {out}", file=sys.stderr)
+            print(_t(w["file"]))
+        print(_t(f"{len(written)} items from {args.channel} written to {out}"), file=sys.stderr)
     return 0
 
 
@@ -277,7 +386,8 @@ def cmd_push(client: Client, args) -> int:
         try:
             src = open(args.file, "rb")
         except OSError as e:
-            raise UsageError(f"{args.file}: {e.strerror}") from None
+            raise LocalFileError(f"{args.file}: cannot read it: {e.strerror} "
+                                 "(fix: check the path)") from None
     with src:
         result = client.push(args.run, args.channel, src)
     if args.json:
@@ -287,38 +397,77 @@ def cmd_push(client: Client, args) -> int:
     return 0
 
 
+class _TerminalLog:
+    """Log bytes for a terminal: escaped as ``bytes_for_terminal`` does, but
+    chunk by chunk, one incremental UTF-8 decoder per log, so a character
+    split across two chunks (or two reads of a growing log) stays whole."""
+
+    def __init__(self, out):
+        self.out = out  # a binary stream (sys.stdout.buffer)
+        self.encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        self.decoders: dict[str, codecs.IncrementalDecoder] = {}
+        self.name = ""
+
+    def write(self, data: bytes) -> int:
+        decoder = self.decoders.get(self.name)
+        if decoder is None:
+            decoder = self.decoders[self.name] = \
+                codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        self._emit(decoder.decode(data))
+        return len(data)
+
+    def finish(self) -> None:
+        """At the end: bytes still held (a character cut short) show as \\xNN."""
+        for decoder in self.decoders.values():
+            self._emit(decoder.decode(b"", final=True))
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.out.write(_t(text).encode(self.encoding, "backslashreplace"))
+
+
 def cmd_logs(client: Client, args) -> int:
     seen: dict[str, int] = {}  # log name -> bytes printed
     printed_json = []
     last = None  # the log whose bytes were printed last (as tail -f, a header on each switch)
-    while True:
-        result, _ = client.call("logs", {"run": args.run, "process": args.process,
-                                         "task": args.task})
-        for entry in result["logs"]:
-            name = entry["name"]
-            done = seen.get(name, 0)
-            if entry["size"] <= done and name in seen:
-                continue
-            if args.json:
-                if name not in seen:
-                    printed_json.append(entry)
-                seen[name] = entry["size"]
-                continue
-            if name != last:
-                print(f"==> {entry['process']} task {entry['task']} attempt {entry['attempt']} <==",
-                      flush=True)
-            last = name
-            seen[name] = done + client.copy_log(result["run"], name, done, sys.stdout.buffer)
+    # Into a pipe or a file the bytes are exact; on a terminal they are escaped.
+    sink = _TerminalLog(sys.stdout.buffer) if sys.stdout.isatty() else sys.stdout.buffer
+    try:
+        while True:
+            result, _ = client.call("logs", {"run": args.run, "process": args.process,
+                                             "task": args.task})
+            for entry in result["logs"]:
+                name = entry["name"]
+                done = seen.get(name, 0)
+                if entry["size"] <= done and name in seen:
+                    continue
+                if args.json:
+                    if name not in seen:
+                        printed_json.append(entry)
+                    seen[name] = entry["size"]
+                    continue
+                if name != last:
+                    sys.stdout.flush()
+                    print(_t(f"==> {entry['process']} task {entry['task']} attempt "
+                             f"{entry['attempt']} <=="), flush=True)
+                last = name
+                if isinstance(sink, _TerminalLog):
+                    sink.name = name
+                seen[name] = done + client.copy_log(result["run"], name, done, sink)
+                sys.stdout.flush()
+            if args.json or not args.follow or result["state"] in FINAL:
+                break
+            # A long-poll: the daemon answers when the run changes, or after a
+            # second for the logs of running tasks to grow.
+            client.call("status", {"run": result["run"], "wait": 1}, timeout=client.timeout + 1)
+    finally:
+        if isinstance(sink, _TerminalLog):
+            sink.finish()
             sys.stdout.flush()
-        if args.json or not args.follow or result["state"] in FINAL:
-            break
-        # A long-poll: the daemon answers when the run changes, or after a
-        # second for the logs of running tasks to grow.
-        client.call("status", {"run": result["run"], "wait": 1}, timeout=client.timeout + 1)
     if args.json:
         print(json.dumps({"run": result["run"], "logs": printed_json}, indent=1))
     elif not seen:
-        print(f"no logs yet for run {result['run']}", file=sys.stderr)
+        print(_t(f"no logs yet for run {result['run']}"), file=sys.stderr)
     return 0
 
 

@@ -3,20 +3,42 @@
 It tells apart the three ways a daemon can be out of reach (SPEC §4, exit
 status 3): no socket file (flowd is not running), a socket nobody listens on
 (a stale file: flowd died), and a daemon that does not answer in time.
+
+A daemon that stops while a request waits for its answer is seen at once: a
+ZeroMQ monitor reports the connection's end, and the call raises
+``DaemonStopped`` instead of waiting out its timeout. ``reconnect`` then
+waits for a daemon to listen again (a restart), so that a caller whose
+request is safe to repeat (``status``) can go on.
 """
 from __future__ import annotations
 
 import errno
 import os
 import socket
+import stat
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from flowd import protocol as P
-from flowd.errors import DaemonUnreachable, ProtocolError, UsageError
+from flowd.errors import DaemonUnreachable, FlowError, ProtocolError, UsageError
 
 START_HINT = "start it with `systemctl start flowd`, or run `flowd --socket {path}` in another terminal"
+
+
+class NotRunning(DaemonUnreachable):
+    """No daemon listens: no socket file, or a file nobody listens on."""
+
+
+class DaemonStopped(DaemonUnreachable):
+    """The daemon closed the connection while a request waited for its answer."""
+
+
+class LocalFileError(FlowError):
+    """A local file flowctl was given (push) or writes (pull) is not usable (exit 1)."""
+
+    code = "local_file"
 
 
 class Client:
@@ -25,6 +47,9 @@ class Client:
         self.timeout = timeout
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self.pending: tuple[str, int] | None = None  # a patient request sent: (its id, daemon pid)
+        self.answered = False  # a daemon has answered this client once
 
     def _connect(self) -> zmq.Socket:
         if self._sock is not None:
@@ -36,7 +61,7 @@ class Client:
             if os.path.isdir(folder) and not os.access(folder, os.X_OK):
                 raise DaemonUnreachable(f"permission denied on {folder}: you may not reach the "
                                         f"socket {path}")
-            raise DaemonUnreachable(f"flowd is not running: there is no socket at {path} ({hint})")
+            raise NotRunning(f"flowd is not running: there is no socket at {path} ({hint})")
         if not os.access(path, os.R_OK | os.W_OK):
             raise DaemonUnreachable(
                 f"permission denied on {path}: only the socket's group may talk to flowd "
@@ -46,10 +71,28 @@ class Client:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # a send with no live peer fails instead of queueing
-        sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
+        # Before connect, so that no event is missed: the end of the connection
+        # tells a daemon that stopped from one that is slow.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(P.endpoint(path))
         self._sock = sock
         return sock
+
+    def reconnect(self, within: float) -> None:
+        """After ``DaemonStopped``: wait up to ``within`` seconds for a daemon
+        to listen on the socket again (a restart); ``NotRunning`` if none does."""
+        self.close()
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                self._connect()
+                return
+            except NotRunning as e:
+                if time.monotonic() >= deadline:
+                    raise NotRunning(f"{e}; it did not come back within {within:g}s") from None
+            self.close()
+            time.sleep(0.2)
 
     def call(self, cmd: str, args: dict | None = None, payload: bytes | None = None,
              timeout: float | None = None) -> tuple[dict, bytes | None]:
@@ -59,6 +102,7 @@ class Client:
         reply = self._receive(sock, {req_id}, time.monotonic() + wait)
         if reply is None:
             raise self._no_answer(wait)
+        self.answered = True
         _, result, data = P.decode_reply(reply)
         return result, data
 
@@ -66,29 +110,47 @@ class Client:
         """A request the daemon may take minutes to answer (``submit``): wait
         up to ``limit`` seconds, as long as the daemon (the same process)
         answers a ping every ``timeout`` seconds meanwhile."""
+        self.send_patiently(cmd, args)
+        return self.await_patiently(cmd, limit)
+
+    def send_patiently(self, cmd: str, args: dict) -> None:
+        """Send ``cmd``; from the moment ``pending`` is set it may have gone."""
         sock = self._connect()
         pid = self.call("ping")[0]["pid"]
-        req_id = self._send(sock, cmd, args, None)
-        deadline = time.monotonic() + limit
-        while True:
-            reply = self._receive(sock, {req_id}, min(deadline, time.monotonic() + self.timeout))
-            if reply is None:
-                if time.monotonic() >= deadline:
-                    raise self._no_answer(limit)
-                ping_id = self._send(sock, "ping", {}, None)
-                reply = self._receive(sock, {req_id, ping_id}, time.monotonic() + self.timeout)
-                if reply is None:
-                    raise self._no_answer(self.timeout)
-                if P.reply_id(reply) == ping_id:
-                    if P.decode_reply(reply)[1].get("pid") != pid:
-                        raise DaemonUnreachable(
-                            f"flowd restarted before it answered {cmd}; see `flowctl status` "
-                            "whether it was done, and try again if not")
-                    continue
-            return P.decode_reply(reply)[1]
-
-    def _send(self, sock: zmq.Socket, cmd: str, args: dict | None, payload: bytes | None) -> str:
         req_id = P.new_id()
+        self.pending = (req_id, pid)
+        self._send(sock, cmd, args, None, req_id)
+
+    def await_patiently(self, cmd: str, limit: float) -> dict:
+        """The answer to the ``pending`` request, waiting as ``call_patiently`` says."""
+        assert self.pending is not None
+        req_id, pid = self.pending
+        sock = self._connect()
+        check = "see `flowctl status` whether it was done, and try again if not"
+        deadline = time.monotonic() + limit
+        try:
+            while True:
+                reply = self._receive(sock, {req_id}, min(deadline, time.monotonic() + self.timeout))
+                if reply is None:
+                    if time.monotonic() >= deadline:
+                        raise self._no_answer(limit)
+                    ping_id = self._send(sock, "ping", {}, None)
+                    reply = self._receive(sock, {req_id, ping_id}, time.monotonic() + self.timeout)
+                    if reply is None:
+                        raise self._no_answer(self.timeout)
+                    if P.reply_id(reply) == ping_id:
+                        if P.decode_reply(reply)[1].get("pid") != pid:
+                            raise DaemonUnreachable(
+                                f"flowd restarted before it answered {cmd}; {check}")
+                        continue
+                self.pending = None
+                return P.decode_reply(reply)[1]
+        except DaemonStopped:
+            raise DaemonStopped(f"flowd stopped before it answered {cmd}; {check}") from None
+
+    def _send(self, sock: zmq.Socket, cmd: str, args: dict | None, payload: bytes | None,
+              req_id: str | None = None) -> str:
+        req_id = req_id or P.new_id()
         frames = P.encode_request(req_id, cmd, args or {}, payload)
         if sum(len(f) for f in frames) > P.MAX_MESSAGE:
             raise ProtocolError(f"message over {P.MAX_MESSAGE} bytes; this is a flowctl bug")
@@ -102,19 +164,29 @@ class Client:
             raise DaemonUnreachable(f"cannot reach flowd at {self.path}: {e}") from None
         return req_id
 
-    @staticmethod
-    def _receive(sock: zmq.Socket, ids: set[str], deadline: float) -> list[bytes] | None:
-        """The first reply to one of ``ids`` before ``deadline``, or None."""
+    def _receive(self, sock: zmq.Socket, ids: set[str], deadline: float) -> list[bytes] | None:
+        """The first reply to one of ``ids`` before ``deadline``, or None;
+        ``DaemonStopped`` as soon as the daemon closes the connection."""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            if not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
-                continue
-            reply = sock.recv_multipart()
-            if P.reply_id(reply) in ids:
-                return reply
-            # else: a late answer to an earlier request
+            ready = dict(poller.poll(int(left * 1000) + 1))
+            if sock in ready:
+                reply = sock.recv_multipart()
+                if P.reply_id(reply) in ids:
+                    return reply
+                continue  # a late answer to an earlier request
+            if self._monitor is not None and self._monitor in ready:
+                event = recv_monitor_message(self._monitor)
+                if event.get("event") == zmq.EVENT_DISCONNECTED:
+                    self.close()
+                    raise DaemonStopped(f"flowd stopped: it closed the connection on {self.path} "
+                                        "before it answered")
 
     def _no_answer(self, wait: float) -> DaemonUnreachable:
         return DaemonUnreachable(
@@ -129,7 +201,7 @@ class Client:
             s.settimeout(2.0)
             s.connect(path)
         except ConnectionRefusedError:
-            raise DaemonUnreachable(
+            raise NotRunning(
                 f"flowd is not running: nothing listens on {path} (a socket file left by a "
                 f"daemon that stopped); {hint}") from None
         except PermissionError:
@@ -141,11 +213,17 @@ class Client:
             s.close()
 
     def close(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
         if self._sock is not None:
             self._sock.close(0)
         if self._ctx is not None:
             self._ctx.term()
-        self._sock = self._ctx = None
+        self._sock = self._ctx = self._monitor = None
 
     # -- file transfer ---------------------------------------------------
     def upload(self, files: list[tuple[str, str]]) -> str:
@@ -168,22 +246,50 @@ class Client:
         return upload
 
     def download(self, run: str, channel: str, seq: int, dest: str) -> int:
-        """Write one item to ``dest`` (via ``dest.part``); returns its size."""
-        part = dest + ".part"
-        size = 0
-        with open(part, "wb") as f:
-            while True:
-                _, data = self.call("read", {"run": run, "channel": channel, "seq": seq,
-                                             "offset": size, "length": P.CHUNK})
-                if not data:
-                    break
-                f.write(data)
-                size += len(data)
-                if len(data) < P.CHUNK:
-                    break
-        os.replace(part, dest)
-        return size
+        """Write one item to ``dest`` (via ``dest.part``); returns its size.
 
+        ``--out`` may be a shared folder, so nothing there is followed: the
+        temporary file is made new (O_CREAT|O_EXCL|O_NOFOLLOW; whatever is
+        already at ``dest.part`` is reported, never opened), and a symbolic
+        link at ``dest`` is refused (the rename itself replaces a name and
+        never writes through a link)."""
+        part = dest + ".part"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(part, flags, 0o666)
+        except FileExistsError:
+            raise LocalFileError(f"{part} is in the way: {_what_is(part)}; flowctl writes each "
+                                 "item to a new NAME.part first and never opens one it did not "
+                                 "make (fix: remove it, or pull into another --out folder)") from None
+        except OSError as e:
+            raise LocalFileError(f"cannot write {part}: {e.strerror}") from None
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                while True:
+                    _, data = self.call("read", {"run": run, "channel": channel, "seq": seq,
+                                                 "offset": size, "length": P.CHUNK})
+                    if not data:
+                        break
+                    f.write(data)
+                    size += len(data)
+                    if len(data) < P.CHUNK:
+                        break
+            if os.path.islink(dest):
+                raise LocalFileError(f"{dest} is in the way: {_what_is(dest)}; flowctl does not "
+                                     "replace a symbolic link (fix: remove it, or pull into "
+                                     "another --out folder)")
+            try:
+                os.replace(part, dest)
+            except OSError as e:
+                raise LocalFileError(f"cannot write {dest}: {e.strerror}") from None
+        except BaseException:
+            try:
+                os.unlink(part)  # ours: made by the O_EXCL open above
+            except OSError:
+                pass
+            raise
+        return size
 
     def push(self, run: str, channel: str, src) -> dict:
         """Stream ``src`` (a binary file object) as one new item; durable when this returns."""
@@ -209,6 +315,24 @@ class Client:
             n += len(data)
             if len(data) < P.CHUNK:
                 return n
+
+
+def _what_is(path: str) -> str:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "something that came and went"
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"a symbolic link to {target}"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if stat.S_ISREG(st.st_mode):
+        return "a file (left by an interrupted pull, or someone else's)"
+    return "a special file"
 
 
 def check_out_dir(path: str) -> str:
