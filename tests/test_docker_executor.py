@@ -28,6 +28,7 @@ from flowd.errors import EngineError, EngineUnavailable, ImageUnavailable, NotFo
 from flowd.executor import base as X  # noqa: E402
 from flowd.executor import docker as D  # noqa: E402
 from flowd.executor.docker import DockerExecutor  # noqa: E402
+from flowd.run import container_identity  # noqa: E402
 
 IMAGE = "flowd/busybox:latest"
 WAIT = 30  # seconds: upper bound on any single result
@@ -82,16 +83,23 @@ class Reports:
 
 def make_spec(tmp: str, spool: str, script: str, *, task: str = "t1", run: str | None = None,
               image: str = IMAGE, **kw) -> X.TaskSpec:
-    """A task folder like the daemon makes: workdir 0777, script 0644."""
+    """A task folder like the daemon makes (flowd.run.container_identity): by
+    default the container runs as this process's uid:gid and work/ is 0700;
+    with ``user=None`` (config container_user="image") it runs as the image's
+    user with this process's group added, and work/ is 02770."""
     run = run or "r" + uuid.uuid4().hex[:8]
     base = os.path.join(tmp, f"{run}-{task}")
     work = os.path.join(base, "work")
     os.makedirs(work)
-    os.chmod(work, 0o777)
+    user, group_add, mode = container_identity("image" if "user" in kw and kw["user"] is None
+                                                else "daemon")
+    kw.setdefault("user", user)
+    kw.setdefault("group_add", group_add)
+    os.chmod(work, mode)
     script_path = os.path.join(base, "script.sh")
     with open(script_path, "w") as f:
         f.write(script)
-    os.chmod(script_path, 0o644)
+    os.chmod(script_path, 0o640)
     kw.setdefault("timeout", 60)
     return X.TaskSpec(run_id=run, process="p", task_id=task, attempt=kw.pop("attempt", 1),
                       image=image, lang="sh", script_path=script_path, workdir=work,
@@ -433,7 +441,7 @@ def test_hardening_audit(run_task, docker_client, docker_tmp, network):
     assert hc["NanoCpus"] == 500_000_000
     assert hc["AutoRemove"] is False
     assert hc["LogConfig"]["Type"] == "json-file"
-    assert info["Config"]["User"] == ""  # the image's own
+    assert info["Config"]["User"] == f"{os.geteuid()}:{os.getegid()}"  # flowd's (container_user)
     assert info["Config"]["WorkingDir"] == "/task"
     assert info["Config"]["Cmd"][:2] == ["/bin/sh", "-c"] and not info["Config"]["Entrypoint"]
     assert spec.command()[2] in info["Config"]["Cmd"][2]  # wrapped with the OOM check
@@ -470,22 +478,34 @@ def test_input_mount_is_readable_and_read_only(run_task, docker_tmp):
 
 
 @pytest.mark.docker
-def test_outputs_of_a_non_root_image_are_the_daemons(run_task, docker_images):
+def test_a_container_runs_as_flowd_by_default_so_all_it_writes_is_flowds(run_task):
+    spec, res = run_task("id -u > out; id -g >> out; mkdir many; echo a > many/a; "
+                         "chmod 000 many/a; chmod 500 many\n", outputs=["out", "many"])
+    assert res.ok, (res, read(spec.log_path))
+    out = os.path.join(spec.workdir, "out")
+    assert read(out) == f"{os.geteuid()}\n{os.getegid()}\n"
+    for path in (out, os.path.join(spec.workdir, "many")):
+        assert os.stat(path).st_uid == os.geteuid()
+    assert stat.S_IMODE(os.stat(spec.workdir).st_mode) == 0o700
+
+
+@pytest.mark.docker
+def test_an_image_user_gets_flowds_group_and_nothing_is_world_writable(run_task, docker_images):
     spec, res = run_task(
-        "id -u > out; mkdir many; echo a > many/a; echo b > many/b\n",
-        image=docker_images["nobody"], outputs=["out", "many"],
+        "id -u > out; mkdir many; echo a > many/a; echo b > many/b; chmod 600 many/b\n",
+        image=docker_images["nobody"], outputs=["out", "many"], user=None,
     )
     assert res.ok, (res, read(spec.log_path))
     out = os.path.join(spec.workdir, "out")
     assert read(out) == "65534\n"
-    for path in (out, os.path.join(spec.workdir, "many", "a")):
+    for path in (out, os.path.join(spec.workdir, "many", "a"), os.path.join(spec.workdir, "many", "b")):
         st = os.stat(path)
-        assert st.st_uid == 65534
-        assert stat.S_IMODE(st.st_mode) & 0o666 == 0o666, oct(st.st_mode)
-    assert stat.S_IMODE(os.stat(os.path.join(spec.workdir, "many")).st_mode) & 0o777 == 0o777
-    if os.geteuid() == 0:  # a non-root host user (neither 0 nor 65534) can delete them all
-        rm = subprocess.run(["rm", "-r", out, os.path.join(spec.workdir, "many")],
-                            user=12345, group=12345, extra_groups=[], capture_output=True, text=True)
+        assert st.st_uid == 65534 and st.st_gid == os.getegid()  # the setgid work/ gave flowd's group
+        assert stat.S_IMODE(st.st_mode) & 0o660 == 0o660, oct(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) & 0o007 == 0, oct(st.st_mode)  # nothing for others
+    if os.geteuid() == 0:  # a host user of flowd's group (neither 0 nor 65534) can delete them all
+        rm = subprocess.run(["rm", "-r", out, os.path.join(spec.workdir, "many")], user=12345,
+                            group=os.getegid(), extra_groups=[], capture_output=True, text=True)
         assert rm.returncode == 0, rm.stderr
     else:
         os.unlink(out)
@@ -802,3 +822,28 @@ def test_package_does_not_import_docker():
     code = "import sys, flowd.executor; assert 'docker' not in sys.modules, 'docker imported'"
     subprocess.run([os.sys.executable, "-c", code], check=True,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.docker
+def test_removal_takes_the_containers_anonymous_volumes(executor, reports, docker_client,
+                                                        docker_images, docker_tmp, docker_spool):
+    image = "flowd/busybox-volume:latest"
+    try:
+        docker_client.api.inspect_image(image)
+    except docker.errors.ImageNotFound:
+        cid = docker_client.api.create_container(docker_images["root"], ["true"])["Id"]
+        try:
+            docker_client.api.commit(cid, repository=image.split(":")[0], tag="latest",
+                                     changes=["VOLUME /data"])
+        finally:
+            docker_client.api.remove_container(cid, force=True)
+    spec = make_spec(docker_tmp, docker_spool, "echo x > /data/x\n", image=image)
+    executor.start(spec)
+    assert reports.result(spec.key).ok
+    (c,) = containers(docker_client, spec)
+    (vol,) = [m["Name"] for m in docker_client.api.inspect_container(c["Id"])["Mounts"]
+              if m["Type"] == "volume"]
+    executor.remove(spec).result(WAIT)
+    assert containers(docker_client, spec) == []
+    with pytest.raises(docker.errors.NotFound):  # an image with a VOLUME leaks nothing per task
+        docker_client.api.inspect_volume(vol)
