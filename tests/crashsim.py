@@ -68,6 +68,7 @@ CAPACITY = 8
 class Container:
     spec: X.TaskSpec
     result: X.TaskResult | None = None  # set once it exited
+    rounds: int = 0  # run_pending rounds it still runs before its script is run
 
 
 @dataclass
@@ -77,10 +78,12 @@ class World:
 
 
 class SimExecutor(FakeExecutor):
-    def __init__(self, report: X.Report, scripts, world: World, wf: Workflow):
+    def __init__(self, report: X.Report, scripts, world: World, wf: Workflow,
+                 slow: dict[str, int] | None = None):
         super().__init__(report, scripts)
         self.world = world
         self.wf = wf
+        self.slow = slow or {}  # process -> rounds its containers run before they exit
 
     def start(self, spec: X.TaskSpec) -> None:
         self.started.append(spec)
@@ -91,7 +94,8 @@ class SimExecutor(FakeExecutor):
             self.report(X.TaskResult(spec.run_id, spec.task_id, spec.attempt, X.ERROR,
                                      message=f"could not start the container: no {missing}"))
             return
-        self.world.containers[spec.container_name] = Container(spec)
+        self.world.containers[spec.container_name] = Container(
+            spec, rounds=self.slow.get(spec.process, 0))
         self.pending.append(spec)
 
     def adopt(self, spec: X.TaskSpec) -> None:
@@ -127,11 +131,16 @@ class SimExecutor(FakeExecutor):
 
     def run_pending(self, limit: int | None = None) -> int:
         n = 0
+        later = []  # slow containers: still running after this round
         while self.pending and (limit is None or n < limit):
             spec = self.pending.pop(0)
             c = self.world.containers.get(spec.container_name)
             if c is None or c.spec.attempt != spec.attempt:
                 continue  # removed meanwhile
+            if c.result is None and c.rounds > 0:
+                c.rounds -= 1
+                later.append(spec)
+                continue
             if c.result is None:
                 fn = self.scripts.get(spec.process, lambda t: 0)
                 self.world.executions += 1
@@ -152,6 +161,7 @@ class SimExecutor(FakeExecutor):
                                             exit_code=outcome, message=f"exit status {outcome}")
             self.report(c.result)
             n += 1
+        self.pending += later
         return n
 
 
@@ -436,6 +446,7 @@ class Flow:
     fired: set[str] = field(default_factory=set)  # source processes, done once
     state: str = E.SUCCEEDED
     client: Callable | None = None  # (sim, run) -> None, called after each tick
+    slow: dict[str, int] = field(default_factory=dict)  # process -> rounds its containers run
     expect: Callable | None = None  # (seen items) -> (expected, problems), when it depends
 
 
@@ -537,8 +548,47 @@ def flow_muxbatch() -> Flow:
     return Flow("muxbatch", w, {}, {"l": want, "r": want}, {"l", "r"})
 
 
+def _src_a(t: FakeTask) -> int:
+    t.write("a/1", b"A1")  # a folder output: two items, in name order
+    t.write("a/2", b"A2")
+    return 0
+
+
+def _src_b(t: FakeTask) -> int:
+    t.write("b", b"B1")
+    return 0
+
+
+def _src_c(t: FakeTask) -> int:
+    t.write("c", b"C1")
+    t.write("e", b"")  # an empty item: it has no data to fsync
+    return 0  # and "none", declared, is not written: no item
+
+
+def _pick(t: FakeTask) -> int:
+    x = t.read("pairs")
+    if not x.startswith(b"A1|"):
+        t.write("out", b"f(" + x + b")")
+    return 0  # a filter: for A1's pair it writes nothing
+
+
+def flow_sources() -> Flow:
+    """Three source processes (task ids s1, s2, s3, all running at once; the first
+    one's container exits a round after the others, so results do not come in the
+    order of the claims): two feed a join (one with a folder output, one beside an
+    initial item), the third writes a file, an empty file and nothing for its third
+    output; a filter drops one pair."""
+    w = wf(channels={"a": [], "b": ["b0"], "pairs": [], "c": [], "e": [], "none": [], "out": []},
+           processes=[_proc("sa", "", "a"), _proc("sb", "", "b"), _proc("sc", "", "c e none"),
+                      _proc("j", "a b", "pairs", parallel=2), _proc("pick", "pairs", "out")])
+    return Flow("sources", w, {"sa": _src_a, "sb": _src_b, "sc": _src_c, "j": _join, "pick": _pick},
+                {"out": [b"f(A2|B1)"], "c": [b"C1"], "e": [b""]}, {"out", "c", "e"},
+                fired={"sa", "sb", "sc"}, slow={"sa": 1})
+
+
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
-         "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch}
+         "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch,
+         "sources": flow_sources}
 
 
 class Sim:
@@ -590,7 +640,7 @@ class Sim:
         if self.model is not None:
             self.model.clock = fs
         events: list = []
-        ex = SimExecutor(events.append, self.flow.scripts, self.world, self.flow.wf)
+        ex = SimExecutor(events.append, self.flow.scripts, self.world, self.flow.wf, self.flow.slow)
         try:
             for name in sorted(os.listdir(self.runs)):
                 if name.startswith(".new-"):
