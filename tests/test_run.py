@@ -277,6 +277,41 @@ def test_a_damaged_item_is_quarantined_never_fed_and_never_deleted(tmp_path, dam
     assert len(h.run.detail()["quarantined"]) == 1
 
 
+@pytest.mark.parametrize("planted", ["no-stamp", "symlink", "setuid", "world-writable"])
+def test_an_input_that_is_not_an_item_flowd_made_is_never_mounted(tmp_path, planted):
+    """An input is mounted only as a regular file flowd owns, with its stamp (issue 8 #2)."""
+    from flowd import checksum
+
+    fed = []
+
+    def copy(t):
+        fed.append(t.read("a"))
+        t.write("out", t.read("a"))
+        return 0
+
+    w = wf(channels={"a": ["first", "second", "third"], "out": []}, processes=[proc("p", "a", "out")])
+    h = Harness(tmp_path, w, {"p": copy})
+    folder = os.path.join(h.path, "channels", "a")
+    victim = os.path.join(folder, sorted(os.listdir(folder))[1])
+    if planted == "no-stamp":
+        os.removexattr(victim, checksum.XATTR)
+    elif planted == "symlink":
+        outside = tmp_path / "host-file"
+        outside.write_bytes(b"secret")
+        os.unlink(victim)
+        os.symlink(outside, victim)
+    elif planted == "setuid":
+        os.chmod(victim, 0o4755)
+    else:
+        os.chmod(victim, 0o666)
+    assert h.drain() == E.SUCCEEDED
+    assert fed == [b"first", b"third"]  # never given to a script
+    (q,) = h.run.detail()["quarantined"]
+    assert q["channel"] == "a"
+    assert {"no-stamp": "no checksum stamp", "symlink": "not a regular file", "setuid": "mode 4755",
+            "world-writable": "mode 666"}[planted] in q["reason"]
+
+
 def test_task_outputs_and_pushed_items_carry_a_checksum(tmp_path):
     from flowd import checksum
 
