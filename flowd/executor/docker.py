@@ -30,15 +30,17 @@ Removal. A container is always removed with its anonymous volumes (an
 image that declares a VOLUME would otherwise leak one per task).
 
 Logs. Containers log with the ``json-file`` driver rotated at
-``log_limit / 2`` bytes, two files, so the engine keeps at most ``log_limit``
-bytes (as JSON: usually 40-100 % of that is the raw output) and a chatty
-task can never fill the engine's disk. The log written to ``spec.log_path``
-is therefore the *tail* of stdout+stderr (interleaved as written), streamed
-in chunks and capped at ``log_limit`` bytes; it is fsynced and renamed into
-place. While the container runs, one thread per task follows its log into
+``ENGINE_LOG_FACTOR * log_limit / 2`` bytes, two files, so a chatty task can
+never fill the engine's disk. The engine's JSON costs about 70 bytes per
+line on top of the output, so it keeps ``ENGINE_LOG_FACTOR`` times the room
+flowd promises. The log written to ``spec.log_path`` is the *tail* of
+stdout+stderr (interleaved as written): the last ``log_limit`` bytes of what
+the engine kept (all of them unless the output is mostly lines of under ~25
+bytes), streamed in chunks; it is fsynced and renamed into place. While the
+container runs, one thread per task follows its log into
 ``live_log_path(spec.log_path)`` (the first ``log_limit`` bytes), for
 ``flowctl logs --follow``; the final log starts with the same bytes unless
-the engine rotated some away (over ``log_limit / 2`` of output).
+the output was over ``log_limit``.
 
 OOM. A task is ``OOM`` only on exit 137 with the engine's OOMKilled flag (it
 is container-wide and sticky) or, since that flag is lost now and then on
@@ -117,6 +119,7 @@ _OOM_CHECK = (
 )
 
 
+ENGINE_LOG_FACTOR = 4  # the engine keeps this many times log_limit of JSON log (see Logs)
 IMAGE_CHECK_TTL = 30.0  # seconds an image found present is not looked up again
 
 
@@ -320,7 +323,7 @@ class DockerExecutor(Executor):
             limits["memswap_limit"] = int(spec.memory)  # the same: no swap
         if spec.cpus:
             limits["nano_cpus"] = int(spec.cpus * 1e9)
-        half = max(self.log_limit // 2, 4096)
+        half = max(ENGINE_LOG_FACTOR * self.log_limit // 2, 4096)
         host_config = self.api.create_host_config(
             mounts=mounts,
             privileged=False,
@@ -433,8 +436,8 @@ class DockerExecutor(Executor):
         part = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".part")
         stream = self._call(self.api.logs, cid, stdout=True, stderr=True, stream=True, follow=False)
         try:
-            with open(part, "wb") as f:
-                self._copy_log(stream, f)
+            with open(part, "w+b") as f:
+                self._copy_tail(stream, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(part, path)
@@ -443,6 +446,22 @@ class DockerExecutor(Executor):
             raise
         finally:
             _close_quietly(stream)
+
+    def _copy_tail(self, stream, f) -> None:
+        """Write the last ``log_limit`` bytes of a log stream to ``f`` (empty, w+b).
+
+        The file is cut back to its last ``log_limit`` bytes whenever it grows
+        past twice that, so the work is linear and the file stays small.
+        """
+        limit = self.log_limit
+        size = 0
+        for chunk in self._iterate(stream):
+            f.write(chunk)
+            size += len(chunk)
+            if size > 2 * limit:
+                size = _keep_tail(f, size, limit)
+        if size > limit:
+            _keep_tail(f, size, limit)
 
     def _copy_log(self, stream, f, stop: Callable[[], bool] | None = None) -> None:
         """Write a log stream's chunks to ``f`` up to ``log_limit`` bytes (or
@@ -728,6 +747,17 @@ class _Task:
     reported: bool = False
     engine_lost: bool = False  # the engine went away while we waited
     finished: bool = False  # _finish began: the live log is done with
+
+
+def _keep_tail(f, size: int, limit: int) -> int:
+    """Keep only the last ``limit`` of the ``size`` bytes written to ``f``; the new size."""
+    f.flush()
+    f.seek(size - limit)
+    tail = f.read(limit)
+    f.seek(0)
+    f.write(tail)
+    f.truncate(len(tail))
+    return len(tail)
 
 
 def _unlink(path: str) -> None:
