@@ -8,6 +8,7 @@ import sys
 from . import __version__
 from .config import KEYS, toml_value, load
 from .errors import FlowError
+from .textsafe import LogFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +35,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg.socket = args.socket
         if args.log_level:
             cfg.log_level = args.log_level
-        logging.basicConfig(
-            level=getattr(logging, cfg.log_level.upper()),
-            format="%(asctime)s flowd[%(process)d] %(levelname)s %(message)s",
-            stream=sys.stderr,
-        )
+        handler = logging.StreamHandler(sys.stderr)
+        # every record one line, control characters escaped (flowd.textsafe)
+        handler.setFormatter(LogFormatter("%(asctime)s flowd[%(process)d] %(levelname)s %(message)s"))
+        logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), handlers=[handler])
         from .daemon import Daemon
 
         return Daemon(cfg).serve()

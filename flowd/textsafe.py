@@ -20,10 +20,11 @@ C0, DEL and C1, the Unicode format characters that reorder or hide text
 """
 from __future__ import annotations
 
+import logging
 import re
 
 # C0 (but \t \n, handled per function), DEL, C1, and the invisible reorderers.
-_HIDDEN = "\udc80-\udcff\u061c\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+_HIDDEN = "\udc80-\udcff\u00ad\u061c\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ufff9-\ufffb\U000e0000-\U000e007f"
 _TERMINAL = re.compile("[\\\\\x00-\x08\x0b-\x1f\x7f-\x9f" + _HIDDEN + "]")
 _LOG = re.compile("[\\\\\x00-\x1f\x7f-\x9f" + _HIDDEN + "]")
 _NAMED = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
@@ -37,7 +38,9 @@ def _escape(m: re.Match) -> str:
     n = ord(c)
     if 0xdc80 <= n <= 0xdcff:  # a byte that was not UTF-8 (surrogateescape)
         return f"\\x{n - 0xdc00:02x}"
-    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}"
+    if n < 0x100:
+        return f"\\x{n:02x}"
+    return f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 def for_terminal(s: object) -> str:
@@ -53,3 +56,37 @@ def for_log(s: object) -> str:
 def bytes_for_terminal(data: bytes) -> str:
     """Raw bytes (a log) for a terminal: UTF-8 where valid, ``\\xNN`` for other bytes."""
     return for_terminal(data.decode("utf-8", "surrogateescape"))
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f" + _HIDDEN + "]")
+
+
+def _escape_control(text: str) -> str:
+    return _CONTROL.sub(_escape, text)
+
+
+class LogFormatter(logging.Formatter):
+    """The daemon's log lines, one record per line whatever went into it.
+
+    A safety net behind ``for_log``: control characters left in a message are
+    escaped (backslashes are not doubled, so a value ``for_log`` escaped
+    already reads the same); a traceback's lines follow indented by a tab,
+    each escaped, so no line of it can pass for a record of its own.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = _escape_control(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        s = self.formatMessage(record)
+        extra = []
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            extra.append(record.exc_text)
+        if record.stack_info:
+            extra.append(self.formatStack(record.stack_info))
+        for block in extra:
+            s += "".join("\n\t" + _escape_control(line) for line in block.splitlines())
+        return s
