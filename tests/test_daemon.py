@@ -1,6 +1,7 @@
 """flowd and flowctl end to end against the real Docker engine, as a user runs them."""
 from __future__ import annotations
 
+import grp
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import time
 import pytest
 import zmq
 
-from daemon_fixtures import REPO, env_for_subprocess, wait_until
+from daemon_fixtures import REPO, daemon_user, env_for_subprocess, system_user, wait_until
 
 pytestmark = pytest.mark.docker
 EXAMPLES = os.path.join(REPO, "examples")
@@ -385,6 +386,9 @@ def test_engine_down_is_reported_and_the_run_resumes_when_it_returns(daemon_fact
         assert "Docker engine is unavailable" in status
         assert json.loads(d.flowctl("status", run, "--json").stdout)["state"] == "running"
         proxy.serve()  # the engine is back
+        # like /run/docker.sock (root:docker 0660): the daemon reaches it through its docker group
+        os.chown(proxy.path, 0, grp.getgrnam("docker").gr_gid)
+        os.chmod(proxy.path, 0o660)
         detail = json.loads(d.flowctl("watch", run, "--json", check=0).stdout)
         assert detail["state"] == "succeeded"
         assert pull(d, run, "out", os.path.join(workdir, "out")) == [b"x"]
@@ -397,16 +401,7 @@ NONROOT = "flowd-test"
 
 @pytest.fixture
 def nonroot_user():
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make a test user")
-    import pwd
-
-    try:
-        pwd.getpwnam(NONROOT)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--groups", "docker",
-                        NONROOT], check=True)
-    return pwd.getpwnam(NONROOT)
+    return daemon_user(NONROOT)
 
 
 def test_daemon_as_a_non_root_docker_group_member_collects_any_uids_outputs(
@@ -415,8 +410,8 @@ def test_daemon_as_a_non_root_docker_group_member_collects_any_uids_outputs(
     spool = os.path.join(workdir, "spool")
     os.mkdir(spool, 0o750)
     os.chown(spool, nonroot_user.pw_uid, nonroot_user.pw_gid)
-    # the venv's interpreter may live under /root; Debian's python3 with its packaged
-    # libraries is what the .deb runs as the flowd user anyway
+    # every test daemon runs non-root; this one also runs Debian's python3 with its
+    # packaged libraries, as the .deb does, whichever Python runs the tests
     check = subprocess.run(["/usr/bin/python3", "-c", "import docker, zmq, lxml, sdnotify"],
                            capture_output=True)
     if check.returncode:
@@ -448,15 +443,7 @@ def test_daemon_as_a_non_root_docker_group_member_collects_any_uids_outputs(
 
 
 def test_a_user_outside_the_sockets_group_is_refused_and_callers_are_logged(daemon, workdir):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make a second user")
-    import pwd
-
-    try:
-        pwd.getpwnam("flowd-other")
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "flowd-other"], check=True)
-    other = pwd.getpwnam("flowd-other")
+    other = system_user("flowd-other")
     os.chmod(os.path.dirname(daemon.socket), 0o755)  # the folder is open; the socket is 0660
     res = subprocess.run(["/usr/bin/python3", "-m", "flowctl", "--socket", daemon.socket, "status"],
                          env=env_for_subprocess(), capture_output=True, text=True, timeout=60,

@@ -558,6 +558,17 @@ def test_a_drop_that_became_a_run_just_before_a_crash_is_not_submitted_twice(spo
 # -- end to end, with a real daemon ---------------------------------------------------------
 
 
+def writable_by_the_daemons_group(path: str, daemon) -> None:
+    """As a member of the daemon's group drops a folder (umask 002, docs/spool.md): the
+    daemon, not root, must move it out of incoming/, which needs write access to it."""
+    if daemon.pw is None:
+        return
+    for folder, dirs, files in os.walk(path):
+        for p in [folder] + [os.path.join(folder, n) for n in files]:
+            os.chown(p, -1, daemon.pw.pw_gid)
+            os.chmod(p, os.stat(p).st_mode | 0o060)
+
+
 def run_named(daemon, name):
     res = daemon.flowctl("status", "--json", check=0)
     runs = [r for r in json.loads(res.stdout)["runs"] if r["name"] == name]
@@ -584,6 +595,7 @@ UPPER = """<workflow name="{name}">
 def test_e2e_a_dropped_folder_becomes_a_run_that_succeeds(daemon, workdir, docker_images):
     src = put(os.path.join(workdir, "job"), {"workflow.xml": UPPER.format(name="dropped-ok"),
                                              "data/in.txt": "hello drop\n"})
+    writable_by_the_daemons_group(src, daemon)
     os.rename(src, os.path.join(daemon.spool, "incoming", "job"))
     run = wait_until(lambda: run_named(daemon, "dropped-ok"), 30, "the drop to become a run")
     detail = wait_until(lambda: finished(daemon, run), 60, "the run to end")
