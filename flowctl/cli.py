@@ -22,7 +22,7 @@ import math
 import os
 import sys
 
-from flowd.errors import FlowError, UsageError, WorkflowError
+from flowd.errors import FlowError, NotFound, UsageError, WorkflowError
 from flowd.textsafe import for_terminal as _t
 
 from . import fmt
@@ -153,7 +153,6 @@ def cmd_validate(client: Client, args) -> int:
 
 
 SUBMIT_TIMEOUT = 600.0  # seconds for the daemon to write a submitted run's items
-INTERRUPTED_WAIT = 30.0  # after Ctrl-C: seconds to wait for the id of a run already sent
 
 
 def cmd_submit(client: Client, args) -> int:
@@ -193,20 +192,20 @@ def cmd_submit(client: Client, args) -> int:
 
 def _submit_interrupted(client: Client, args, name: str) -> int:
     """Ctrl-C during submit. Before the submit request left, nothing was made.
-    After, the daemon goes on making the run: wait a little for its id so the
-    user knows what exists (a second Ctrl-C stops waiting). Ctrl-C stops
-    flowctl, never a run: ``flowctl cancel`` does that."""
+    After, the daemon goes on making the run: wait for its id (as patiently as
+    before) so the user knows what exists; a second Ctrl-C stops waiting and
+    says the run may still appear. Ctrl-C stops flowctl, never a run:
+    ``flowctl cancel`` does that."""
     if client.pending is None:
         print("flowctl: interrupted before the workflow was submitted: no run was made",
               file=sys.stderr)
         return 130
     may_exist = _t(f"flowctl: the run of workflow {name!r} may still be made: `flowctl status` "
                    "lists it once it is, and `flowctl cancel RUN` stops it")
-    print(f"flowctl: interrupted after the workflow was sent: flowd goes on making the run; "
-          f"waiting up to {INTERRUPTED_WAIT:g}s for its id (Ctrl-C again to stop waiting)",
-          file=sys.stderr)
+    print("flowctl: interrupted after the workflow was sent: flowd goes on making the run; "
+          "waiting for its id (Ctrl-C again to stop waiting)", file=sys.stderr)
     try:
-        result = client.await_patiently("submit", INTERRUPTED_WAIT)
+        result = client.await_patiently("submit", max(client.timeout, SUBMIT_TIMEOUT))
     except KeyboardInterrupt:
         print(may_exist, file=sys.stderr)
         return 130
@@ -232,7 +231,7 @@ def _call_riding(client: Client, run: str, cmd: str, args: dict, timeout: float)
         try:
             return client.call(cmd, args, timeout=timeout)[0]
         except (DaemonStopped, NotRunning) as e:
-            if not client.answered:
+            if not client.reached:
                 raise  # not running from the start: nothing to wait for
             stopped = e
         print(_t(f"flowctl: flowd stopped while following run {run} ({stopped}); waiting up to "
@@ -247,10 +246,14 @@ def _call_riding(client: Client, run: str, cmd: str, args: dict, timeout: float)
 
 def _wait(client: Client, run: str, quiet: bool) -> dict:
     last = None
+    wait = 0  # the state now, then long-polls: the daemon answers when the run ends, or in 30 s
     while True:
-        result = _call_riding(client, run, "status", {"run": run, "wait": 30},
-                              timeout=client.timeout + 30)
+        result = _call_riding(client, run, "status", {"run": run, "wait": wait},
+                              timeout=client.timeout + wait)
+        wait = 30
         detail = result["run"]
+        if detail is None:
+            raise NotFound(f"run {run} is gone (removed while it was followed)")
         line = f"{run}: {detail['state']}, {detail['tasks_done']} tasks done, " \
                f"{detail['tasks_running']} running, {detail['tasks_failed']} failed"
         if not quiet and line != last:

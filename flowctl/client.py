@@ -49,7 +49,7 @@ class Client:
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self.pending: tuple[str, int] | None = None  # a patient request sent: (its id, daemon pid)
-        self.answered = False  # a daemon has answered this client once
+        self.reached = False  # a daemon listened to this client once
 
     def _connect(self) -> zmq.Socket:
         if self._sock is not None:
@@ -77,6 +77,7 @@ class Client:
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(P.endpoint(path))
         self._sock = sock
+        self.reached = True
         return sock
 
     def reconnect(self, within: float) -> None:
@@ -102,7 +103,6 @@ class Client:
         reply = self._receive(sock, {req_id}, time.monotonic() + wait)
         if reply is None:
             raise self._no_answer(wait)
-        self.answered = True
         _, result, data = P.decode_reply(reply)
         return result, data
 
@@ -154,10 +154,14 @@ class Client:
         frames = P.encode_request(req_id, cmd, args or {}, payload)
         if sum(len(f) for f in frames) > P.MAX_MESSAGE:
             raise ProtocolError(f"message over {P.MAX_MESSAGE} bytes; this is a flowctl bug")
+        # A connection that ended before this send (ZeroMQ may have reconnected
+        # since) loses nothing of this request: forget its event.
+        while self._monitor is not None and self._monitor.poll(0):
+            recv_monitor_message(self._monitor)
         try:
             sock.send_multipart(frames)
-        except zmq.Again:
-            raise self._no_answer(self.timeout) from None
+        except zmq.Again:  # no live connection (IMMEDIATE) for --timeout seconds
+            raise self._stopped_or_slow() from None
         except zmq.ZMQError as e:
             if e.errno in (errno.EACCES, errno.EPERM):
                 raise DaemonUnreachable(f"permission denied on {self.path}") from None
@@ -187,6 +191,22 @@ class Client:
                     self.close()
                     raise DaemonStopped(f"flowd stopped: it closed the connection on {self.path} "
                                         "before it answered")
+
+    def _stopped_or_slow(self) -> DaemonUnreachable:
+        """A send that could not go: ``DaemonStopped`` if nothing listens on
+        the socket now (no file, or refused), else a slow daemon."""
+        ended = not os.path.exists(self.path)
+        if not ended:
+            try:
+                self._probe(self.path, "")
+            except NotRunning:
+                ended = True
+            except DaemonUnreachable:
+                pass
+        if ended:
+            self.close()
+            return DaemonStopped(f"flowd stopped: nothing listens on {self.path} any more")
+        return self._no_answer(self.timeout)
 
     def _no_answer(self, wait: float) -> DaemonUnreachable:
         return DaemonUnreachable(
