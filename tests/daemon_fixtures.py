@@ -299,6 +299,9 @@ def workdir(request):
 
 @pytest.fixture
 def daemon_factory(workdir):
+    """make(spool=None, user=DAEMON_USER, python=sys.executable, extra_args=(), env=None):
+    a Daemon, non-root by default. ``user=None`` runs it as the test process (root): only
+    for a test that truly needs that, with a comment saying why."""
     made: list[Daemon] = []
     sockdir = tempfile.mkdtemp(prefix="flowd-sock-")  # short: ipc paths are limited to ~100 bytes
 
@@ -320,7 +323,7 @@ def _remove_containers(spool: str) -> None:
     ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=io.flowd.spool={spool}"],
                          capture_output=True, text=True).stdout.split()
     if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+        subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)  # -v: their volumes
 
 
 @pytest.fixture
