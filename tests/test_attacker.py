@@ -343,13 +343,15 @@ def test_mallory_cannot_open_rename_or_write_anything_under_runs(cast, docker_cl
 </workflow>""", wait=False, check=0)
     work = task_folder(docker_client, running["run"])
     wait_until(lambda: os.path.exists(os.path.join(work, "o")), 120, "the running task's output")
-    runs = spool_path(cast, "runs")
     entries = []
-    for folder, dirs, files in os.walk(runs):  # as root: everything there is
-        entries.append(f"d {folder}")
-        entries += [f"f {os.path.join(folder, n)}" for n in dirs if os.path.islink(os.path.join(folder, n))]
-        entries += [f"f {os.path.join(folder, n)}" for n in files]
-    assert any(work in e for e in entries) and any("/channels/o/" in e for e in entries), entries
+    for top in {spool_path(cast, "runs"), work}:  # the task's folder, wherever flowd keeps it
+        for folder, dirs, files in os.walk(top):  # as root: everything there is
+            entries.append(f"d {folder}")
+            entries += [f"f {os.path.join(folder, n)}" for n in dirs
+                        if os.path.islink(os.path.join(folder, n))]
+            entries += [f"f {os.path.join(folder, n)}" for n in files]
+    assert f"f {os.path.join(work, 'o')}" in entries, entries
+    assert any("/channels/o/" in e for e in entries), ("alice's outputs should be there", entries)
     probe = cast.python(cast.mallory, PROBE, input="\n".join(entries) + "\n")
     assert probe.returncode == 0, probe.stderr
     assert json.loads(probe.stdout) == [], "mallory got through:\n" + probe.stdout
