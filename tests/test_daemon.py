@@ -418,7 +418,10 @@ def test_daemon_as_a_non_root_docker_group_member_collects_any_uids_outputs(
         if os.environ.get("CI"):
             pytest.fail("Debian's python3-docker/zmq/lxml/sdnotify are needed (.ci/setup-host)")
         pytest.skip("Debian's python3 libraries are not installed")
-    d = daemon_factory(spool=spool, user=NONROOT, python="/usr/bin/python3").start()
+    # the images' own users (root, 65534), not flowd's (the default container_user)
+    cfg = write(os.path.join(workdir, "flowd.toml"), 'container_user = "image"\n')
+    d = daemon_factory(spool=spool, user=NONROOT, python="/usr/bin/python3",
+                       extra_args=["--config", cfg]).start()
     xml = write(os.path.join(workdir, "wf", "uids.xml"), """<workflow name="uids">
   <channel name="in"><item>abc</item></channel>
   <channel name="mid"/><channel name="out"/>
