@@ -9,11 +9,12 @@ from __future__ import annotations
 import fnmatch
 import grp
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 
 from .errors import UsageError
-from .model import parse_size
+from .model import NETWORKS, parse_duration, parse_size
 from .protocol import DEFAULT_SOCKET
 
 DEFAULT_CONFIG = "/etc/flowd/flowd.toml"
@@ -28,10 +29,19 @@ KEYS: dict[str, tuple[object, str]] = {
     "max_containers": (0, "containers running at once, all runs together (0: number of cores)"),
     "pids_limit": (256, "process limit of each container"),
     "default_memory": ("", "memory limit for processes that set none, e.g. \"1g\" (empty: none)"),
+    "max_memory": ("8g", "most memory a process may ask for, and the limit of processes that "
+                         "set none when default_memory is empty (empty: no limit)"),
+    "max_timeout": ("24h", "longest timeout a process may ask for, and the timeout of processes "
+                           "that set none (empty: no limit)"),
     "max_output_size": ("", "largest output file a task may write, e.g. \"10g\" (empty: no limit)"),
+    "container_user": ("daemon", "who containers run as: \"daemon\" (flowd's own uid and gid), "
+                                 "\"image\" (the image's USER) or \"UID[:GID]\""),
     "cap_add": ([], "capabilities added back to every container (all are dropped by default)"),
     "allowed_images": ([], "images a workflow may run: names or shell patterns like \"flowd/*\"; "
                            "no tag means :latest (empty: any image)"),
+    "allowed_networks": (["none"], "networks a process may ask for: \"none\" (always allowed) "
+                                   "and \"bridge\" (Docker's default network)"),
+    "max_upload_size": ("64g", "largest file set one flowctl submit or push may send"),
     "min_free_space": ("256m", "free space the spool keeps: below it flowd pauses its runs and "
                                "refuses submissions and pushes, until space is freed"),
     "log_level": ("info", "debug, info, warning or error"),
@@ -47,13 +57,26 @@ class Config:
     max_containers: int = 0
     pids_limit: int = 256
     default_memory: int | None = None
+    max_memory: int | None = 8 * 1024 ** 3
+    max_timeout: float | None = 24 * 3600.0
     max_output_size: int | None = None
+    container_user: str = "daemon"
     cap_add: list[str] = field(default_factory=list)
     allowed_images: list[str] = field(default_factory=list)
+    allowed_networks: list[str] = field(default_factory=lambda: ["none"])
+    max_upload_size: int = 64 * 1024 ** 3
     min_free_space: int = 256 * 1024 * 1024
     log_level: str = "info"
     source: str | None = None  # the file it came from
     file_values: dict = field(default_factory=dict)  # the keys as the file set them (for reload)
+
+    @property
+    def memory_for_unset(self) -> int | None:
+        """The memory limit of a process that sets none."""
+        return self.default_memory or self.max_memory
+
+    def network_allowed(self, network: str) -> bool:
+        return network == "none" or network in self.allowed_networks
 
     @property
     def container_cap(self) -> int:
@@ -116,8 +139,16 @@ def load(path: str | None, *, required: bool = False) -> Config:
         try:
             if key == "socket_mode":
                 value = int(value, 8)
-            elif key in ("default_memory", "max_output_size"):
+            elif key in ("default_memory", "max_output_size", "max_memory"):
                 value = parse_size(value) if value else None
+            elif key == "max_upload_size":
+                value = parse_size(value)
+            elif key == "max_timeout":
+                value = parse_duration(value) if value else None
+            elif key == "container_user":
+                check_container_user(value)
+            elif key == "allowed_networks" and not all(x in NETWORKS for x in value):
+                raise ValueError(f"each value must be one of {', '.join(map(repr, NETWORKS))}")
             elif key == "min_free_space":
                 value = parse_size(value) if value not in ("", "0") else 0
             elif key in ("max_containers", "pids_limit") and value < 0:
@@ -131,7 +162,23 @@ def load(path: str | None, *, required: bool = False) -> Config:
             raise UsageError(f"{path}: {key} = {value!r}: {e}") from None
         setattr(cfg, key, value)
         cfg.file_values[key] = value
+    if cfg.default_memory and cfg.max_memory and cfg.default_memory > cfg.max_memory:
+        raise UsageError(f"{path}: default_memory ({cfg.default_memory} bytes) is more than "
+                         f"max_memory ({cfg.max_memory} bytes); lower the one or raise the other")
     return cfg
+
+
+_USER_ID = re.compile(r"^(\d{1,10})(?::(\d{1,10}))?$")
+
+
+def check_container_user(value: str) -> None:
+    """``daemon``, ``image`` or ``UID[:GID]`` (numbers below 2**32 - 1), else ValueError."""
+    if value in ("daemon", "image"):
+        return
+    m = _USER_ID.match(value)
+    if not m or any(g is not None and int(g) >= 2 ** 32 - 1 for g in m.groups()):
+        raise ValueError('must be "daemon" (flowd\'s own uid), "image" (the image\'s USER) '
+                         'or numbers "UID" or "UID:GID", e.g. "1000:1000"')
 
 
 def toml_value(v: object) -> str:

@@ -8,6 +8,7 @@ Signals are recorded by their handlers and acted on in the loop.
 from __future__ import annotations
 
 import fcntl
+import heapq
 import logging
 import os
 import queue
@@ -25,20 +26,24 @@ import zmq
 from . import __version__
 from . import protocol as P
 from .config import DEFAULT_CONFIG, KEYS, Config
-from .errors import (AlreadyRunning, Ambiguous, Conflict, DiskFull, FlowError, NotFound,
-                     ProtocolError, StorageError, UsageError)
+from . import checksum
+from .errors import (AlreadyRunning, Ambiguous, Conflict, DiskFull, FlowError, NotFound, Problem,
+                     ProtocolError, StorageError, UsageError, WorkflowError)
 from .executor import base as X
 from .fsops import Durable
 from .intake import Intake
 from .notify import Notifier
 from .run import Limits, Run
+from .staging import PUSH_FILE, UPLOAD_MAX_AGE, Staging
+from .textsafe import for_log
 
 log = logging.getLogger("flowd")
 
-UPLOAD_MAX_AGE = 3600.0
 STATUS_EVERY = 10.0
-_SAFE_PART = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+ -]{0,254}$")
 _RUN_ID = re.compile(r"^[0-9a-f]{12}$")
+RUN_ID_TRIES = 64  # random ids tried for a unique 4-digit prefix before any unique id will do
+WAITERS_PER_PEER = 16  # status --wait requests one client may have waiting
+MAX_WAITERS = 4096  # all clients together
 
 
 class Daemon:
@@ -51,7 +56,8 @@ class Daemon:
         self.fs = Durable()
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.runs: dict[str, Run] = {}
-        self.waiters: list[tuple[float, str, bytes, str]] = []  # (deadline, run, peer, req id)
+        self.waiters = _Waiters(WAITERS_PER_PEER, MAX_WAITERS)  # status --wait requests
+        self.staging = Staging(self.uploads_dir, max_age=UPLOAD_MAX_AGE)  # uploads and pushes
         self.creating: dict[str, _Creation] = {}  # runs whose folders are being made
         self.engine_up = True
         self.engine_message = ""
@@ -68,19 +74,22 @@ class Daemon:
         self.sock: zmq.Socket | None = None
         self.executor: X.Executor | None = None
         self.limits = Limits(pids_limit=cfg.pids_limit, max_output_bytes=cfg.max_output_size,
-                             default_memory=cfg.default_memory, spool=self.spool)
+                             default_memory=cfg.memory_for_unset, default_timeout=cfg.max_timeout,
+                             container_user=cfg.container_user, spool=self.spool)
 
     # -- start-up ----------------------------------------------------------
     def _prepare_spool(self) -> None:
-        for d in (self.spool, self.runs_dir, self.uploads_dir,
-                  os.path.join(self.spool, "incoming"), os.path.join(self.spool, "rejected")):
+        for d, mode in self._spool_modes():
             try:
-                if not os.path.isdir(d):
-                    os.makedirs(d, exist_ok=True)
-                    if d.endswith("/incoming"):  # the daemon's group may drop workflows
-                        os.chmod(d, 0o2770)
+                os.makedirs(d, exist_ok=True)
             except OSError as e:
                 raise UsageError(f"cannot create spool folder {d}: {e.strerror}") from None
+            try:
+                if os.stat(d).st_mode & 0o7777 != mode:
+                    os.chmod(d, mode)  # created by flowd, or made by hand, or by an older flowd
+            except OSError as e:
+                log.warning("spool folder %s should have mode %04o and cannot be given it (%s); "
+                            "fix it: chmod %04o %s", d, mode, e.strerror, mode, d)
         self._lock(os.path.join(self.spool, "flowd.lock"), f"spool {self.spool}")
         sock_dir = os.path.dirname(self.socket_path)
         try:
@@ -93,6 +102,16 @@ class Daemon:
             if os.stat(d).st_dev != os.stat(self.spool).st_dev:
                 raise UsageError(f"{d} is on another filesystem than {self.spool}; "
                                  "keep the whole spool on one filesystem")
+
+    def _spool_modes(self) -> list[tuple[str, int]]:
+        """Each spool folder flowd makes, and its mode (docs/spool.md): the
+        group may enter the spool and read rejected drops; it may drop into
+        incoming/ (setgid: drops stay in the group; sticky: members cannot
+        rename or delete each other's drops, flowd as the owner can); runs/
+        and uploads/ are flowd's alone (pull results with flowctl)."""
+        return [(self.spool, 0o750), (self.runs_dir, 0o700), (self.uploads_dir, 0o700),
+                (os.path.join(self.spool, "incoming"), 0o3770),
+                (os.path.join(self.spool, "rejected"), 0o750)]
 
     def _lock(self, path: str, what: str) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -121,11 +140,10 @@ class Daemon:
             try:
                 run = Run.open(path, self.fs, self.executor, self.limits)
             except (OSError, ValueError, KeyError, StorageError) as e:
-                log.error("run %s cannot be loaded and is left as it is: %s", name, e)
+                log.error("run %s cannot be loaded and is left as it is: %s", name, for_log(e))
                 continue
             self.runs[run.id] = run
-        shutil.rmtree(self.uploads_dir, ignore_errors=True)
-        os.makedirs(self.uploads_dir, exist_ok=True)
+        self.staging.reset()  # uploads do not outlive the daemon
 
     def _bind(self) -> None:
         self.ctx = zmq.Context()
@@ -214,7 +232,9 @@ class Daemon:
                 if self.notifier.watchdog_interval:
                     deadlines.append(next_watchdog)
                 if self.waiters:
-                    deadlines.append(min(w[0] for w in self.waiters))
+                    deadlines.append(self.waiters.next_deadline())
+                if self.staging.open:
+                    deadlines.append(self.staging.next_deadline())
                 deadlines.append(self.intake.next_deadline())
                 timeout_ms = max(0, int((min(deadlines) - now) * 1000)) + 1
                 if more:
@@ -238,6 +258,10 @@ class Daemon:
                 now = time.monotonic()
                 if self.waiters:
                     self._answer_waiters(now)
+                if self.staging.open and now >= self.staging.next_deadline():
+                    for up in self.staging.expire(now):
+                        log.info("%s %s of uid %s expired after %.0f s, unfinished (%d bytes "
+                                 "received)", up.kind, up.id, up.uid, now - up.created, up.received)
                 if now >= next_status:
                     self.notifier.status(self._status_line())
                     next_status = now + STATUS_EVERY
@@ -252,9 +276,13 @@ class Daemon:
     def _reload(self) -> None:
         """SIGHUP (``systemctl reload flowd``): re-read the config file, apply what can change live.
 
-        Live: max_containers, pids_limit, default_memory, max_output_size (runs
-        opened from now on), cap_add and allowed_images (containers started and
-        workflows submitted from now on), min_free_space and log_level. spool,
+        Live: max_containers, pids_limit, default_memory, max_memory and
+        max_timeout (their defaults for containers started, their caps for
+        workflows submitted from now on), max_output_size (runs opened from now
+        on), container_user and cap_add (containers started from now on),
+        allowed_images and allowed_networks (workflows submitted from now on),
+        max_upload_size (uploads begun from now on), min_free_space and
+        log_level. spool,
         socket, socket_group and socket_mode need a restart: a change is logged,
         not applied. An invalid file changes nothing. Options given on the command
         line (--spool, --socket, --log-level) keep winning over the file.
@@ -282,15 +310,18 @@ class Daemon:
             if getattr(new, key) != getattr(from_file, key) and key not in pinned:
                 log.warning("reload: %s changed in %s; it takes effect only when flowd restarts "
                             "(systemctl restart flowd; a new spool also needs ReadWritePaths=)", key, path)
-        live = ("max_containers", "pids_limit", "default_memory", "max_output_size", "cap_add",
-                "allowed_images", "min_free_space", "log_level")
+        live = ("max_containers", "pids_limit", "default_memory", "max_memory", "max_timeout",
+                "max_output_size", "container_user", "cap_add", "allowed_images",
+                "allowed_networks", "max_upload_size", "min_free_space", "log_level")
         for key in live:
             if key not in pinned:
                 setattr(old, key, getattr(new, key))
         old.file_values = new.file_values
         old.source = new.source or old.source
         self.limits.pids_limit = old.pids_limit
-        self.limits.default_memory = old.default_memory
+        self.limits.default_memory = old.memory_for_unset
+        self.limits.default_timeout = old.max_timeout
+        self.limits.container_user = old.container_user
         self.limits.max_output_bytes = old.max_output_size
         if self.executor is not None and hasattr(self.executor, "cap_add"):
             self.executor.cap_add = list(old.cap_add)
@@ -334,7 +365,8 @@ class Daemon:
                     run.on_result(ev)
                 except DiskFull as e:
                     # keep the result; it is committed once space is freed (_check_disk)
-                    log.error("run %s: %s; the task's result waits for free space", run.id, e)
+                    log.error("run %s: %s; the task's result waits for free space", run.id,
+                              for_log(e))
                     self.deferred.append(ev)
                     self._set_disk(False)
             elif isinstance(ev, X.EngineState):
@@ -347,7 +379,7 @@ class Daemon:
                         if not run.finished:
                             run.engine_back()
                 elif not ev.up and was:
-                    log.warning("container engine unavailable: %s", ev.message)
+                    log.warning("container engine unavailable: %s", for_log(ev.message))
                 self.notifier.status(self._status_line())
 
     def _free(self) -> int:
@@ -392,7 +424,7 @@ class Daemon:
             try:
                 capacity -= run.tick(max(0, capacity))
             except StorageError as e:
-                log.error("run %s: %s", run.id, e)
+                log.error("run %s: %s", run.id, for_log(e))
             more = more or run.more
         return more
 
@@ -420,6 +452,7 @@ class Daemon:
                 req_id, cmd, args, payload = P.decode_request(body)
                 if cmd not in _QUIET:
                     log.info("%s: %s %s", caller, cmd, _brief(args))
+                args = P.check_args(cmd, args)  # every argument, before any handler runs
                 args["_caller"] = caller
                 reply = self._dispatch(peer, req_id, cmd, args, payload)
             except FlowError as e:
@@ -455,7 +488,7 @@ class Daemon:
             return self.runs[ref]
         matches = [r for r in self.runs if r.startswith(ref)]
         if not matches:
-            raise NotFound(f"no run matches {ref!r}; `flowctl status` lists the runs")
+            raise NotFound(f"no run matches {for_log(repr(ref))}; `flowctl status` lists the runs")
         if len(matches) > 1:
             raise Ambiguous(f"{ref!r} matches {len(matches)} runs ({', '.join(sorted(matches)[:5])}); "
                             "give more characters")
@@ -474,29 +507,26 @@ class Daemon:
                     "engine_message": self.engine_message, "disk_ok": self.disk_ok,
                     "disk_free": self._free()}
         run = self.find_run(ref)
-        wait = args.get("wait")
+        wait = args["wait"]  # finite, 0 to P.MAX_WAIT (checked at the edge)
         if wait and not run.finished:
-            wait = min(float(wait), 300.0)
-            self.waiters.append((time.monotonic() + wait, run.id, peer, req_id))
+            # a client over its share, or all over MAX_WAITERS: the oldest are answered now
+            for w in self.waiters.add(time.monotonic() + wait, run.id, peer, req_id):
+                self._answer_waiter(w)
             return None
         return {"run": run.detail(), "engine_up": self.engine_up, "disk_ok": self.disk_ok}
 
     def _answer_waiters(self, now: float) -> None:
-        keep = []
-        for deadline, run_id, peer, req_id in self.waiters:
-            run = self.runs.get(run_id)
-            if run is None or run.finished or now >= deadline:
-                result = {"run": run.detail() if run else None, "engine_up": self.engine_up}
-                self._send(peer, P.encode_reply(req_id, result))
-            else:
-                keep.append((deadline, run_id, peer, req_id))
-        self.waiters = keep
+        """Answer the waiters whose run ended (or went) and those whose time is up."""
+        for w in self.waiters.due(now, lambda rid: rid not in self.runs or self.runs[rid].finished):
+            self._answer_waiter(w)
+
+    def _answer_waiter(self, w: "_Waiter") -> None:
+        run = self.runs.get(w.run_id)
+        result = {"run": run.detail() if run else None, "engine_up": self.engine_up}
+        self._send(w.peer, P.encode_reply(w.req_id, result))
 
     def _cmd_cancel(self, args, payload, **kw):
-        refs = args.get("runs")
-        if not isinstance(refs, list) or not refs:
-            raise UsageError("cancel needs one or more run ids")
-        runs = [self.find_run(r) for r in refs]  # all names checked before anything changes
+        runs = [self.find_run(r) for r in args["runs"]]  # all names checked before anything changes
         out = []
         for run in runs:
             try:
@@ -506,60 +536,31 @@ class Daemon:
                 out.append({"id": run.id, "state": run.state, "ok": False, "message": str(e)})
         return {"runs": out}
 
-    # uploads: flowctl sends the workflow and every file it names, in chunks
+    # uploads: flowctl sends the workflow and every file it names, in chunks.
+    # Each upload and push is its caller's alone, bounded and expiring (flowd/staging.py).
     def _cmd_upload_begin(self, args, payload, **kw):
-        total = args.get("size", 0)
-        if not isinstance(total, int) or total < 0:
-            raise UsageError("upload size must be a whole number of bytes")
-        self._check_space(total)
-        upload = secrets.token_hex(8)
-        os.mkdir(os.path.join(self.uploads_dir, upload), 0o755)
-        return {"upload": upload}
-
-    def _upload_dir(self, args) -> str:
-        upload = args.get("upload")
-        if not isinstance(upload, str) or not re.fullmatch(r"[0-9a-f]{16}", upload):
-            raise UsageError("bad upload id")
-        path = os.path.join(self.uploads_dir, upload)
-        if not os.path.isdir(path):
-            raise NotFound("that upload is unknown (it expires after an hour, or flowd restarted)")
-        return path
+        size = args["size"]
+        if size > self.cfg.max_upload_size:
+            raise UsageError(f"upload_begin: argument 'size' is {size} bytes, more than this flowd "
+                             f"takes at once ({self.cfg.max_upload_size} bytes: max_upload_size "
+                             f"in {self.cfg.source or 'its config'})")
+        self._check_space(size + self.staging.pending())
+        up = self.staging.begin(args["_caller"].uid, "upload", size, time.monotonic())
+        return {"upload": up.id}
 
     def _cmd_upload_chunk(self, args, payload, **kw):
-        base = self._upload_dir(args)
-        rel = args.get("path")
-        offset = args.get("offset", 0)
-        if not isinstance(rel, str) or not isinstance(offset, int) or offset < 0:
-            raise UsageError("upload_chunk needs a path and an offset")
-        parts = rel.split("/")
-        if not all(_SAFE_PART.match(p) and p not in (".", "..") for p in parts):
-            raise UsageError(f"upload path {rel!r} is not a plain relative path")
-        folder = base
-        for part in parts[:-1]:
-            folder = os.path.join(folder, part)
-            try:
-                os.mkdir(folder, 0o755)
-            except FileExistsError:
-                pass
-            if os.path.islink(folder) or not os.path.isdir(folder):
-                raise UsageError(f"upload path {rel!r} is not a plain relative path")
-        target = os.path.join(folder, parts[-1])
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            try:
-                if payload:
-                    os.pwrite(fd, payload, offset)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            if e.errno == 28:
-                raise DiskFull(f"no space left on the spool while receiving {rel}") from None
-            raise StorageError(f"cannot store {rel}: {e.strerror}") from None
-        return {"received": len(payload or b"")}
+        up = self.staging.get(args["upload"], args["_caller"].uid, "upload")
+        return {"received": self._receive(up, args["path"], args["offset"], payload)}
+
+    def _receive(self, up, rel: str, offset: int, payload: bytes | None) -> int:
+        data = payload or b""
+        if data:
+            self._check_space(len(data))  # the floor, on every chunk
+        return self.staging.write(up, rel, offset, data)
 
     def _cmd_submit(self, args, payload, peer, req_id):
-        base = self._upload_dir(args)
-        return self.submit_bundle(base, args.get("name") or "workflow.xml", args["_caller"].user,
+        up = self.staging.get(args["upload"], args["_caller"].uid, "upload")
+        return self.submit_bundle(self.staging.take(up), args["name"], args["_caller"].user,
                                   reply=(peer, req_id))
 
     def submit_bundle(self, bundle: str, name: str, user: str = "",
@@ -606,7 +607,6 @@ class Daemon:
 
     def _validate(self, bundle: str, name: str) -> tuple:
         """The bundle's workflow and its warnings, or WorkflowError/UsageError."""
-        from .errors import WorkflowError
         from .parser import load_workflow  # lxml lives only there
 
         try:
@@ -621,6 +621,9 @@ class Daemon:
                 raise UsageError(f"process {proc.name!r} uses image {proc.image!r}, which this flowd "
                                  f"does not allow (allowed_images in {cfg.source or 'its config'}: "
                                  f"{', '.join(cfg.allowed_images)})")
+        problems = _over_limits(wf, name, cfg)
+        if problems:
+            raise WorkflowError(problems)
         return wf, [str(w) for w in warnings]
 
     def _created(self, job: "_Creation") -> dict | None:
@@ -639,7 +642,8 @@ class Daemon:
             run = Run.open(job.path, self.fs, self.executor, self.limits)
             self.runs[run.id] = run
             log.info("run %s submitted by %s: workflow %s (%s)", run.id,
-                     job.meta["submitted_by"] or "?", job.wf.name, job.meta["source"])
+                     for_log(job.meta["submitted_by"] or "?"), for_log(job.wf.name),
+                     for_log(job.meta["source"]))
             result = {"run": run.id, "name": job.wf.name, "warnings": job.warnings}
         if job.reply is None:
             return result
@@ -648,29 +652,51 @@ class Daemon:
 
     # push: a client appends an item to a channel of a running run, in chunks
     def _cmd_push_begin(self, args, payload, **kw):
-        run = self.find_run(args.get("run"))
-        run.check_push(str(args.get("channel")))
-        self._check_space(int(args.get("size") or 0))
-        result = self._cmd_upload_begin({"size": 0}, None)
-        return {"push": result["upload"], "run": run.id}
+        run = self.find_run(args["run"])
+        run.check_push(args["channel"])
+        limit = self.cfg.max_upload_size
+        size = args["size"]
+        if size is not None and size > limit:
+            raise UsageError(f"push_begin: argument 'size' is {size} bytes, more than this flowd "
+                             f"takes at once ({limit} bytes: max_upload_size in "
+                             f"{self.cfg.source or 'its config'})")
+        self._check_space((size or 0) + self.staging.pending())
+        up = self.staging.begin(args["_caller"].uid, "push", limit if size is None else size,
+                                time.monotonic(), declared=size is not None,
+                                run=run.id, channel=args["channel"])
+        return {"push": up.id, "run": run.id}
 
     def _cmd_push_chunk(self, args, payload, **kw):
-        return self._cmd_upload_chunk({"upload": args.get("push"), "path": "item",
-                                       "offset": args.get("offset", 0)}, payload)
+        up = self.staging.get(args["push"], args["_caller"].uid, "push")
+        return {"received": self._receive(up, PUSH_FILE, args["offset"], payload)}
 
     def _cmd_push_end(self, args, payload, **kw):
-        base = self._upload_dir({"upload": args.get("push")})
-        run = self.find_run(args.get("run"))
-        item = os.path.join(base, "item")
-        if not os.path.exists(item):
-            open(item, "wb").close()  # an empty item
+        up = self.staging.get(args["push"], args["_caller"].uid, "push")
+        run = self.find_run(args["run"])
+        channel = args["channel"]
+        if (run.id, channel) != (up.meta["run"], up.meta["channel"]):
+            raise UsageError(f"push_end: this push was begun for channel {for_log(up.meta['channel'])} "
+                             f"of run {up.meta['run']}, not {for_log(channel)} of {run.id}")
+        if up.declared and up.received != up.size:
+            raise UsageError(f"push_end: {up.received} bytes were received, {up.size} declared; "
+                             "send the rest, or push again")
+        item = os.path.join(self.staging.take(up), PUSH_FILE)
         try:
-            seq = run.push(str(args.get("channel")), item)
+            # The checksum was computed while the chunks came in: stamped here,
+            # the item is never read whole on the loop (issue 9 #3).
+            fd = os.open(item, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            try:
+                checksum.stamp(fd, up.summer)
+            finally:
+                os.close(fd)
+            seq = run.push(channel, item)
+        except OSError as e:
+            raise StorageError(f"cannot store the pushed item: {e.strerror}") from None
         finally:
-            shutil.rmtree(base, ignore_errors=True)
-        log.info("run %s: item %d pushed to %s by %s", run.id, seq, args.get("channel"),
+            shutil.rmtree(up.path, ignore_errors=True)
+        log.info("run %s: item %d pushed to %s by %s", run.id, seq, for_log(channel),
                  args["_caller"])
-        return {"run": run.id, "channel": args.get("channel"), "seq": seq}
+        return {"run": run.id, "channel": channel, "seq": seq}
 
     def _check_space(self, need: int) -> None:
         free = self._free()
@@ -684,41 +710,43 @@ class Daemon:
                 "free some space (flowd resumes by itself) and try again")
 
     def _cmd_logs(self, args, payload, **kw):
-        run = self.find_run(args.get("run"))
-        return {"run": run.id, "state": run.state,
-                "logs": run.logs(args.get("process"), args.get("task"))}
+        run = self.find_run(args["run"])
+        return {"run": run.id, "state": run.state, "logs": run.logs(args["process"], args["task"])}
 
     def _cmd_read_log(self, args, payload, **kw):
-        run = self.find_run(args.get("run"))
-        offset = args.get("offset", 0)
-        if not isinstance(offset, int) or offset < 0:
-            raise UsageError("read_log needs an offset")
-        data = run.read_log(str(args.get("name")), offset, P.CHUNK)
+        run = self.find_run(args["run"])
+        data = run.read_log(args["name"], args["offset"], P.CHUNK)
         return {"size": len(data)}, data
 
     def _cmd_graph(self, args, payload, **kw):
-        run = self.find_run(args.get("run"))
+        run = self.find_run(args["run"])
         return {"run": run.id, "state": run.state, "workflow": run.wf.to_dict(),
                 "depths": {ch: run.engine.depth(ch) for ch in run.wf.channels}}
 
     def _new_run_id(self) -> str:
-        while True:
+        """12 random hex digits, unique, and with a unique 4-digit prefix
+        while one is easily found (short prefixes name runs in flowctl).
+        Past 65,536 runs the prefixes run out: then any unique id will do."""
+        taken = set(self.runs) | set(self.creating)
+        prefixes = {r[:4] for r in taken}
+        for _ in range(RUN_ID_TRIES):
             rid = secrets.token_hex(6)
-            if not any(r.startswith(rid[:4]) for r in (*self.runs, *self.creating)):
+            if rid[:4] not in prefixes:
                 return rid
+        for _ in range(RUN_ID_TRIES):  # 2**48 ids: a clash is as good as impossible
+            rid = secrets.token_hex(6)
+            if rid not in taken and not os.path.lexists(os.path.join(self.runs_dir, rid)):
+                return rid
+        raise StorageError("no free run id was found; try again")
 
     def _cmd_items(self, args, payload, **kw):
-        run = self.find_run(args.get("run"))
-        return {"run": run.id, "channel": args.get("channel"),
-                "items": run.items(str(args.get("channel")))}
+        run = self.find_run(args["run"])
+        return {"run": run.id, "channel": args["channel"], "items": run.items(args["channel"])}
 
     def _cmd_read(self, args, payload, **kw):
-        run = self.find_run(args.get("run"))
-        seq, offset = args.get("seq"), args.get("offset", 0)
-        length = min(int(args.get("length", P.CHUNK)), P.CHUNK)
-        if not isinstance(seq, int) or not isinstance(offset, int):
-            raise UsageError("read needs an item number and an offset")
-        data = run.read(str(args.get("channel")), seq, offset, length)
+        # 1 <= length <= CHUNK and offset >= 0 (checked at the edge): never a whole item
+        run = self.find_run(args["run"])
+        data = run.read(args["channel"], args["seq"], args["offset"], args["length"])
         return {"size": len(data)}, data
 
 
@@ -760,7 +788,7 @@ class Caller:
     def __str__(self) -> str:
         if self.uid is None:
             return "unknown caller"
-        return f"uid {self.uid} ({self.user}) pid {self.pid}"
+        return f"uid {self.uid} ({for_log(self.user)}) pid {self.pid}"
 
 
 def _caller(frame) -> Caller:
@@ -773,8 +801,144 @@ def _caller(frame) -> Caller:
 
 
 def _brief(args: dict) -> str:
+    """The arguments a log line names, as the client sent them: escaped, so
+    none can start a line of its own, and cut to 200 characters each."""
     keep = {k: v for k, v in args.items() if k in ("run", "runs", "channel", "name", "process")}
-    return " ".join(f"{k}={v}" for k, v in keep.items())
+    return " ".join(f"{k}={_cut(for_log(v))}" for k, v in keep.items())
+
+
+def _cut(text: str, most: int = 200) -> str:
+    return text if len(text) <= most else text[:most] + f"...({len(text)} characters)"
+
+
+def _over_limits(wf, name: str, cfg: Config) -> list[Problem]:
+    """What in ``wf`` asks more than this flowd's config allows
+    (allowed_networks, max_memory, max_timeout): one problem per field."""
+    where = cfg.source or "flowd's config"
+    out = []
+    for proc in wf.processes.values():
+        if not cfg.network_allowed(proc.network):
+            out.append(Problem(
+                name, proc.line, "process",
+                f"process {proc.name!r} asks network=\"{proc.network}\", which this flowd does not "
+                f"allow (allowed_networks in {where}: {', '.join(cfg.allowed_networks)})",
+                f"leave network= out (no network), or ask the administrator to add "
+                f"\"{proc.network}\" to allowed_networks"))
+        if proc.memory is not None and cfg.max_memory is not None and proc.memory > cfg.max_memory:
+            out.append(Problem(
+                name, proc.line, "process",
+                f"process {proc.name!r} asks memory=\"{_size(proc.memory)}\", more than this flowd "
+                f"allows (max_memory in {where}: {_size(cfg.max_memory)})",
+                f"ask for {_size(cfg.max_memory)} or less, or ask the administrator to raise "
+                "max_memory"))
+        if proc.timeout is not None and cfg.max_timeout is not None and proc.timeout > cfg.max_timeout:
+            out.append(Problem(
+                name, proc.line, "process",
+                f"process {proc.name!r} asks timeout=\"{_duration(proc.timeout)}\", longer than this "
+                f"flowd allows (max_timeout in {where}: {_duration(cfg.max_timeout)})",
+                f"ask for {_duration(cfg.max_timeout)} or less, or ask the administrator to raise "
+                "max_timeout"))
+    return out
+
+
+def _size(n: int) -> str:
+    for unit, k in (("t", 1 << 40), ("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
+        if n >= k and n % k == 0:
+            return f"{n // k}{unit}"
+    return str(n)
+
+
+def _duration(seconds: float) -> str:
+    for unit, k in (("h", 3600), ("m", 60)):
+        if seconds >= k and seconds % k == 0:
+            return f"{int(seconds // k)}{unit}"
+    return f"{seconds:g}s"
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A ``status --wait`` request waiting for its run to end."""
+
+    run_id: str
+    peer: bytes
+    req_id: str
+    seq: int
+    live: bool = True
+
+
+class _Waiters:
+    """The waiting ``status`` requests: a heap by deadline, at most ``per_peer``
+    per client and ``total`` in all (beyond that the oldest are answered at
+    once, with the run as it is: a client asks again). libzmq as packaged
+    does not tell a ROUTER when a peer goes (ZMQ_ROUTER_NOTIFY is a draft
+    option, refused by both pyzmq 24's and today's), so the caps and the
+    deadline (at most protocol.MAX_WAIT) are the bound on a gone client's."""
+
+    def __init__(self, per_peer: int, total: int):
+        self.per_peer, self.total = per_peer, total
+        self.heap: list[tuple[float, int, _Waiter]] = []
+        self.by_peer: dict[bytes, dict[int, _Waiter]] = {}  # in arrival order
+        self.by_run: dict[str, dict[int, _Waiter]] = {}
+        self.live = 0
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return self.live
+
+    def add(self, deadline: float, run_id: str, peer: bytes, req_id: str) -> list[_Waiter]:
+        """Queue a waiter; returns those it pushes out (to be answered now)."""
+        self._seq += 1
+        w = _Waiter(run_id, peer, req_id, self._seq)
+        heapq.heappush(self.heap, (deadline, w.seq, w))
+        self.by_peer.setdefault(peer, {})[w.seq] = w
+        self.by_run.setdefault(run_id, {})[w.seq] = w
+        self.live += 1
+        out = []
+        mine = self.by_peer[peer]
+        while len(mine) > self.per_peer:
+            out.append(self._drop(next(iter(mine.values()))))
+        while self.live > self.total:
+            out.append(self._drop(self._pop_live()))
+        self._compact()
+        return out
+
+    def next_deadline(self) -> float:
+        return self.heap[0][0] if self.heap else float("inf")
+
+    def due(self, now: float, ended) -> list[_Waiter]:
+        """Those whose run ``ended(run_id)`` and those whose deadline passed."""
+        out = []
+        for run_id in [r for r in self.by_run if ended(r)]:
+            out += [self._drop(w) for w in list(self.by_run[run_id].values())]
+        while self.heap and self.heap[0][0] <= now:
+            w = heapq.heappop(self.heap)[2]
+            if w.live:
+                out.append(self._drop(w))
+        self._compact()
+        return out
+
+    def _pop_live(self) -> _Waiter:
+        while True:
+            w = heapq.heappop(self.heap)[2]
+            if w.live:
+                return w
+
+    def _drop(self, w: _Waiter) -> _Waiter:
+        w.live = False
+        self.live -= 1
+        for index, key in ((self.by_peer, w.peer), (self.by_run, w.run_id)):
+            entries = index[key]
+            del entries[w.seq]
+            if not entries:
+                del index[key]
+        return w
+
+    def _compact(self) -> None:
+        """Entries answered early stay in the heap until popped: rebuilt when
+        they outnumber the live ones, so the heap stays O(live)."""
+        if len(self.heap) > 2 * self.live + 64:
+            self.heap = [e for e in self.heap if e[2].live]
+            heapq.heapify(self.heap)
 
 
 DISK_CHECK_EVERY = 2.0

@@ -17,10 +17,12 @@ sized pieces, so neither side ever holds a whole item in memory.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import uuid
 
-from .errors import FlowError, ProtocolError, error_from_dict
+from .errors import FlowError, ProtocolError, UsageError, error_from_dict
 
 VERSION = 1
 CHUNK = 1024 * 1024
@@ -28,10 +30,112 @@ MAX_HEADER = 256 * 1024
 MAX_MESSAGE = CHUNK + MAX_HEADER
 DEFAULT_SOCKET = "/run/flowd/flowd.sock"
 
-COMMANDS = (
-    "ping", "status", "submit", "upload_begin", "upload_chunk", "cancel",
-    "items", "read", "push_begin", "push_chunk", "push_end", "logs", "read_log", "graph",
-)
+MAX_WAIT = 300.0  # seconds a ``status`` request may wait for its run to end
+MAX_SIZE = 1 << 60  # bytes: a bound on declared sizes before the config's (max_upload_size)
+MAX_SEQ = 1 << 53  # item numbers and offsets (JSON's exact integers)
+UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+class Arg:
+    """One request argument: its type, whether it is required, and its range.
+
+    ``kind`` is ``str``, ``int`` (a JSON integer, never a bool or a float),
+    ``num`` (an int or a finite float), or ``strs`` (a list of strings). An
+    optional argument that is absent or null takes ``default``. ``lo``/``hi``
+    bound a number, or a string's or list's length; ``pattern`` a string.
+    """
+
+    __slots__ = ("kind", "required", "lo", "hi", "default", "pattern", "hint")
+
+    def __init__(self, kind: str, required: bool = False, lo: float | None = None,
+                 hi: float | None = None, default: object = None, pattern: re.Pattern | None = None,
+                 hint: str = ""):
+        self.kind, self.required, self.lo, self.hi = kind, required, lo, hi
+        self.default, self.pattern, self.hint = default, pattern, hint
+
+    def check(self, cmd: str, name: str, value: object) -> object:
+        """The value to give the handler, or UsageError naming the argument."""
+        def bad(what: str) -> UsageError:
+            fix = f" ({self.hint})" if self.hint else ""
+            return UsageError(f"{cmd}: argument {name!r} {what}{fix}")
+
+        if value is None:
+            if self.required:
+                raise bad("is required")
+            return self.default
+        if self.kind == "str":
+            if not isinstance(value, str):
+                raise bad(f"must be a string, not {_json_type(value)}")
+            if not (self.lo or 0) <= len(value) <= (self.hi or MAX_STRING):
+                raise bad(f"must be {int(self.lo or 0)} to {int(self.hi or MAX_STRING)} characters long")
+            if self.pattern is not None and not self.pattern.match(value):
+                raise bad("is malformed")
+            return value
+        if self.kind == "strs":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise bad(f"must be a list of strings, not {_json_type(value)}")
+            if not (self.lo or 0) <= len(value) <= (self.hi or MAX_LIST):
+                raise bad(f"must list {int(self.lo or 0)} to {int(self.hi or MAX_LIST)} values")
+            if any(len(v) > MAX_STRING for v in value):
+                raise bad(f"holds a string over {MAX_STRING} characters")
+            return value
+        # numbers: bool is an int to Python, never to the protocol
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(f"must be a number, not {_json_type(value)}")
+        if self.kind == "int" and not isinstance(value, int):
+            raise bad("must be a whole number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad("must be a finite number")
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            raise bad(f"must be between {_num(self.lo)} and {_num(self.hi)}")
+        return value
+
+
+MAX_STRING = 4096
+MAX_LIST = 1000
+_RUN = Arg("str", True, 1, 64, hint="a run id or a unique prefix of it")
+_CHANNEL = Arg("str", True, 1, 255)
+_UPLOAD = Arg("str", True, pattern=UPLOAD_ID, hint="the id upload_begin or push_begin gave")
+_OFFSET = Arg("int", False, 0, MAX_SEQ, default=0)
+
+# The protocol's commands and what each takes: the daemon checks every request
+# against this before any handler runs, and the handler gets only these names
+# (with defaults filled in; unknown names are dropped). Payload frames are
+# bounded by MAX_MESSAGE.
+SCHEMA: dict[str, dict[str, Arg]] = {
+    "ping": {},
+    "status": {"run": Arg("str", False, 0, 64), "wait": Arg("num", False, 0, MAX_WAIT, default=0)},
+    "submit": {"upload": _UPLOAD, "name": Arg("str", False, 1, 255, default="workflow.xml")},
+    "upload_begin": {"size": Arg("int", True, 0, MAX_SIZE, hint="the total bytes of the files to send")},
+    "upload_chunk": {"upload": _UPLOAD, "path": Arg("str", True, 1, MAX_STRING),
+                     "offset": Arg("int", True, 0, MAX_SIZE)},
+    "cancel": {"runs": Arg("strs", True, 1, MAX_LIST, hint="one or more run ids")},
+    "items": {"run": _RUN, "channel": _CHANNEL},
+    "read": {"run": _RUN, "channel": _CHANNEL, "seq": Arg("int", True, 0, MAX_SEQ),
+             "offset": _OFFSET, "length": Arg("int", False, 1, CHUNK, default=CHUNK)},
+    "push_begin": {"run": _RUN, "channel": _CHANNEL, "size": Arg("int", False, 0, MAX_SIZE)},
+    "push_chunk": {"push": _UPLOAD, "offset": Arg("int", True, 0, MAX_SIZE)},
+    "push_end": {"push": _UPLOAD, "run": _RUN, "channel": _CHANNEL},
+    "logs": {"run": _RUN, "process": Arg("str", False, 1, 255), "task": Arg("str", False, 1, 64)},
+    "read_log": {"run": _RUN, "name": Arg("str", True, 1, 255), "offset": _OFFSET},
+    "graph": {"run": _RUN},
+}
+COMMANDS = tuple(SCHEMA)
+
+
+def check_args(cmd: str, args: dict) -> dict:
+    """``args`` checked against ``SCHEMA[cmd]``: a new dict of exactly its
+    names (defaults filled in), or UsageError naming the first bad one."""
+    return {name: arg.check(cmd, name, args.get(name)) for name, arg in SCHEMA[cmd].items()}
+
+
+def _json_type(value: object) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _num(x: float | None) -> str:
+    return "any" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
 
 
 def socket_path(explicit: str | None = None) -> str:
