@@ -984,6 +984,46 @@ def sweep_lost(name: str, total: int, seeds: list[int]) -> Tally:
     return _merge(_parallel(_lost_job, jobs))
 
 
+def _kill_lost_job(name: str, firsts: list[int], window: int | None, seeds: list[int]) -> Tally:
+    """kill -9 at n (what it wrote stays unsynced in the page cache), then a power loss
+    at each point m of the restart: its recovery and the ``window`` points after it
+    (None: all of it). Finds a redo that skips an fsync because an earlier life did
+    the work but died before that life's fsync."""
+    flow, t = FLOWS[name](), Tally()
+    with _Scratch() as base:
+        for n in firsts:
+            sim = Sim(os.path.join(base, "k"), flow, lost=True)
+            try:
+                sim.life(crash_at=n)
+                sim.recovery_points = 0
+                _, after = sim.life()
+                upto = after if window is None else min(after, sim.recovery_points + window)
+            finally:
+                sim.close()
+            for m in range(1, upto + 1):
+                for seed in [None] + list(seeds):
+                    sim = Sim(os.path.join(base, "k"), flow, lost=True)
+                    label = f"{name}: kill -9 at point {n}, then a power loss at point {m} of the restart" + (
+                        " (all unsynced writes lost)" if seed is None else f" (seed {seed})")
+                    try:
+                        assert sim.life(crash_at=n)[0]
+                        assert sim.life(crash_at=m)[0], f"no second crash at {m}"
+                        sim.power_loss(None if seed is None else random.Random(seed * 100003 + n * 1009 + m))
+                        assert not sim.life()[0]
+                        t.add(sim, label)
+                    except Exception as e:  # noqa: BLE001
+                        t.error(label, e)
+                    finally:
+                        sim.close()
+    return t
+
+
+def sweep_kill_then_lost(name: str, firsts: list[int], window: int | None = 12,
+                         seeds: list[int] = ()) -> Tally:
+    jobs = [(name, c, window, list(seeds)) for c in _chunks(firsts, 4 * workers())]
+    return _merge(_parallel(_kill_lost_job, jobs))
+
+
 def _merge(tallies: list[Tally]) -> Tally:
     out = Tally()
     for t in tallies:
@@ -1042,7 +1082,10 @@ def main(argv: list[str]) -> int:
                 ("double crash: every first point x every point of its recovery",
                  lambda: sweep_double(name, firsts, "recovery")),
                 (f"double crash: {len(sample)} first points x every later point",
-                 lambda: sweep_double(name, sample, "all"))):
+                 lambda: sweep_double(name, sample, "all")),
+                ("kill -9 at every point, then a power loss at each point of the restart's "
+                 "recovery and the 12 after it (all unsynced writes lost)",
+                 lambda: sweep_kill_then_lost(name, firsts, 12))):
             t1 = time.time()
             tl = run()
             print(f"  {label}: {tl.line()}; {time.time() - t1:.1f}s", flush=True)

@@ -8,12 +8,14 @@ thrown away, and a new life opens the run from disk as a restarted daemon does.
 - lost writes: a power loss at every point (and after the end), with every
   unsynced write dropped, then a random subset per seed;
 - double crash: a second crash at every point of the recovery;
+- kill -9 then power loss: kill -9 at every point, then a power loss at each point
+  of the restart's recovery and the 12 after it (known to fail: see below);
 - mutation: leave out one fsync site at a time; the lost-writes sweep must fail.
 
-The everyday suite runs a bounded version of each (about 35 s on 2 CPUs).
+The everyday suite runs a bounded version of each (about 50 s on 2 CPUs).
 The full versions run only when asked for with ``-m slow`` (docs/reliability.md):
 
-    python3 -m pytest tests/test_crash.py -m slow             # everything, ~4 min
+    python3 -m pytest tests/test_crash.py -m slow             # everything, ~5 min
     python3 -m pytest tests/test_crash.py -m slow -k mutation  # the mutation check
     python3 tests/crashsim.py --mutation                       # the figures, printed
 """
@@ -156,6 +158,35 @@ def test_the_model_keeps_renames_whole(tmp_path, seed):
         assert all((root / n).read_bytes() == b"x" for n in names & {"a/x", "b/x", "c/y"})
     finally:
         model.close()
+
+
+# -- 3. kill -9, then a power loss during the restart -------------------------------
+# A redo that finds its work already done in the page cache (an output in out/, a
+# COMMIT, an item in its channel, fired/P, failed/T, run.json) skips the fsync the
+# killed life never reached, and a power loss then loses or duplicates items. Found
+# by this sweep (docs/reliability.md); the fix is in flowd/ (store.py, run.py: make
+# durable at start what recovery acts on, e.g. one syncfs of the spool as PostgreSQL
+# fsyncs its data directory before crash recovery). Strict: the fix turns these red,
+# then the markers go.
+KILL_THEN_LOST_GAP = ("known: recovery acts on writes a kill -9 left unsynced "
+                      "(docs/reliability.md, 'kill -9 then power loss')")
+
+
+@pytest.mark.xfail(strict=True, reason=KILL_THEN_LOST_GAP)
+def test_kill_then_power_loss_during_the_restart():
+    c = clean("one")
+    verdict(C.sweep_kill_then_lost("one", list(range(1, c.total + 1)), 12),
+            f"one: kill -9 at each of {c.total} points, then a power loss in the restart")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=KILL_THEN_LOST_GAP)
+@pytest.mark.parametrize("name", flows())
+def test_full_kill_then_power_loss_during_the_restart(request, name):
+    full_only(request)
+    c = clean(name)
+    verdict(C.sweep_kill_then_lost(name, list(range(1, c.total + 1)), 12),
+            f"{name}: kill -9 at each point, then a power loss in the restart")
 
 
 # -- mutation: every fsync is needed ---------------------------------------------
