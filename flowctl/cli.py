@@ -156,21 +156,24 @@ SUBMIT_TIMEOUT = 600.0  # seconds for the daemon to write a submitted run's item
 
 
 def cmd_submit(client: Client, args) -> int:
-    wf, warnings = _load(args.file)
-    for w in warnings:
-        print(_t(w), file=sys.stderr)
-    base = os.path.dirname(os.path.abspath(args.file))
-    files = [("workflow.xml", args.file)] + [(rel, os.path.join(base, rel)) for rel in wf.files()]
-    request = {"name": os.path.basename(args.file)}
     client.pending = None
+    name = os.path.basename(args.file)
     try:
+        wf, warnings = _load(args.file)
+        name = wf.name
+        for w in warnings:
+            print(_t(w), file=sys.stderr)
+        base = os.path.dirname(os.path.abspath(args.file))
+        files = [("workflow.xml", args.file)] + [(rel, os.path.join(base, rel))
+                                                 for rel in wf.files()]
+        request = {"name": os.path.basename(args.file)}
         request["upload"] = client.upload(files)
         client.send_patiently("submit", request)
         # The daemon answers once the run's items are all on disk: seconds for
         # tens of thousands (it serves other requests meanwhile), so wait longer.
         result = client.await_patiently("submit", max(client.timeout, SUBMIT_TIMEOUT))
     except KeyboardInterrupt:
-        return _submit_interrupted(client, args, wf.name)
+        return _submit_interrupted(client, args, name)
     run = result["run"]
     if not args.wait:
         if args.json:
