@@ -77,14 +77,14 @@ ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Docker's image reference grammar (github.com/distribution/reference):
 #   reference := name [":" tag] ["@" digest]
 #   name      := [domain "/"] path-component ["/" path-component]*     (at most 255)
-#   domain    := host [":" port]; host := domain-name | "[" IPv6 "]"
+#   domain    := host [":" port]; host := domain-name   (flowd takes no "[IPv6]" host:
+#                the schema's character set has no brackets)
 #   path-component := [a-z0-9]+ (separator [a-z0-9]+)*, separator := . | _ | __ | -+
 #   tag       := [\w][\w.-]{0,127}
 #   digest    := algorithm ":" hex; algorithm := [A-Za-z][A-Za-z0-9]* ([+._-][A-Za-z][A-Za-z0-9]*)*
 IMAGE_NAME_MAX = 255
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_IMAGE_HOST_RE = re.compile(rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
-                            r"|\[[a-fA-F0-9:]+\])(?::[0-9]+)?$")
+_IMAGE_HOST_RE = re.compile(rf"^{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?$")
 _IMAGE_PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _IMAGE_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _IMAGE_ALGORITHM_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:[+._-][A-Za-z][A-Za-z0-9]*)*$")
@@ -98,6 +98,8 @@ def image_reference_problem(ref: str) -> str | None:
         return "it is empty"
     if ref != ref.strip() or any(c.isspace() for c in ref):
         return "it holds white space"
+    if len(ref) > IMAGE_NAME_MAX:  # Docker bounds the name; flowd the whole reference
+        return f"it is longer than {IMAGE_NAME_MAX} characters"
     name, at, digest = ref.partition("@")
     if at:
         algorithm, colon, hexpart = digest.partition(":")
@@ -122,15 +124,13 @@ def image_reference_problem(ref: str) -> str | None:
                     "not starting with . or -")
     if not name:
         return "it has no name before the tag or digest"
-    if len(name) > IMAGE_NAME_MAX:
-        return f"the name is longer than {IMAGE_NAME_MAX} characters"
     parts = name.split("/")
     if "" in parts:
         return "it has an empty path part (a doubled / or a / at either end)"
     if len(parts) > 1 and _IMAGE_HOST_RE.match(parts[0]):
         parts = parts[1:]  # a registry (host[:port]), which may hold capitals
-    elif len(parts) > 1 and (":" in parts[0] or "." in parts[0]):
-        return f"the registry {parts[0]!r} is not a host name or host:port"
+    elif len(parts) > 1 and any(c in parts[0] for c in ".:[]"):
+        return f"the registry {_q(parts[0])} is not a host name or host:port"
     for part in parts:
         if ":" in part:
             return (f"the name part {_q(part)} holds \":\"; only one :TAG is allowed, after the "
