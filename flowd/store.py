@@ -406,7 +406,9 @@ class RunStore:
                 result += [(channel, f"{rel}/{n}") for n in sorted(os.listdir(dst))]
             elif os.path.lexists(dst):
                 result.append((channel, rel))
-        if made:
+        if made or result:
+            # also when an earlier collect of this attempt made them all: its
+            # fsync of out/ may never have run (a kill -9 right before it)
             fs.fsync_dir(outdir)
         return result
 
@@ -424,6 +426,8 @@ class RunStore:
                 self._copy_output(fd, st, dst, as_name)  # via .A.J.tmp, renamed whole
                 return True
             # a folder: one item per regular file in it, in name order
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+                os.fchmod(fd, 0o700)  # flowd's own folder, left unsearchable by the script
             names = _list_output(fd, as_name)
             if os.path.lexists(tmp):
                 fs.rmtree(tmp)  # left by an earlier collect of this attempt
@@ -642,6 +646,13 @@ def _open_output(dfd: int, name: str, label: str, *, folder_ok: bool = True) -> 
         st = os.lstat(name, dir_fd=dfd)
     except FileNotFoundError:
         return None
+    except OSError as e:  # a folder the script left unsearchable (not flowd's to change)
+        raise TaskOutputError(f"output {label} cannot be read by flowd ({e.strerror}); "
+                              "leave outputs readable") from None
+    if stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+        # before the open: a link to a file elsewhere must never be opened, even if
+        # its name here goes away right after (the count would then read 1 again)
+        raise TaskOutputError(f"output {label} is a hard link; write a new file instead")
     if stat.S_ISDIR(st.st_mode) and not folder_ok:
         raise TaskOutputError(f"output {label} is a folder; only regular files become items")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
@@ -675,10 +686,16 @@ def _reopen_own(dfd: int, name: str, st: os.stat_result, label: str) -> int:
     """The script made its own output unreadable; the file is flowd's (same uid),
     so flowd gives itself read permission on that very inode (through an
     O_PATH descriptor, never a second lookup of the name) and opens it."""
-    pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     try:
-        if not os.path.samestat(st, os.fstat(pfd)):
+        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError as e:
+        raise TaskOutputError(f"output {label} cannot be read by flowd ({e.strerror})") from None
+    try:
+        got = os.fstat(pfd)
+        if not os.path.samestat(st, got):
             raise TaskOutputError(f"output {label} changed while flowd collected it")
+        if stat.S_ISREG(got.st_mode) and got.st_nlink != 1:
+            raise TaskOutputError(f"output {label} is a hard link; write a new file instead")
         folder = stat.S_ISDIR(st.st_mode)
         proc = f"/proc/self/fd/{pfd}"
         os.chmod(proc, 0o700 if folder else 0o600)

@@ -290,6 +290,10 @@ class DiskModel:
         ino = self._keep(path, os.lstat(path))
         self.data[ino] = self._read(ino)
 
+    def synced_all(self, path: str) -> None:
+        """syncfs: all that is in the page cache now is durable."""
+        self.baseline()
+
     # the power loss
     def crash(self, rng: random.Random | None = None) -> dict:
         """Rewrite the tree as a power loss could leave it; ``rng=None``: drop all unsynced."""
@@ -642,6 +646,8 @@ class Sim:
         events: list = []
         ex = SimExecutor(events.append, self.flow.scripts, self.world, self.flow.wf, self.flow.slow)
         try:
+            if self.submitted:  # a restart: Daemon.serve flushes the spool before recovery
+                fs.sync_all(self.root)  # (the first life's upload comes after its start)
             for name in sorted(os.listdir(self.runs)):
                 if name.startswith(".new-"):
                     fs.rmtree(os.path.join(self.runs, name))  # Daemon._open_runs

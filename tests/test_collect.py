@@ -222,14 +222,18 @@ def _racer(work: str, targets: list[str], folders: list[str], outside: str, sent
                 os.mkfifo(tmp)
                 os.rename(tmp, dst)
             elif op == 3:
-                # A hard link to a file inside work/. (One to a file outside, whose name in
-                # work/ goes right after flowd opened it, is a known gap: the strict xfail
-                # test_a_hard_link_to_a_file_outside_cannot_be_collected_by_losing_its_name.)
-                keep = os.path.join(work, f".racer-file{k}")
-                with open(keep, "wb") as f:
-                    f.write(b"RACER-link-%d" % k)
+                # A hard link to a file inside work/, or to the sentinel's copy outside
+                # (whose bytes must never become an item, even if the name goes again)
+                if rng.random() < 0.5:
+                    keep = os.path.join(work, f".racer-file{k}")
+                    with open(keep, "wb") as f:
+                        f.write(b"RACER-link-%d" % k)
+                else:
+                    keep = sentinel + ".copy"
                 os.link(keep, tmp)
                 os.rename(tmp, dst)
+                if rng.random() < 0.5:
+                    os.unlink(dst)  # the count of links reads 1 again
             elif op == 4 and DEVICES:
                 os.mknod(tmp, 0o666 | stat.S_IFCHR, os.makedev(1, 5))
                 os.rename(tmp, dst)
@@ -359,16 +363,6 @@ def test_collect_makes_only_safe_new_copies_of_checked_files(tmp_path_factory, d
             event(f"{'race' if race else 'still'}: TaskOutputError ({_why(str(e))})")
             result = None
             assert str(e).startswith("output "), str(e)
-        except PermissionError:
-            # Known gap (not root only): the racing process made an output folder
-            # unsearchable after flowd opened it, and store._open_output's lstat lets
-            # the PermissionError out. run.py turns any OSError from collect into a
-            # task failure ("could not collect outputs"), so nothing is collected;
-            # the wanted fix makes it a TaskOutputError (see the strict xfail below).
-            if ROOT or not race:
-                raise
-            event("race: PermissionError (an output folder made unsearchable during collect)")
-            result = None
     finally:
         if proc is not None:
             stop.set()
@@ -411,12 +405,6 @@ def _remove(path: str) -> None:
     assert not problems, problems
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store._open_output checks that the inode it opens is the one lstat saw (dev, ino), and "
-    "_collect_one checks st_nlink == 1 on the fstat made after opening; if the name in work/ "
-    "of a hard link to a file outside goes in between, st_nlink is 1 again and the outside "
-    "file's bytes become an item; wanted: also refuse st_nlink != 1 on the lstat, before "
-    "opening (and before _reopen_own's chmod)"))
 def test_a_hard_link_to_a_file_outside_cannot_be_collected_by_losing_its_name(tmp_path, monkeypatch):
     """What the racing process above can do, made deterministic: work/out is a hard link to
     a file outside; right after flowd opens it, the name in work/ is removed."""
@@ -490,11 +478,6 @@ def test_collect_is_idempotent_after_a_crash_at_any_point(tmp_path):
         _remove(base)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store.collect fsyncs out/ only when this call copied something ('if made:'): after a "
-    "crash just before that fsync, the next collect finds every output in out/, skips it, "
-    "and COMMIT then names outputs no fsync made durable; wanted: fsync out/ whenever the "
-    "result is not empty"))
 def test_what_collect_returns_is_durable_even_after_a_crash_at_any_point(tmp_path):
     """COMMIT comes right after collect, so what collect returns must already survive a
     power loss. Crash (kill -9) at each point of a collect, collect again in the next
@@ -629,10 +612,6 @@ def test_a_non_root_daemon_collects_its_own_unreadable_outputs_and_removes_the_t
     assert res["problems"] == [] and res["left"] is False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store._open_output: os.lstat(name, dir_fd=...) in a folder flowd may read but not "
-    "search (mode 0444, flowd's own) raises PermissionError, not TaskOutputError; wanted: "
-    "make flowd's own folder 0700 as _reopen_own does, or refuse it with a TaskOutputError"))
 def test_a_non_root_daemon_collects_or_refuses_an_unsearchable_output_folder(shared_tmp):
     """A script ran ``chmod -R 444 out`` (a folder flowd can list but not enter)."""
     res = run_as_non_root("""
