@@ -30,7 +30,7 @@ from . import checksum
 from .errors import (AlreadyRunning, Ambiguous, Conflict, DiskFull, FlowError, NotFound, Problem,
                      ProtocolError, StorageError, UsageError, WorkflowError)
 from .executor import base as X
-from .fsops import Durable
+from .fsops import Durable, Reaper
 from .intake import Intake
 from .notify import Notifier
 from .run import Limits, Run
@@ -193,6 +193,13 @@ class Daemon:
     # -- the loop ----------------------------------------------------------
     def serve(self) -> int:
         self._prepare_spool()
+        # Folders out of the protocol (retired tasks, old work/) are deleted off
+        # the loop, in SPOOL/trash/; what a script made undeletable stays there.
+        self.fs.reaper = Reaper(os.path.join(self.spool, "trash"))
+        self.fs.reaper.start()
+        # What a killed flowd wrote but never fsynced is still in the page cache:
+        # make it durable before recovery trusts it (Durable.sync_all).
+        self.fs.sync_all(self.spool)
         if self._executor_factory is None:
             from .executor.docker import DockerExecutor
 
@@ -335,6 +342,8 @@ class Daemon:
     def _shutdown(self) -> None:
         self.notifier.stopping("stopping; containers keep running")
         log.info("stopping: containers keep running and are taken back at the next start")
+        if self.fs.reaper is not None:
+            self.fs.reaper.close()
         if self.executor is not None:
             self.executor.close()
         if self.sock is not None:
@@ -689,7 +698,7 @@ class Daemon:
                 checksum.stamp(fd, up.summer)
             finally:
                 os.close(fd)
-            seq = run.push(channel, item)
+            seq = run.push(channel, item, stamped=True)
         except OSError as e:
             raise StorageError(f"cannot store the pushed item: {e.strerror}") from None
         finally:

@@ -456,10 +456,11 @@ class Run:
             raise Conflict(f"run {self.id} is {self.state}; items can be pushed only to a "
                            "running run (a service run stays open until cancelled)")
 
-    def push(self, channel: str, path: str) -> int:
-        """Append the file at ``path`` (same filesystem) as an item; durable on return."""
+    def push(self, channel: str, path: str, *, stamped: bool = False) -> int:
+        """Append the file at ``path`` (same filesystem) as an item; durable on return.
+        ``stamped``: its checksum was stamped as it was received (not read again)."""
         self.check_push(channel)
-        seq = self.store.put_file(channel, path)
+        seq = self.store.put_file(channel, path, stamped=stamped)
         self.engine.add_item(channel, seq)
         return seq
 
