@@ -102,12 +102,22 @@ def containers_of(docker_client, run: str) -> list[dict]:
     return docker_client.api.containers(all=True, filters={"label": [f"io.flowd.run={run}"]})
 
 
+def inspect(docker_client, cid: str) -> dict:
+    """The engine's view of a container; {} once it is gone (flowd removes them)."""
+    import docker
+
+    try:
+        return docker_client.api.inspect_container(cid)
+    except docker.errors.NotFound:
+        return {}
+
+
 def task_folder(docker_client, run: str) -> str:
     """The host folder a running task of ``run`` has at /task (from the engine)."""
     def find():
         for c in containers_of(docker_client, run):
-            info = docker_client.api.inspect_container(c["Id"])
-            if info["State"]["Running"]:
+            info = inspect(docker_client, c["Id"])
+            if info and info["State"]["Running"]:
                 for m in info["Mounts"]:
                     if m["Destination"] == "/task":
                         return m["Source"]
@@ -448,8 +458,7 @@ def test_a_tasks_anonymous_volume_is_removed_with_its_container(cast, docker_cli
 
     def volume_of_task():
         for c in containers_of(docker_client, run):
-            info = docker_client.api.inspect_container(c["Id"])
-            for m in info["Mounts"]:
+            for m in inspect(docker_client, c["Id"]).get("Mounts", []):
                 if m["Destination"] == "/data" and m.get("Type") == "volume":
                     return m["Name"]
         return None
