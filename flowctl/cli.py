@@ -205,9 +205,10 @@ def _submit_interrupted(client: Client, args, name: str) -> int:
         return 130
     may_exist = _t(f"flowctl: the run of workflow {name!r} may still be made: `flowctl status` "
                    "lists it once it is, and `flowctl cancel RUN` stops it")
-    print("flowctl: interrupted after the workflow was sent: flowd goes on making the run; "
-          "waiting for its id (Ctrl-C again to stop waiting)", file=sys.stderr)
-    try:
+    try:  # one write, inside the try: a second Ctrl-C may come at once
+        sys.stderr.write("flowctl: interrupted after the workflow was sent: flowd goes on making "
+                         "the run; waiting for its id (Ctrl-C again to stop waiting)\n")
+        sys.stderr.flush()
         result = client.await_patiently("submit", max(client.timeout, SUBMIT_TIMEOUT))
     except KeyboardInterrupt:
         print(may_exist, file=sys.stderr)
