@@ -313,10 +313,16 @@ class Client:
 
     def push(self, run: str, channel: str, src) -> dict:
         """Stream ``src`` (a binary file object) as one new item; durable when this returns."""
-        begin = self.call("push_begin", {"run": run, "channel": channel})[0]
+        args = {"run": run, "channel": channel}
+        size = _regular_size(src)
+        if size is not None:
+            # declared: flowd checks its free-space floor for the whole item at once
+            args["size"] = size
+        begin = self.call("push_begin", args)[0]
         offset = 0
         while True:
-            chunk = src.read(P.CHUNK)
+            want = P.CHUNK if size is None else min(P.CHUNK, size - offset)
+            chunk = src.read(want) if want > 0 else b""
             if not chunk:
                 break
             self.call("push_chunk", {"push": begin["push"], "offset": offset}, chunk)
@@ -335,6 +341,22 @@ class Client:
             n += len(data)
             if len(data) < P.CHUNK:
                 return n
+
+
+def _regular_size(src) -> int | None:
+    """The size of a regular file being pushed (None for a pipe or stdin)."""
+    import stat
+
+    try:
+        st = os.fstat(src.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    try:
+        return st.st_size - src.tell()
+    except (OSError, ValueError):
+        return None
 
 
 def _what_is(path: str) -> str:
