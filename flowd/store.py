@@ -424,6 +424,7 @@ class RunStore:
             if stat.S_ISREG(st.st_mode):
                 self._check_output(st, as_name)
                 self._copy_output(fd, st, dst, as_name)  # via .A.J.tmp, renamed whole
+                _drop(wfd, [as_name])
                 return True
             # a folder: one item per regular file in it, in name order
             if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
@@ -445,6 +446,7 @@ class RunStore:
                     os.close(ffd)
             fs.fsync_dir(tmp)
             fs.rename(tmp, dst, sync=False)
+            _drop(fd, names)
             return True
         finally:
             os.close(fd)
@@ -704,6 +706,17 @@ def _reopen_own(dfd: int, name: str, st: os.stat_result, label: str) -> int:
         raise TaskOutputError(f"output {label} cannot be read by flowd ({e.strerror})") from None
     finally:
         os.close(pfd)
+
+
+def _drop(dfd: int, names: list[str]) -> None:
+    """Unlink what was copied from work/ once its copy is complete in out/, so an
+    output does not take its room twice until the task folder goes (only after
+    out/A.J is whole: a collect done again after a crash finds it there)."""
+    for n in names:
+        try:
+            os.unlink(n, dir_fd=dfd)
+        except OSError:
+            pass  # scratch: it goes with the task folder anyway
 
 
 def _list_output(fd: int, label: str) -> list[str]:
