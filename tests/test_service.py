@@ -255,7 +255,7 @@ def test_install_creates_user_spool_and_starts_the_service_after_ready(box, deb)
     assert box.sh("getent passwd flowd | cut -d: -f6,7").stdout.strip() == \
         "/var/spool/flowd:/usr/sbin/nologin"
     assert box.sh("stat -c '%U:%G %a' /var/spool/flowd /var/spool/flowd/incoming").stdout.split(
-        "\n")[:2] == ["flowd:flowd 750", "flowd:flowd 2770"]
+        "\n")[:2] == ["flowd:flowd 750", "flowd:flowd 3770"]
     assert box.sh("systemctl is-enabled flowd").stdout.strip() == "enabled"
     props = box.show("ActiveState", "SubState", "Type", "StatusText", "MainPID", "User")
     assert props["ActiveState"] == "active" and props["Type"] == "notify", (props, box.journal())
@@ -302,7 +302,7 @@ def test_spool_at_the_same_path_as_on_the_host(box):
     # what tmpfiles.d does for /var/spool/flowd: the spool is flowd's, incoming/ is
     # where members of the group flowd drop workflows
     box.sh(f"install -d -m 0750 -o flowd -g flowd {s} && "
-           f"install -d -m 2770 -o flowd -g flowd {s}/incoming && systemctl daemon-reload")
+           f"install -d -m 3770 -o flowd -g flowd {s}/incoming && systemctl daemon-reload")
     _ready_then_answers(box, "restart")
     assert json.loads(box.flowctl("status", "--json").stdout)["runs"] == []
     assert os.path.isdir(os.path.join(s, "runs"))  # made by flowd, seen on the host
