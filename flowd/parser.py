@@ -1,4 +1,4 @@
-"""Read, check and translate a workflow XML file into a ``flowd.model.Workflow``.
+"""Read a workflow XML file safely and translate it into a ``flowd.model.Workflow``.
 
 This is the one module in flowd that imports lxml. Entry point::
 
@@ -26,21 +26,20 @@ Hostile files. The parser reads exactly one file, the one it is given:
 5. after parsing: no DOCTYPE, no XInclude element or namespace, at most
    ``MAX_DEPTH`` levels of elements; ``.xinclude()`` is never called.
 
-Then the checks of SPEC section 1 (names, values, paths, channels, consumers,
-cycles) run in Python, which names each problem precisely, and the shipped
-RelaxNG schema (``flowd/schema/workflow.rng``) validates the shape as a
-backstop: its (terser) findings are reported when the Python checks found
-nothing.
+Then the elements are translated into the model, each problem reported at
+its element; the rules that need no XML live in stdlib modules: one value at
+a time in ``flowd.values``, the files a workflow names in ``flowd.filerefs``,
+the rules of the graph (declared channels, one consumer, no cycle, processes
+that can never run) in ``flowd.rules``, which reads the line numbers the
+model keeps; the bounds are in ``flowd.limits``. The shipped RelaxNG schema
+(``flowd/schema/workflow.rng``) validates the shape as a backstop: its
+(terser) findings are reported when the Python checks found nothing.
 """
 from __future__ import annotations
 
-import difflib
-import fnmatch
-import json
+import functools
 import logging
-import math
 import os
-import posixpath
 import re
 import stat
 import textwrap
@@ -49,124 +48,25 @@ from pathlib import Path
 
 from lxml import etree
 
-from flowd import model
+from flowd import model, rules, values
 from flowd.errors import Problem, WorkflowError
+from flowd.filerefs import FileRefs
+from flowd.limits import MAX_DEPTH, MAX_PROBLEMS, MAX_XML_BYTES  # noqa: F401 - flowd.parser.MAX_*
 from flowd.model import Channel, InitialItem, Mux, Port, Process, Workflow
+from flowd.problems import Invalid, Report, closest as _closest, quote as _q
+from flowd.values import EXAMPLES, PROCESS_ATTRS, image_reference_problem  # noqa: F401
 
-__all__ = ["load_workflow", "MAX_XML_BYTES", "MAX_DEPTH", "SCHEMA_PATH"]
+__all__ = ["load_workflow", "image_reference_problem", "MAX_XML_BYTES", "MAX_DEPTH", "SCHEMA_PATH"]
 
 log = logging.getLogger(__name__)
 
-MAX_XML_BYTES = 1024 * 1024  # a workflow file is at most 1 MiB
-MAX_SCRIPT_BYTES = 1024 * 1024  # and so is a script given by file=
-MAX_DEPTH = 64  # levels of nested elements (the format needs 3)
-MAX_PROBLEMS = 200  # report at most this many, then say how many more
-MAX_COUNT = 1_000_000  # upper bound of retries= and parallel=
-MAX_GLOBS = 256  # <items glob=...> per file (each one reads a folder)
-MAX_GLOB_MATCHES = 100_000  # paths one glob may match
-MIN_MEMORY = 6 * 1024 * 1024  # Docker refuses a memory limit below 6 MiB
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "workflow.rng"
 
 XINCLUDE_NAMESPACES = (
     "http://www.w3.org/2001/XInclude",
     "http://www.w3.org/2003/XInclude",
 )
-
-AS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Docker's image reference grammar (github.com/distribution/reference):
-#   reference := name [":" tag] ["@" digest]
-#   name      := [domain "/"] path-component ["/" path-component]*     (at most 255)
-#   domain    := host [":" port]; host := domain-name   (flowd takes no "[IPv6]" host:
-#                the schema's character set has no brackets)
-#   path-component := [a-z0-9]+ (separator [a-z0-9]+)*, separator := . | _ | __ | -+
-#   tag       := [\w][\w.-]{0,127}
-#   digest    := algorithm ":" hex; algorithm := [A-Za-z][A-Za-z0-9]* ([+._-][A-Za-z][A-Za-z0-9]*)*
-IMAGE_NAME_MAX = 255
-_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_IMAGE_HOST_RE = re.compile(rf"^{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?$")
-_IMAGE_PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_IMAGE_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_IMAGE_ALGORITHM_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:[+._-][A-Za-z][A-Za-z0-9]*)*$")
-_IMAGE_DIGEST_HEX = {"sha256": 64, "sha384": 96, "sha512": 128}  # what Docker can check
-_IMAGE_ID_RE = re.compile(r"^[a-f0-9]{64}$")
-
-
-def image_reference_problem(ref: str) -> str | None:
-    """Why Docker would refuse ``ref`` as an image reference, or None if it is valid."""
-    if not ref:
-        return "it is empty"
-    if ref != ref.strip() or any(c.isspace() for c in ref):
-        return "it holds white space"
-    if len(ref) > IMAGE_NAME_MAX:  # Docker bounds the name; flowd the whole reference
-        return f"it is longer than {IMAGE_NAME_MAX} characters"
-    name, at, digest = ref.partition("@")
-    if at:
-        algorithm, colon, hexpart = digest.partition(":")
-        if "@" in digest:
-            return "it has more than one @; write at most one @DIGEST, at the end"
-        if not colon or not algorithm or not hexpart:
-            return f"the digest {_q(digest)} is not ALGORITHM:HEX, e.g. sha256: and 64 hex digits"
-        if not _IMAGE_ALGORITHM_RE.match(algorithm):
-            return f"the digest's algorithm {_q(algorithm)} is not valid"
-        want = _IMAGE_DIGEST_HEX.get(algorithm)
-        if want is None:
-            return (f"the digest's algorithm {_q(algorithm)} is not one Docker supports "
-                    "(sha256, sha384, sha512)")
-        if len(hexpart) != want or not re.fullmatch(r"[a-f0-9]+", hexpart):
-            return f"a {algorithm} digest is {want} lowercase hex digits (0-9, a-f)"
-    last_slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > last_slash:  # the tag: after the last ":" that follows the last "/"
-        name, tag = name[:colon], name[colon + 1:]
-        if not _IMAGE_TAG_RE.match(tag):
-            return (f"the tag {_q(tag)} is not valid: a tag is 1 to 128 letters, digits, _ . -, "
-                    "not starting with . or -")
-    if not name:
-        return "it has no name before the tag or digest"
-    parts = name.split("/")
-    if "" in parts:
-        return "it has an empty path part (a doubled / or a / at either end)"
-    if len(parts) > 1 and _IMAGE_HOST_RE.match(parts[0]):
-        parts = parts[1:]  # a registry (host[:port]), which may hold capitals
-    elif len(parts) > 1 and any(c in parts[0] for c in ".:[]"):
-        return f"the registry {_q(parts[0])} is not a host name or host:port"
-    for part in parts:
-        if ":" in part:
-            return (f"the name part {_q(part)} holds \":\"; only one :TAG is allowed, after the "
-                    "name (and a :PORT after a registry host)")
-        if part.lower() != part and _IMAGE_PATH_COMPONENT_RE.match(part.lower()):
-            return "the repository name must be lowercase"
-        if not _IMAGE_PATH_COMPONENT_RE.match(part):
-            return (f"the name part {_q(part)} is not valid: lowercase letters and digits, "
-                    "separated by one . or _, two __, or dashes, with none at either end")
-    if len(parts) == 1 and _IMAGE_ID_RE.match(parts[0]):
-        return "a 64-digit hexadecimal name is an image id, not a name Docker accepts here"
-    return None
-
-
-def _image_suggestion(ref: str) -> str:
-    """A fix for a bad image reference: the nearest valid one, else an example."""
-    guess = re.sub(r"/+", "/", ref.strip()).strip("/")
-    name, at, digest = guess.partition("@")
-    slash = name.rfind("/")
-    if name.rfind(":") > slash:
-        colon = name.rfind(":")
-        name, tag = name[:colon].lower(), name[colon:]
-    else:
-        name, tag = name.lower(), ""
-    guess = name + tag + at + digest
-    if guess != ref and image_reference_problem(guess) is None:
-        return f"write image={_q(guess)}"
-    return f"write {EXAMPLES['image']}"
-COUNT_RE = re.compile(r"^[0-9]+$")
-DECIMAL_RE = re.compile(r"^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
 _ENCODING_RE = re.compile(rb"""^\s*<\?xml[^>]*?\bencoding\s*=\s*["']([^"']*)["']""")
-
-PROCESS_ATTRS = (
-    "image", "lang", "retries", "timeout", "memory", "cpus", "parallel",
-    "network", "on-failure",
-)
 
 # element -> (required attributes, optional attributes)
 ATTRS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -192,20 +92,6 @@ CHILDREN: dict[str, tuple[str, ...]] = {
 TEXT_ELEMENTS = ("description", "item", "script")  # hold text, no elements
 PARENT_OF = {child: parent for parent, kids in CHILDREN.items() for child in kids}
 
-EXAMPLES = {  # used in "fix:" hints
-    "image": 'image="busybox:1.36"',
-    "lang": 'lang="python"',
-    "retries": 'retries="2"',
-    "timeout": 'timeout="90s"',
-    "memory": 'memory="256m"',
-    "cpus": 'cpus="0.5"',
-    "parallel": 'parallel="4"',
-    "network": 'network="bridge"',
-    "on-failure": 'on-failure="continue"',
-    "mode": 'mode="service"',
-    "as": 'as="input.txt"',
-}
-
 
 class _Fatal(Exception):
     """Stop here: the file cannot be read any further."""
@@ -213,22 +99,6 @@ class _Fatal(Exception):
     def __init__(self, problems: list[Problem]):
         super().__init__("fatal")
         self.problems = problems
-
-
-def _q(value: str, limit: int = 60) -> str:
-    """Quote a (possibly hostile) value for a message: short, one line."""
-    if len(value) > limit:
-        value = value[:limit] + "…"
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _closest(word: str, candidates) -> str | None:
-    """The candidate closest to ``word`` (for "did you mean"), if any is close."""
-    cands = list(candidates)
-    if not word or not cands or len(cands) > 500:  # difflib is quadratic-ish
-        return None
-    best = difflib.get_close_matches(word, cands, n=1, cutoff=0.6)
-    return best[0] if best else None
 
 
 def _line_of(data: bytes, offset: int) -> int:
@@ -265,17 +135,25 @@ def _make_parser() -> etree.XMLParser:
     return parser
 
 
-_schema_lock = threading.Lock()
-_schema: etree.RelaxNG | None = None
+class _Schema:
+    """The shipped RelaxNG schema, with the lock its error log needs (one per process)."""
+
+    def __init__(self):
+        self._relaxng = etree.RelaxNG(etree.fromstring(SCHEMA_PATH.read_bytes(), _make_parser()))
+        self._lock = threading.Lock()
+
+    def errors(self, root: etree._Element) -> list | None:
+        """None if ``root`` is valid, else the schema's error log entries."""
+        with self._lock:
+            if self._relaxng.validate(root):
+                return None
+            return list(self._relaxng.error_log)
 
 
-def _relaxng() -> etree.RelaxNG:
-    global _schema
-    with _schema_lock:
-        if _schema is None:
-            data = SCHEMA_PATH.read_bytes()
-            _schema = etree.RelaxNG(etree.fromstring(data, _make_parser()))
-        return _schema
+@functools.lru_cache(maxsize=1)
+def _relaxng() -> _Schema:
+    """The schema, loaded once (a failed load is not cached: the next call tries again)."""
+    return _Schema()
 
 
 # -- reading the bytes ---------------------------------------------------------
@@ -450,7 +328,6 @@ def _parse_xml(data: bytes, display: str) -> etree._Element:
                               "workflow, or use <item file=...> / <script file=...>")])
     return root
 
-
 _RNG_PATTERNS = [  # libxml2's RelaxNG messages (the same in 2.9 and 2.14) -> friendlier ones
     (re.compile(r"^Element (\S+) has extra content: text$"),
      lambda m: (m.group(1), f"unexpected text inside <{m.group(1)}>")),
@@ -479,7 +356,6 @@ _RNG_GENERIC = re.compile(r"failed to validate content|Invalid sequence in inter
                           r"Extra element \S+ in interleave|failed to validate type|"
                           r"^Expecting element description, got")
 
-
 def _schema_problems(root: etree._Element, display: str) -> list[Problem]:
     """Validate against the shipped RelaxNG schema; translate its error log."""
     try:
@@ -488,10 +364,9 @@ def _schema_problems(root: etree._Element, display: str) -> list[Problem]:
         return [Problem(display, None, None,
                         f"flowd's own schema {SCHEMA_PATH} could not be loaded: {exc}",
                         "reinstall flowd: the package is incomplete")]
-    with _schema_lock:
-        if schema.validate(root):
-            return []
-        entries = list(schema.error_log)
+    entries = schema.errors(root)
+    if entries is None:
+        return []
     fix = "compare with the workflow format (SPEC section 1; schema flowd/schema/workflow.rng)"
     found: list[Problem] = []
     generic: list[tuple[int, Problem]] = []
@@ -529,49 +404,19 @@ def _schema_problems(root: etree._Element, display: str) -> list[Problem]:
                              "the file does not match the workflow format", fix)]
 
 
-# -- the model builder -----------------------------------------------------------
+# -- element shapes ------------------------------------------------------------------
 
-class _Builder:
-    def __init__(self, display: str, base: str, root: etree._Element):
-        self.display = display
-        self.base = base
-        self.root = root
-        self.globs = 0
-        self._paths: dict[tuple[str, str], str | None] = {}
-        self.errors: list[Problem] = []
-        self.warnings: list[Problem] = []
-        self.dropped_errors = 0
-        self.dropped_warnings = 0
+class _Shape:
+    """The generic checks of one element: its attributes, its children, no stray text."""
 
-    # reporting
+    def __init__(self, report: Report):
+        self.report = report
+
     def error(self, el, message: str, fix: str | None = None, *, line=None, element=None):
-        self._add(el, message, fix, "error", line, element)
+        self.report.error(message, fix, line=el.sourceline if line is None else line,
+                          element=el.tag if element is None else element)
 
-    def warn(self, el, message: str, fix: str | None = None, *, line=None, element=None):
-        self._add(el, message, fix, "warning", line, element)
-
-    def _add(self, el, message, fix, severity, line, element):
-        bucket = self.errors if severity == "error" else self.warnings
-        if len(bucket) >= MAX_PROBLEMS:
-            if severity == "error":
-                self.dropped_errors += 1
-            else:
-                self.dropped_warnings += 1
-            return
-        if el is not None:
-            line = line if line is not None else el.sourceline
-            element = element if element is not None else el.tag
-        bucket.append(Problem(self.display, line, element, message, fix, severity))
-
-    def has_errors(self) -> bool:
-        return bool(self.errors)
-
-    def room(self) -> bool:
-        """Whether another error would still be shown (skip costly hints if not)."""
-        return len(self.errors) < MAX_PROBLEMS
-
-    # generic shape checks --------------------------------------------------
-    def check_shape(self, el) -> list:
+    def check(self, el) -> list:
         """Attributes and children of ``el``; returns its known child elements."""
         tag = el.tag
         required, optional = ATTRS[tag]
@@ -587,7 +432,7 @@ class _Builder:
                 self.error(el, 'attribute "name" cannot have a default: every process names itself',
                            'remove name="..." from <defaults>')
                 continue
-            best = _closest(local, allowed) if self.room() else None
+            best = _closest(local, allowed) if self.report.room() else None
             fix = f"allowed on <{tag}>: " + (", ".join(allowed) if allowed else "no attributes")
             self.error(el, f"unknown attribute {_q(local)}" + (f"; did you mean {_q(best)}?" if best else ""),
                        fix)
@@ -628,7 +473,7 @@ class _Builder:
                 self.error(child, f"<{ctag}> is not allowed inside <{tag}>",
                            "a file holds exactly one <workflow>")
             else:
-                best = _closest(ctag, allowed_children) if self.room() else None
+                best = _closest(ctag, allowed_children) if self.report.room() else None
                 did = f"; did you mean <{best}>?" if best else ""
                 self.error(child, f"unknown element <{ctag}> inside <{tag}>{did}",
                            f"allowed inside <{tag}>: " + ", ".join(f"<{c}>" for c in allowed_children))
@@ -640,213 +485,45 @@ class _Builder:
                        "remove it; put commands in <script> and items in <item>",
                        line=at.sourceline, element=parent.tag)
 
-    # values ----------------------------------------------------------------------
+
+# -- elements to the model --------------------------------------------------------------
+
+class _Builder:
+    """Translate the element tree into a ``Workflow``, reporting each problem at its element.
+
+    Values are checked by ``flowd.values`` and file references by
+    ``flowd.filerefs``; what they refuse is reported here, at the element.
+    """
+
+    def __init__(self, report: Report, files: FileRefs, root: etree._Element):
+        self.report = report
+        self.files = files
+        self.root = root
+        self.shape = _Shape(report)
+        self.error = self.shape.error
+
+    def checked(self, el, check, *args):
+        """``check(*args)``, or None after reporting at ``el`` the rule it broke."""
+        try:
+            return check(*args)
+        except Invalid as bad:
+            self.error(el, bad.message, bad.fix)
+            return None
+
+    def check_shape(self, el) -> list:
+        return self.shape.check(el)
+
     def name_attr(self, el, attr: str = "name") -> str | None:
         value = el.get(attr)
-        if value is None:
-            return None
-        if not model.NAME_RE.match(value):
-            self.error(el, f"{attr} {_q(value)} is not a valid name: names start with a letter, "
-                           "then letters, digits, _ or -, at most 63 characters",
-                       f'write {attr}="{_example_name(value)}"')
-            return None
-        return value
+        return None if value is None else self.checked(el, values.name, attr, value)
 
-    def choice(self, el, attr, value, options):
-        v = value.strip()
-        if v in options:
-            return v
-        best = _closest(v, options)
-        self.error(el, f"attribute {_q(attr)} is {_q(value)}; it must be one of " + ", ".join(options)
-                       + (f"; did you mean {_q(best)}?" if best else ""),
-                   f"write {attr}={_q(best)}" if best else f"write {EXAMPLES.get(attr, attr + '=' + _q(options[0]))}")
-        return None
-
-    def count(self, el, attr, value, minimum):
-        v = value.strip()
-        number = int(v) if COUNT_RE.match(v) and len(v) <= 12 else None
-        if number is not None and minimum <= number <= MAX_COUNT:
-            return number
-        if number is None and COUNT_RE.match(v) or (number is not None and number > MAX_COUNT):
-            what = f"a whole number from {minimum} to {MAX_COUNT}"
-        else:
-            what = f"a whole number {minimum} or more"
-        self.error(el, f"attribute {_q(attr)} is {_q(value)}; it must be {what}",
-                   f"write {EXAMPLES[attr]}")
-        return None
-
-    def process_attr(self, el, attr: str, value: str):
-        """Parse one process attribute (also used for <defaults>); None if bad."""
-        if attr == "image":
-            why = image_reference_problem(value)
-            if why is None:
-                return value
-            self.error(el, f"attribute \"image\" is {_q(value)}; it is not a Docker image reference: {why}",
-                       _image_suggestion(value))
-            return None
-        if attr == "lang":
-            return self.choice(el, attr, value, model.LANGS)
-        if attr == "network":
-            return self.choice(el, attr, value, model.NETWORKS)
-        if attr == "on-failure":
-            return self.choice(el, attr, value, model.ON_FAILURE)
-        if attr == "retries":
-            return self.count(el, attr, value, 0)
-        if attr == "parallel":
-            return self.count(el, attr, value, 1)
-        if attr == "timeout":
-            try:
-                seconds = model.parse_duration(value)
-                if not math.isfinite(seconds):
-                    raise ValueError
-                return seconds
-            except (ValueError, OverflowError):
-                self.error(el, f"attribute \"timeout\" is {_q(value)}; it must be a duration "
-                               "more than zero such as 90s, 5m, 2h or 250ms",
-                           f"write {EXAMPLES['timeout']}")
-                return None
-        if attr == "memory":
-            try:
-                size = model.parse_size(value)
-            except (ValueError, OverflowError):
-                self.error(el, f"attribute \"memory\" is {_q(value)}; it must be a size such as "
-                               "256m, 1g or 512MiB", f"write {EXAMPLES['memory']}")
-                return None
-            if size < MIN_MEMORY:
-                self.error(el, f"attribute \"memory\" is {_q(value)} ({size} bytes); Docker refuses "
-                               "a memory limit below 6 MiB", f"write {EXAMPLES['memory']}")
-                return None
-            return size
-        if attr == "cpus":
-            v = value.strip()
-            if DECIMAL_RE.match(v) and len(v) <= 20:
-                cpus = float(v)
-                if cpus > 0 and math.isfinite(cpus):
-                    return cpus
-            self.error(el, f"attribute \"cpus\" is {_q(value)}; it must be a decimal number "
-                           "more than zero, such as 0.5 or 2", f"write {EXAMPLES['cpus']}")
-            return None
-        raise AssertionError(attr)  # pragma: no cover
-
-    # paths -----------------------------------------------------------------------
-    def rel_path(self, el, attr: str, value: str) -> str | None:
-        """Check a file= value: relative, inside the base folder, a regular file."""
-        norm = self._norm(el, attr, value)
-        if norm is None:
-            return None
-        if (attr, norm) in self._paths and self._paths[(attr, norm)] is not None:
-            return norm  # already checked (a file named many times)
-        self._paths[(attr, norm)] = result = self._check_file(el, attr, value, norm)
-        return result
-
-    def _check_file(self, el, attr: str, value: str, norm: str) -> str | None:
-        real = os.path.realpath(os.path.join(self.base, norm))
-        if not _inside(real, self.base):
-            self.error(el, f'{attr}={_q(value)} leads outside the workflow\'s folder '
-                           f"(through a symbolic link, to {_q(real, 120)})",
-                       "copy the file into the workflow's folder instead of linking to it")
-            return None
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            self.error(el, f"{attr}={_q(value)}: no such file in the workflow's folder",
-                       "check the name; paths are relative to the workflow file's folder")
-            return None
-        except OSError as exc:
-            self.error(el, f"{attr}={_q(value)} cannot be read: {exc.strerror}",
-                       "check the path and its permissions")
-            return None
-        if stat.S_ISDIR(st.st_mode):
-            self.error(el, f"{attr}={_q(value)} is a folder, not a file",
-                       f'name a file, or use <items glob="{norm}/*"/> for every file in it')
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            self.error(el, f"{attr}={_q(value)} is not a regular file",
-                       "name a regular file")
-            return None
-        return norm
-
-    def _norm(self, el, attr: str, value: str) -> str | None:
-        if value == "" or not value.strip():
-            self.error(el, f"{attr}= is empty", f'write {attr}="data/input.txt"')
-            return None
-        if value.startswith("/") or os.path.isabs(value):
-            self.error(el, f"{attr}={_q(value)} is an absolute path; paths must be relative "
-                           "to the workflow file's folder and stay inside it",
-                       "copy the file next to the workflow and write a relative path, "
-                       f'e.g. {attr}="data/{posixpath.basename(value) or "input.txt"}"')
-            return None
-        norm = posixpath.normpath(value)
-        if norm == ".." or norm.startswith("../"):
-            self.error(el, f"{attr}={_q(value)} goes up out of the workflow's folder with \"..\"; "
-                           "paths must stay inside it",
-                       "copy the file into the workflow's folder and name it from there")
-            return None
-        if norm == ".":
-            self.error(el, f"{attr}={_q(value)} names the workflow's folder itself",
-                       f'write {attr}="data/input.txt"')
-            return None
-        return norm
-
-    def expand_glob(self, el, value: str) -> list[str]:
-        norm = self._norm(el, "glob", value)
-        if norm is None:
-            return []
-        self.globs += 1
-        if self.globs > MAX_GLOBS:
-            if self.globs == MAX_GLOBS + 1:
-                self.error(el, f"more than {MAX_GLOBS} <items glob=...> in one workflow",
-                           "use fewer, broader patterns such as \"data/*.txt\"")
-            return []
-        try:
-            matches = _expand_glob(self.base, norm)
-        except _TooMany:
-            self.error(el, f"glob={_q(value)} matches more than {MAX_GLOB_MATCHES} paths",
-                       "use a narrower pattern, or fewer files")
-            return []
-        files: list[str] = []
-        outside: list[str] = []
-        for rel in matches:
-            rel = posixpath.normpath(rel.replace(os.sep, "/"))
-            real = os.path.realpath(os.path.join(self.base, rel))
-            if not _inside(real, self.base):
-                outside.append(rel)
-                continue
-            try:
-                if stat.S_ISREG(os.stat(real).st_mode):
-                    files.append(rel)
-            except OSError:
-                continue
-        if outside:
-            more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
-            self.error(el, f"glob={_q(value)} matches {_q(outside[0])}{more}, which leads outside "
-                           "the workflow's folder through a symbolic link",
-                       "copy the files into the workflow's folder instead of linking to them")
-            return []
-        if not files:
-            self.error(el, f"glob={_q(value)} matches no file in the workflow's folder",
-                       "check the pattern (relative to the workflow file's folder, e.g. "
-                       '"data/*.txt"), or add the files')
-        return files
-
-    def read_script(self, el, norm: str) -> str | None:
-        real = os.path.realpath(os.path.join(self.base, norm))
-        try:
-            with open(real, "rb") as f:
-                data = f.read(MAX_SCRIPT_BYTES + 1)
-        except OSError as exc:
-            self.error(el, f"script file {_q(norm)} cannot be read: {exc.strerror}",
-                       "check the file's permissions")
-            return None
-        if len(data) > MAX_SCRIPT_BYTES:
-            self.error(el, f"script file {_q(norm)} is larger than 1 MiB",
-                       "keep scripts small; put data in channels")
-            return None
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            self.error(el, f"script file {_q(norm)} is not UTF-8 text", "save it as UTF-8")
-            return None
+    def process_attrs(self, el, into: dict) -> None:
+        """The process attributes set on ``el`` (a <process> or <defaults>), into ``into``."""
+        for attr in PROCESS_ATTRS:
+            if el.get(attr) is not None:
+                value = self.checked(el, values.process_attr, attr, el.get(attr))
+                if value is not None:
+                    into[attr] = value
 
     # the whole workflow -------------------------------------------------------
     def build(self) -> Workflow:
@@ -855,19 +532,19 @@ class _Builder:
             q = etree.QName(root)
             tag = _short(q.localname)
             if q.namespace:
-                raise _Fatal([Problem(self.display, root.sourceline, tag,
+                raise _Fatal([Problem(self.report.display, root.sourceline, tag,
                                       f"the root element is in the XML namespace {_q(q.namespace)}; "
                                       "flowd files use no namespace",
                                       'remove xmlns="..." from the root element')])
-            raise _Fatal([Problem(self.display, root.sourceline, tag,
+            raise _Fatal([Problem(self.report.display, root.sourceline, tag,
                                   f"the root element is <{tag}>; a flowd file's root element is <workflow>",
                                   'start the file with <workflow name="...">')])
         kids = self.check_shape(root)
         wf_name = self.name_attr(root) or "workflow"
         mode = "batch"
         if root.get("mode") is not None:
-            mode = self.choice(root, "mode", root.get("mode"), model.MODES) or "batch"
-        wf = Workflow(name=wf_name, mode=mode, source=self.display)
+            mode = self.checked(root, values.choice, "mode", root.get("mode"), model.MODES) or "batch"
+        wf = Workflow(name=wf_name, mode=mode, source=self.report.display)
 
         defaults: dict[str, object] = {}
         seen_part = None
@@ -895,11 +572,7 @@ class _Builder:
             wf.description = (descriptions[0].text or "").strip()
         for el in default_els[:1]:
             self.check_shape(el)
-            for attr in PROCESS_ATTRS:
-                if el.get(attr) is not None:
-                    value = self.process_attr(el, attr, el.get(attr))
-                    if value is not None:
-                        defaults[attr] = value
+            self.process_attrs(el, defaults)
 
         channel_lines: dict[str, int | None] = {}
         process_lines: dict[str, int | None] = {}
@@ -927,13 +600,13 @@ class _Builder:
                         self.error(child, "<item> has both file= and text; an item is one or the other",
                                    "remove the text, or remove file=")
                         continue
-                    norm = self.rel_path(child, "file", child.get("file"))
+                    norm = self.checked(child, self.files.rel_path, "file", child.get("file"))
                     if norm is not None:
                         items.append(InitialItem(file=norm, line=child.sourceline))
                 else:
                     items.append(InitialItem(text=text, line=child.sourceline))
             elif child.get("glob") is not None:
-                for rel in self.expand_glob(child, child.get("glob")):
+                for rel in self.checked(child, self.files.expand_glob, child.get("glob")) or []:
                     items.append(InitialItem(file=rel, line=child.sourceline))
         if name is None:
             return
@@ -948,13 +621,9 @@ class _Builder:
         kids = self.check_shape(el)
         name = self.name_attr(el)
         label = f'process "{name}"' if name else "this process"
-        values = dict(defaults)
-        for attr in PROCESS_ATTRS:
-            if el.get(attr) is not None:
-                value = self.process_attr(el, attr, el.get(attr))
-                if value is not None:
-                    values[attr] = value
-        if "image" not in values and el.get("image") is None:
+        attrs = dict(defaults)
+        self.process_attrs(el, attrs)
+        if "image" not in attrs and el.get("image") is None:
             self.error(el, f"{label} has no image", f"add {EXAMPLES['image']} to <process>, or set "
                        'it once for every process with <defaults image="busybox:1.36"/>')
 
@@ -973,10 +642,7 @@ class _Builder:
                 as_name = child.get("as")
                 if as_name is None:
                     as_name = channel
-                elif not AS_RE.match(as_name) or as_name in (".", ".."):
-                    self.error(child, f"as={_q(as_name)} is not a plain file name: use letters, digits, "
-                                      "., _ and -, starting with a letter or digit, no /",
-                               f"write {EXAMPLES['as']}")
+                elif self.checked(child, values.as_name, as_name) is None:
                     continue
                 if as_name in as_lines:
                     self.error(child, f"file name {_q(as_name)} is used twice in {label} (lines "
@@ -991,13 +657,8 @@ class _Builder:
                 ename, evalue = child.get("name"), child.get("value")
                 if ename is None or evalue is None:
                     continue
-                if not ENV_RE.match(ename):
-                    self.error(child, f"environment variable name {_q(ename)} is not valid: use "
-                                      "letters, digits and _, not starting with a digit",
-                               'write name="MY_SETTING"')
-                elif ename.upper().startswith("FLOWD_"):
-                    self.error(child, f"environment variable {_q(ename)} is reserved: flowd sets the "
-                                      "FLOWD_ variables itself", "choose a name that does not start with FLOWD_")
+                if self.checked(child, values.env_name, ename) is None:
+                    pass
                 elif ename in env:
                     self.error(child, f"environment variable {_q(ename)} is set twice (lines "
                                       f"{env_lines[ename]} and {child.sourceline})", "keep one <env> per name")
@@ -1006,7 +667,38 @@ class _Builder:
                     env_lines[ename] = child.sourceline
             elif child.tag == "script":
                 scripts.append(child)
+        script, script_file = self.script_of(el, label, scripts)
 
+        if name is None:
+            return
+        if name in wf.processes or name in lines:
+            self.error(el, f'process "{name}" is declared twice (lines {lines[name]} and {el.sourceline})',
+                       "give each process its own name")
+            return
+        lines[name] = el.sourceline
+        # Added even when broken (the file is rejected then anyway), so the
+        # graph checks still see its inputs and outputs and report the rest.
+        wf.processes[name] = Process(
+            name=name,
+            image=attrs.get("image", ""),
+            script=script or "",
+            lang=attrs.get("lang", "sh"),
+            inputs=inputs,
+            outputs=outputs,
+            env=env,
+            retries=attrs.get("retries", 0),
+            timeout=attrs.get("timeout"),
+            memory=attrs.get("memory"),
+            cpus=attrs.get("cpus"),
+            parallel=attrs.get("parallel", 1),
+            network=attrs.get("network", "none"),
+            on_failure=attrs.get("on-failure", "stop"),
+            script_file=script_file,
+            line=el.sourceline,
+        )
+
+    def script_of(self, el, label: str, scripts: list) -> tuple[str | None, str | None]:
+        """The text of a process's one <script> and the file it came from, if any."""
         script: str | None = None
         script_file: str | None = None
         if not scripts:
@@ -1023,9 +715,9 @@ class _Builder:
                     self.error(s, "<script> has both file= and text; a script is one or the other",
                                "remove the text, or remove file=")
                 else:
-                    script_file = self.rel_path(s, "file", s.get("file"))
+                    script_file = self.checked(s, self.files.rel_path, "file", s.get("file"))
                     if script_file is not None:
-                        script = self.read_script(s, script_file)
+                        script = self.checked(s, self.files.read_script, script_file)
             elif not text.strip():
                 self.error(s, f"the <script> of {label} is empty",
                            "write the commands inside <script>, or use <script file=\"...\"/>")
@@ -1033,34 +725,7 @@ class _Builder:
                 # Inline scripts lose the indentation common to all their lines,
                 # so an indented Python script inside the XML runs as written.
                 script = textwrap.dedent(text)
-
-        if name is None:
-            return
-        if name in wf.processes or name in lines:
-            self.error(el, f'process "{name}" is declared twice (lines {lines[name]} and {el.sourceline})',
-                       "give each process its own name")
-            return
-        lines[name] = el.sourceline
-        # Added even when broken (the file is rejected then anyway), so the
-        # graph checks still see its inputs and outputs and report the rest.
-        wf.processes[name] = Process(
-            name=name,
-            image=values.get("image", ""),
-            script=script or "",
-            lang=values.get("lang", "sh"),
-            inputs=inputs,
-            outputs=outputs,
-            env=env,
-            retries=values.get("retries", 0),
-            timeout=values.get("timeout"),
-            memory=values.get("memory"),
-            cpus=values.get("cpus"),
-            parallel=values.get("parallel", 1),
-            network=values.get("network", "none"),
-            on_failure=values.get("on-failure", "stop"),
-            script_file=script_file,
-            line=el.sourceline,
-        )
+        return script, script_file
 
     def build_mux(self, el, wf: Workflow, name: str):
         self.check_shape(el)  # reports a missing from= or to=
@@ -1092,334 +757,9 @@ def _first_repeat(names: list[str]) -> str | None:
     return None
 
 
-class _TooMany(Exception):
-    pass
-
-
-_MAGIC_RE = re.compile(r"[*?[]")
-
-
-def _expand_glob(base: str, pattern: str) -> list[str]:
-    """Paths under ``base`` matching ``pattern`` (relative, normalised), sorted.
-
-    Like ``glob.glob(pattern, root_dir=base)`` (``*``, ``?``, ``[...]``; names
-    starting with "." only when the pattern's part does; ``**`` is ``*``), but
-    a wildcard never descends into a symbolic link to a folder, so a planted
-    link loop cannot make the expansion explode, and the number of paths is
-    capped. Callers still check that every match resolves inside ``base``.
-    """
-    parts = pattern.split("/")
-    current = [""]
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        magic = bool(_MAGIC_RE.search(part))
-        found: list[str] = []
-        for d in current:
-            folder = os.path.join(base, d) if d else base
-            if magic:
-                try:
-                    names = os.listdir(folder)
-                except OSError:
-                    continue
-                names = [n for n in names if fnmatch.fnmatchcase(n, part)
-                         and (not n.startswith(".") or part.startswith("."))]
-            else:
-                names = [part] if os.path.lexists(os.path.join(folder, part)) else []
-            for n in names:
-                rel = f"{d}/{n}" if d else n
-                if not last:
-                    full = os.path.join(base, rel)
-                    if not os.path.isdir(full) or (magic and os.path.islink(full)):
-                        continue
-                found.append(rel)
-                if len(found) > MAX_GLOB_MATCHES:
-                    raise _TooMany()
-        current = found
-    return sorted(current)
-
-
 def _short(tag: str, limit: int = 40) -> str:
     """An element name from the file, cut short for messages."""
     return tag if len(tag) <= limit else tag[:limit] + "…"
-
-
-def _inside(real: str, base: str) -> bool:
-    try:
-        return os.path.commonpath([real, base]) == base
-    except ValueError:
-        return False
-
-
-def _example_name(value: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", value)[:63].strip("_-")
-    if not cleaned or not cleaned[0].isalpha():
-        cleaned = ("x" + cleaned)[:63]
-    return cleaned if model.NAME_RE.match(cleaned) else "my_name"
-
-
-# -- rules over the whole graph ---------------------------------------------------
-
-def _check_graph(b: _Builder, wf: Workflow) -> None:
-    declared = wf.channels
-    procs = list(wf.processes.values())
-    muxes = wf.muxes
-
-    mux_line = {m.name: m.line for m in muxes}
-
-    def where(node: str) -> str:
-        if node in wf.processes:
-            return f'process "{node}" (line {wf.processes[node].line})'
-        return f"{node} (the <mux> of line {mux_line[node]})"
-
-    def undeclared(ch: str, line, element: str) -> bool:
-        if ch in declared:
-            return False
-        best = _closest(ch, declared) if b.room() else None
-        b.error(None, f"channel {_q(ch)} is not declared" + (f'; did you mean "{best}"?' if best else ""),
-                f'declare it with <channel name="{ch}"/>' if model.NAME_RE.match(ch)
-                else "name a declared channel", line=line, element=element)
-        return True
-
-    # every channel named is declared; who reads and writes what
-    readers: dict[str, list[tuple[str, int | None, str]]] = {}
-    writers: dict[str, list[str]] = {}
-    for p in procs:
-        read_here: dict[str, int | None] = {}
-        for port in p.inputs:
-            if undeclared(port.channel, port.line, "input"):
-                continue
-            if port.channel in read_here:
-                b.error(None, f'process "{p.name}" reads channel "{port.channel}" twice (lines '
-                              f"{read_here[port.channel]} and {port.line})",
-                        "read each channel once; to get two copies, fan out with a <mux>",
-                        line=port.line, element="input")
-                continue
-            read_here[port.channel] = port.line
-            readers.setdefault(port.channel, []).append((p.name, port.line, "input"))
-        written_here: dict[str, int | None] = {}
-        for port in p.outputs:
-            if undeclared(port.channel, port.line, "output"):
-                continue
-            if port.channel in read_here:
-                b.error(None, f'process "{p.name}" reads and writes the same channel "{port.channel}"',
-                        "write to another channel; a process cannot feed itself",
-                        line=port.line, element="output")
-                continue
-            if port.channel in written_here:
-                b.error(None, f'process "{p.name}" writes channel "{port.channel}" twice (lines '
-                              f"{written_here[port.channel]} and {port.line})",
-                        "keep one <output> per channel", line=port.line, element="output")
-                continue
-            written_here[port.channel] = port.line
-            writers.setdefault(port.channel, []).append(p.name)
-    for m in muxes:
-        bad = {c for c in m.sources + m.targets if undeclared(c, m.line, "mux")}
-        targets = set(m.targets)
-        both = [c for c in m.sources if c in targets]
-        if both:
-            b.error(None, f'{m.name} both reads and writes channel "{both[0]}": every item would '
-                          "loop back into it forever", f"remove \"{both[0]}\" from to=",
-                    line=m.line, element="mux")
-        for c in m.sources:
-            if c not in bad and c not in both:
-                readers.setdefault(c, []).append((m.name, m.line, "mux"))
-        for c in m.targets:
-            if c not in bad and c not in both:
-                writers.setdefault(c, []).append(m.name)
-
-    # one consumer per channel
-    for ch, rs in readers.items():
-        if len(rs) < 2:
-            continue
-        names = " and ".join(where(r[0]) for r in rs[:3])
-        if len(rs) > 3:
-            names = ", ".join(where(r[0]) for r in rs[:3]) + f" and {len(rs) - 3} more"
-        targets = " ".join(f"{ch}_{r[0].replace('#', '')}" for r in rs[:3])
-        b.error(None, f'channel "{ch}" has {len(rs)} consumers: {names}; a channel feeds exactly one '
-                      "consumer (each item is taken once)",
-                f'fan out with <mux from="{ch}" to="{targets}"/> and let each consumer read its own copy',
-                line=rs[1][1], element=rs[1][2])
-
-    # no cycle: nodes are processes and muxes, edges go through channels
-    # (a channel with several consumers is an error already: link its first only,
-    # so a hostile file cannot make writers x readers edges)
-    edges: dict[str, dict[str, str]] = {}
-    for ch in declared:
-        if ch not in readers:
-            continue
-        r = readers[ch][0][0]
-        for w in writers.get(ch, []):
-            if w != r:
-                edges.setdefault(w, {}).setdefault(r, ch)
-    order = [p.name for p in procs] + [m.name for m in muxes]
-    line_of = {p.name: p.line for p in procs}
-    line_of.update({m.name: m.line for m in muxes})
-    for cycle in _cycles(order, edges):
-        steps = [f"{n} -> {edges[n][cycle[(i + 1) % len(cycle)]]}" for i, n in enumerate(cycle)]
-        if len(steps) > 12:  # a long loop: show its two ends
-            steps = steps[:6] + [f"... ({len(steps) - 10} more) ..."] + steps[-4:]
-        text = " -> ".join(steps) + f" -> {cycle[0]}"
-        first = cycle[0]
-        b.error(None, f"cycle: {text}; items would go round forever, and a workflow must be a "
-                      "pipeline without loops",
-                "break the loop: let one of these write to a new channel instead",
-                line=line_of[first], element="process" if first in wf.processes else "mux")
-
-    # warnings
-    used = set(readers) | set(writers)
-    for m in muxes:
-        used.update(m.sources + m.targets)
-    for p in procs:
-        used.update(port.channel for port in p.inputs + p.outputs)
-    for ch in declared.values():
-        if ch.name not in used:
-            b.warn(None, f'channel "{ch.name}" is not used by any process or mux',
-                   "remove it, or connect it with <input>, <output> or <mux>",
-                   line=ch.line, element="channel")
-    if not procs and not b.has_errors():
-        b.warn(None, "the workflow has no <process>: nothing will run",
-               'add a <process name="..." image="...">', line=b.root.sourceline, element="workflow")
-    if wf.mode == "batch" and not b.has_errors():
-        _warn_dead(b, wf, writers)
-
-
-def _cycles(order: list[str], edges: dict[str, dict[str, str]]) -> list[list[str]]:
-    """One cycle per strongly connected component (iterative Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    on_stack: set[str] = set()
-    stack: list[str] = []
-    comps: list[list[str]] = []
-    counter = 0
-    for start in order:
-        if start in index:
-            continue
-        work = [(start, iter(edges.get(start, {})))]
-        index[start] = low[start] = counter
-        counter += 1
-        stack.append(start)
-        on_stack.add(start)
-        while work:
-            node, it = work[-1]
-            advanced = False
-            for nxt in it:
-                if nxt not in index:
-                    index[nxt] = low[nxt] = counter
-                    counter += 1
-                    stack.append(nxt)
-                    on_stack.add(nxt)
-                    work.append((nxt, iter(edges.get(nxt, {}))))
-                    advanced = True
-                    break
-                if nxt in on_stack:
-                    low[node] = min(low[node], index[nxt])
-            if advanced:
-                continue
-            work.pop()
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[node])
-            if low[node] == index[node]:
-                comp = []
-                while True:
-                    w = stack.pop()
-                    on_stack.discard(w)
-                    comp.append(w)
-                    if w == node:
-                        break
-                if len(comp) > 1:
-                    comps.append(comp)
-    rank = {n: i for i, n in enumerate(order)}
-    cycles = []
-    for comp in comps:
-        members = set(comp)
-        start = min(comp, key=lambda n: rank.get(n, len(rank)))
-        # shortest way from start back to start, inside the component (BFS)
-        parent: dict[str, str] = {}
-        queue = [start]
-        found = None
-        for node in queue:
-            for nxt in edges.get(node, {}):
-                if nxt not in members:
-                    continue
-                if nxt == start:
-                    found = node
-                    break
-                if nxt not in parent:
-                    parent[nxt] = node
-                    queue.append(nxt)
-            if found is not None:
-                break
-        path = [found]
-        while path[-1] != start:
-            path.append(parent[path[-1]])
-        cycles.append(list(reversed(path)))
-    cycles.sort(key=lambda c: rank.get(c[0], 0))
-    return cycles
-
-
-def _warn_dead(b: _Builder, wf: Workflow, writers) -> None:
-    """Batch mode: warn about processes that can never run.
-
-    A channel is live if it has initial items or a live producer; a process
-    runs once all its inputs are live; a mux passes life on from any source.
-    (A worklist, linear in the size of the graph.)
-    """
-    waiting: dict[str, set[str]] = {}  # process -> inputs not yet live
-    readers_of: dict[str, list[str]] = {}  # channel -> processes and muxes
-    for p in wf.processes.values():
-        waiting[p.name] = {port.channel for port in p.inputs}
-        for ch in waiting[p.name]:
-            readers_of.setdefault(ch, []).append(p.name)
-    mux_by_name = {m.name: m for m in wf.muxes}
-    for m in wf.muxes:
-        for ch in m.sources:
-            readers_of.setdefault(ch, []).append(m.name)
-    live: set[str] = set()
-    queue = [name for name, ch in wf.channels.items() if ch.items]
-    live.update(queue)
-    runnable = [name for name, ins in waiting.items() if not ins]
-
-    def fire(node: str) -> None:
-        outs = ([port.channel for port in wf.processes[node].outputs] if node in wf.processes
-                else mux_by_name[node].targets)
-        for ch in outs:
-            if ch not in live:
-                live.add(ch)
-                queue.append(ch)
-
-    fired: set[str] = set()
-    for name in runnable:
-        fired.add(name)
-        fire(name)
-    while queue:
-        ch = queue.pop()
-        for node in readers_of.get(ch, ()):
-            if node in fired:
-                continue
-            if node in waiting:
-                waiting[node].discard(ch)
-                if waiting[node]:
-                    continue
-            fired.add(node)
-            fire(node)
-    for p in wf.processes.values():
-        if p.name in fired:
-            continue
-        dead = next((port for port in p.inputs if port.channel not in live), None)
-        if dead is None:
-            continue
-        producers = writers.get(dead.channel, [])
-        if not producers:
-            why = "has no producer and no initial items"
-            fix = (f'add <item> elements to channel "{dead.channel}", connect a process\'s <output> '
-                   'to it, or use mode="service" and push items')
-        else:
-            shown = ", ".join(producers[:3]) + (f" and {len(producers) - 3} more" if len(producers) > 3 else "")
-            why = f"is only written by {shown}, which can never run either"
-            fix = "give the first process of this chain some input"
-        b.warn(None, f'process "{p.name}" can never run: its input channel "{dead.channel}" {why}',
-               fix, line=dead.line, element="input")
 
 
 # -- the entry point ---------------------------------------------------------------
@@ -1453,22 +793,11 @@ def _load(path, display: str) -> tuple[Workflow, list[Problem]]:
     _check_prolog(data, display)
     root = _parse_xml(data, display)
     base = os.path.realpath(os.path.dirname(os.path.abspath(display)))
-    b = _Builder(display, base, root)
-    wf = b.build()
-    _check_graph(b, wf)
-    if not b.errors:
+    report = Report(display)
+    wf = _Builder(report, FileRefs(base), root).build()
+    rules.check_graph(wf, report, root.sourceline)
+    if not report.errors:
         # The schema is the formal shape; the checks above say everything it
         # would say, and more precisely. If it still objects, that's reported.
-        b.errors.extend(_schema_problems(root, display))
-    warnings = sorted(b.warnings, key=lambda p: p.line or 0)
-    if b.dropped_warnings:
-        warnings.append(Problem(display, None, None,
-                                f"... and {b.dropped_warnings} more warnings not shown",
-                                None, "warning"))
-    if b.errors:
-        problems = sorted(b.errors + b.warnings, key=lambda p: p.line or 0)
-        if b.dropped_errors:
-            problems.append(Problem(display, None, None,
-                                    f"... and {b.dropped_errors} more errors not shown"))
-        raise WorkflowError(problems)
-    return wf, warnings
+        report.errors.extend(_schema_problems(root, display))
+    return wf, report.finish()
