@@ -479,7 +479,7 @@ def cmd_logs(client: Client, args) -> int:
 
 
 def cmd_graph(client: Client, args) -> int:
-    from flowd.graph import to_dot
+    from flowd.dot import to_dot
     from flowd.model import Workflow
 
     if args.target.endswith(".xml") or os.path.isfile(args.target):

@@ -1,4 +1,4 @@
-"""flowd.graph: a workflow (or a run, with live depths) as a Graphviz DOT graph.
+"""flowd.dot: a workflow (or a run, with live depths) as a Graphviz DOT graph.
 
 The DOT text is read back with a small reader of the statements to_dot
 writes, so the tests check nodes, labels and edges, not string fragments.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flowd.graph import quote, reply_to_dot, to_dot
+from flowd.dot import quote, reply_to_dot, to_dot
 from flowd.model import Channel, InitialItem, Mux, Port, Process, Workflow
 from flowd.parser import load_workflow
 
