@@ -4,7 +4,11 @@ It holds a picture of one run: each channel's queue of item numbers (SEQ,
 FIFO), the tasks that are claimed, and per-process counts. ``step`` returns
 what to claim next; the caller (``flowd.run.Run``) does the claiming through
 the store and the executor, then reports back with ``committed``,
-``released`` or ``failed``. Unit tests drive it directly, in microseconds.
+``released`` or ``failed``. What happens to a task after that is decided
+here too (``on_resume``, ``on_result``, ``on_failure`` return an ``Action``:
+start, adopt, collect, retry, dead-letter, release, park, quarantine), and
+so is the stop rule (``failed`` and ``cancel`` say when the run stops). Unit
+tests drive it directly, in microseconds.
 
 Rules (SPEC §2):
 
@@ -51,6 +55,31 @@ class Claim:
     name: str
     task_id: str
     inputs: tuple[tuple[str, int], ...]  # (channel, seq) in input order
+
+
+# What the caller does with a task (the engine decides, ``Run`` carries it out)
+START = "start"  # start the attempt ``Action.attempt`` (a fresh claim, or the same attempt again)
+ADOPT = "adopt"  # after a restart: find the attempt's container and wait for it
+COLLECT = "collect"  # it succeeded: collect its outputs and commit
+RETRY = "retry"  # it failed: give it an empty work folder, start ``Action.attempt``
+DEAD_LETTER = "dead_letter"  # it failed for good: keep its inputs and reason under failed/
+RELEASE = "release"  # put its inputs back (it was stopped, or never started while stopping)
+PARK = "park"  # the container engine is away: start it again when it is back
+QUARANTINE = "quarantine"  # an input is damaged: set it aside, put the others back
+
+# How an attempt ended, as the engine needs to know it (``Run`` maps executor results)
+OK = "ok"  # exit status 0
+FAILED_ATTEMPT = "failed"  # any other end the script is to blame for (status, timeout, OOM, bad output)
+ENGINE_AWAY = "engine_away"  # could not run for a reason that is not the script's
+DAMAGED_INPUT = "damaged"  # not started: an input failed its checksum
+NO_CONTAINER = "missing"  # adopt found no container: it never ran (or it is not trusted)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # one of the action constants above
+    attempt: int = 0  # for START, ADOPT and RETRY
+    kill: bool = False  # ADOPT: kill it at once (the run is stopping)
 
 
 @dataclass
@@ -174,17 +203,51 @@ class Engine:
         if kind == PROCESS and not claim.inputs:
             self.fired.discard(name)
 
-    def failed(self, name: str, task_id: str) -> None:
-        """Retries are exhausted; the task is a dead letter now."""
+    def failed(self, name: str, task_id: str) -> bool:
+        """Retries are exhausted; the task is a dead letter now. True when the
+        run must now stop its other tasks (on-failure="stop")."""
         self._unclaim(PROCESS, name, task_id)
         self.counts[name].failed += 1
         if self.wf.processes[name].on_failure == "stop":
             self.failed_stop = True
-            self.stopping = True
+            self.stopping = True  # from now on nothing is claimed, retried or started
+            return True
+        return False
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
+        """The run is cancelled: True, the caller stops its tasks."""
         self.cancelled = True
         self.stopping = True
+        return True
+
+    # -- what to do with a task (every decision on a task's life is here) ---------
+    def on_resume(self, attempt: int) -> Action:
+        """A process task found claimed at start-up, whose last attempt is ``attempt``
+        (0: claimed but never started)."""
+        if attempt == 0:
+            return Action(RELEASE) if self.stopping else Action(START, 1)
+        return Action(ADOPT, attempt, kill=self.stopping)
+
+    def on_result(self, name: str, attempt: int, outcome: str, *, stopping: bool) -> Action:
+        """An attempt of a task of process ``name`` ended with ``outcome``;
+        ``stopping``: a kill was asked for this task (cancel, or a stop)."""
+        if stopping:
+            return Action(RELEASE)
+        if outcome == ENGINE_AWAY:
+            return Action(PARK, attempt)
+        if outcome == DAMAGED_INPUT:
+            return Action(QUARANTINE)
+        if outcome == NO_CONTAINER:
+            return Action(START, attempt)  # it never ran: the same attempt again
+        if outcome == OK:
+            return Action(COLLECT)
+        return self.on_failure(name, attempt)
+
+    def on_failure(self, name: str, attempt: int) -> Action:
+        """Attempt ``attempt`` failed (its script, or its outputs): retry or give up."""
+        if attempt <= self.wf.processes[name].retries and not self.stopping:
+            return Action(RETRY, attempt + 1)
+        return Action(DEAD_LETTER)
 
     # -- state -------------------------------------------------------------
     def has_ready(self) -> bool:

@@ -17,6 +17,7 @@ from .executor import base as X
 from .fsops import Durable
 from .model import Workflow
 from .store import RunStore, TaskOutputError, TaskRecord, seq_name
+from .textsafe import for_log
 
 log = logging.getLogger("flowd.run")
 
@@ -149,17 +150,8 @@ class Run:
             rec = act.rec
             if rec.kind == E.MUX:
                 self._commit_mux(rec)  # a mux claim is finished the same way every time
-            elif rec.attempt == 0:  # claimed, never started
-                if self.engine.stopping:
-                    self._release(act)
-                else:
-                    self._start(act, 1)
-            else:
-                act.spec = self._spec(rec)
-                act.stopping = self.engine.stopping
-                self.executor.adopt(act.spec)
-                if act.stopping:
-                    self.executor.kill(self.id, rec.task_id)
+                continue
+            self._carry_out(act, self.engine.on_resume(rec.attempt))
         self._check_end()
 
     # -- properties ------------------------------------------------------
@@ -253,22 +245,36 @@ class Run:
         if act is None or act.rec.attempt != res.attempt:
             log.debug("run %s: dropping stale result %s", self.id, res)
             return
-        rec = act.rec
-        if act.stopping:
-            self._release(act)
-        elif res.retryable:
-            act.parked = True
+        if res.retryable:
             act.last_error = res.message
-        elif res.status == X.DAMAGED:
-            self._quarantine(act, res.damaged)
-        elif res.status == X.MISSING:
-            log.info("run %s: task %s had no container; starting it again", self.id, rec.dirname)
-            self._start(act, rec.attempt)
-        elif res.ok:
-            self._succeeded(act, res)
-        else:
-            self._failed(act, res.message or res.status)
+        action = self.engine.on_result(act.rec.name, act.rec.attempt, _outcome(res),
+                                       stopping=act.stopping)
+        self._carry_out(act, action, res)
         self._check_end()
+
+    def _carry_out(self, act: Active, action: E.Action, res: X.TaskResult | None = None) -> None:
+        """Do what the engine decided for this task."""
+        rec, kind = act.rec, action.kind
+        if kind == E.START:
+            if res is not None:  # the same attempt again: it never ran
+                log.info("run %s: task %s had no container; starting it again", self.id, rec.dirname)
+            self._start(act, action.attempt)
+        elif kind == E.ADOPT:
+            act.spec = self._spec(rec)
+            act.stopping = action.kill
+            self.executor.adopt(act.spec)
+            if action.kill:
+                self.executor.kill(self.id, rec.task_id)
+        elif kind == E.RELEASE:
+            self._release(act)
+        elif kind == E.PARK:
+            act.parked = True
+        elif kind == E.QUARANTINE:
+            self._quarantine(act, res.damaged)
+        elif kind == E.COLLECT:
+            self._succeeded(act, res)
+        else:  # RETRY or DEAD_LETTER: a failure the script is to blame for
+            self._failed(act, res.message or res.status, action)
 
     def _active_for(self, task_id: str) -> Active | None:
         for act in self.active.values():
@@ -285,29 +291,30 @@ class Run:
             self._failed(act, f"bad output: {e}")
             return
         except OSError as e:
-            self._failed(act, f"could not collect outputs: {e}")
+            self._failed(act, f"could not collect outputs: {for_log(e)}")
             return
         outputs = self.store.commit(rec, outs)
         self.executor.remove(act.spec)
         del self.active[rec.dirname]
         self.engine.committed(E.PROCESS, rec.name, rec.task_id, outputs)
 
-    def _failed(self, act: Active, reason: str) -> None:
+    def _failed(self, act: Active, reason: str, action: E.Action | None = None) -> None:
         rec = act.rec
-        proc = self.wf.processes[rec.name]
         act.history.append(f"attempt {rec.attempt}: {reason}")
-        log.info("run %s: task %s attempt %d failed: %s", self.id, rec.dirname, rec.attempt, reason)
-        if rec.attempt <= proc.retries and not self.engine.stopping:
+        log.info("run %s: task %s attempt %d failed: %s", self.id, rec.dirname, rec.attempt,
+                 for_log(reason))
+        if action is None:
+            action = self.engine.on_failure(rec.name, rec.attempt)
+        if action.kind == E.RETRY:
             self.store.reset_work(rec)
-            self._start(act, rec.attempt + 1)
+            self._start(act, action.attempt)
             return
         self.executor.remove(act.spec)
         info = self.store.dead_letter(rec, reason, rec.attempt)
         info["history"] = act.history
         self.failures.append(info)
         del self.active[rec.dirname]
-        self.engine.failed(rec.name, rec.task_id)
-        if proc.on_failure == "stop":
+        if self.engine.failed(rec.name, rec.task_id):
             self._stop_all(f"task {rec.dirname} failed: {reason}")
 
     def _quarantine(self, act: Active, bad: list[tuple[str, int, str]]) -> None:
@@ -345,8 +352,8 @@ class Run:
             raise Conflict(f"run {self.id} is already {self.state}")
         self.meta["cancel_requested"] = True
         self.store.write_json("run.json", self.meta)
-        self.engine.cancel()
-        self._stop_all("cancelled")
+        if self.engine.cancel():
+            self._stop_all("cancelled")
         self._check_end()
 
     def parked(self) -> bool:
@@ -517,6 +524,17 @@ class Run:
             raise
         except OSError as e:
             raise NotFound(f"item {seq} of channel {channel}: {e.strerror}") from None
+
+
+def _outcome(res: X.TaskResult) -> str:
+    """How an attempt ended, in the engine's words."""
+    if res.retryable:
+        return E.ENGINE_AWAY
+    if res.status == X.DAMAGED:
+        return E.DAMAGED_INPUT
+    if res.status == X.MISSING:
+        return E.NO_CONTAINER
+    return E.OK if res.ok else E.FAILED_ATTEMPT
 
 
 def container_identity(setting: str) -> tuple[str | None, list[str], int]:

@@ -163,3 +163,55 @@ def test_process_that_can_never_run_does_not_keep_a_batch_run_open():
     eng = make(w, a=3)
     assert eng.step() == []
     assert eng.state() == E.SUCCEEDED
+
+
+# -- what happens to a task: every decision is the engine's (microseconds each) -----
+def _one(retries=2, on_failure="stop", **queues):
+    w = wf(channels={"a": [], "out": []},
+           processes=[proc("p", "a", "out", retries=retries, on_failure=on_failure)])
+    return make(w, **(queues or {"a": 3}))
+
+
+def test_a_failed_attempt_is_retried_with_the_next_number_until_retries_run_out():
+    eng = _one(retries=2)
+    assert eng.on_result("p", 1, E.FAILED_ATTEMPT, stopping=False) == E.Action(E.RETRY, 2)
+    assert eng.on_result("p", 2, E.FAILED_ATTEMPT, stopping=False) == E.Action(E.RETRY, 3)
+    assert eng.on_result("p", 3, E.FAILED_ATTEMPT, stopping=False) == E.Action(E.DEAD_LETTER)
+    assert eng.on_failure("p", 3) == E.Action(E.DEAD_LETTER)  # bad outputs: the same rule
+
+
+def test_each_way_an_attempt_ends_has_its_action():
+    eng = _one()
+    assert eng.on_result("p", 1, E.OK, stopping=False) == E.Action(E.COLLECT)
+    assert eng.on_result("p", 2, E.ENGINE_AWAY, stopping=False) == E.Action(E.PARK, 2)
+    assert eng.on_result("p", 1, E.DAMAGED_INPUT, stopping=False) == E.Action(E.QUARANTINE)
+    # no container: it never ran, so the same attempt starts again (no retry spent)
+    assert eng.on_result("p", 2, E.NO_CONTAINER, stopping=False) == E.Action(E.START, 2)
+    # a task asked to stop is released, whatever its container said
+    for outcome in (E.OK, E.FAILED_ATTEMPT, E.ENGINE_AWAY, E.DAMAGED_INPUT, E.NO_CONTAINER):
+        assert eng.on_result("p", 1, outcome, stopping=True) == E.Action(E.RELEASE)
+
+
+def test_a_failure_under_stop_stops_the_run_and_nothing_is_retried_after():
+    eng = _one(retries=5, on_failure="stop", a=3)
+    (first,) = eng.step()  # parallel=1: one task at a time
+    assert eng.failed("p", first.task_id) is True  # the caller stops the others now
+    assert eng.stopping and eng.step() == []
+    # a retry is never started while stopping; the other task dead-letters instead
+    assert eng.on_failure("p", 1) == E.Action(E.DEAD_LETTER)
+
+
+def test_continue_does_not_stop_the_run():
+    eng = _one(on_failure="continue", a=2)
+    (claim,) = eng.step()
+    assert eng.failed("p", claim.task_id) is False
+    assert not eng.stopping and len(eng.step()) == 1
+
+
+def test_resume_starts_never_started_claims_and_adopts_started_ones():
+    eng = _one()
+    assert eng.on_resume(0) == E.Action(E.START, 1)
+    assert eng.on_resume(3) == E.Action(E.ADOPT, 3, kill=False)
+    assert eng.cancel() is True
+    assert eng.on_resume(0) == E.Action(E.RELEASE)  # cancelled: never start it
+    assert eng.on_resume(3) == E.Action(E.ADOPT, 3, kill=True)  # find it, and stop it
