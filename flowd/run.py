@@ -16,7 +16,8 @@ from .errors import Conflict, NotFound, StorageError
 from .executor import base as X
 from .fsops import Durable
 from .model import Workflow
-from .store import RunStore, TaskOutputError, TaskRecord, seq_name
+from .collect import TaskOutputError
+from .store import RunStore, TaskRecord, seq_name
 from .textsafe import for_log
 
 log = logging.getLogger("flowd.run")

@@ -38,7 +38,8 @@ from hypothesis import strategies as st
 
 from flowd import checksum
 from flowd.fsops import CHUNK, Durable, SimulatedCrash
-from flowd.store import ITEM_MODE, RunStore, TaskOutputError
+from flowd.collect import ITEM_MODE, TaskOutputError
+from flowd.store import RunStore
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.geteuid() == 0
@@ -617,7 +618,8 @@ def test_a_non_root_daemon_collects_or_refuses_an_unsearchable_output_folder(sha
     res = run_as_non_root("""
         import json, os
         from flowd.fsops import Durable
-        from flowd.store import RunStore, TaskOutputError
+        from flowd.collect import TaskOutputError
+        from flowd.store import RunStore
         store = RunStore.layout(os.path.abspath("run"), Durable(), [])
         rec = store.claim("process", "p", "s1", [])
         store.set_attempt(rec, 1)
