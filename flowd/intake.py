@@ -68,10 +68,10 @@ from typing import Callable
 
 from .errors import FlowError, WorkflowError
 from .fsops import file_kind
+from .limits import MAX_XML_BYTES as XML_CAP  # stdlib: lxml stays out of start-up
 
 log = logging.getLogger("flowd.intake")
 
-XML_CAP = 1024 * 1024  # parser.MAX_XML_BYTES (not imported: lxml stays out of start-up)
 SETTLE = 2.0
 RESCAN_EVERY = 60.0
 FALLBACK_EVERY = 2.0
