@@ -12,17 +12,17 @@ import time
 from dataclasses import dataclass, field
 
 from . import engine as E
-from .errors import Conflict, NotFound, StorageError
+from .errors import Conflict, NotFound
 from .executor import base as X
 from .fsops import Durable
 from .model import Workflow
 from .collect import TaskOutputError
-from .store import RunStore, TaskRecord, seq_name
+from .store import RunStore, TaskRecord
+from .runview import RunView
 from .textsafe import for_log
 
 log = logging.getLogger("flowd.run")
 
-LOG_TAIL_BYTES = 2048
 # A tick checks the clock (Run.tick_budget) after each engine step of at most
 # this many items moved by muxes: one mux task's worth.
 MOVE_SLICE = E.MUX_BATCH
@@ -378,84 +378,26 @@ class Run:
         self.meta.update(extra, state=state)
         self.store.write_json("run.json", self.meta)
 
-    # -- reading -----------------------------------------------------------
+    # -- reading (flowd.runview) ----------------------------------------------
     def summary(self) -> dict:
-        m = self.meta
-        end = m.get("finished_at") or time.time()
-        start = m.get("started_at")
-        return {
-            "id": self.id,
-            "name": self.wf.name,
-            "mode": self.wf.mode,
-            "state": m["state"],
-            "submitted_at": m.get("submitted_at"),
-            "started_at": start,
-            "finished_at": m.get("finished_at"),
-            "elapsed": (end - start) if start else 0.0,
-            "tasks_done": sum(c.done for c in self.engine.counts.values()),
-            "tasks_running": sum(c.running for c in self.engine.counts.values()),
-            "tasks_failed": sum(c.failed for c in self.engine.counts.values()),
-            "message": m.get("message", ""),
-        }
+        return RunView(self).summary()
 
     def detail(self) -> dict:
-        out = self.summary()
-        eng = self.engine
-        procs = []
-        for p in self.wf.processes.values():
-            c = eng.counts[p.name]
-            if p.inputs:
-                queued = min(eng.depth(port.channel) for port in p.inputs)
-            else:
-                queued = 0 if p.name in eng.fired else 1
-            procs.append({"name": p.name, "image": p.image, "done": c.done, "running": c.running,
-                          "queued": 0 if self.finished else queued, "failed": c.failed})
-        results = set(self.wf.result_channels())
-        chans = [{"name": ch, "depth": eng.depth(ch), "result": ch in results}
-                 for ch in self.wf.channels]
-        fails = []
-        for info in self.failures[-10:]:
-            fails.append({
-                "task": str(info.get("task_id", "")),  # as in FLOWD_TASK, logs --task
-                "folder": info.get("dirname", info.get("task")),  # SPOOL/runs/RUN/failed/...
-                "process": info.get("process"),
-                "reason": info.get("reason"),
-                "attempts": info.get("attempts"),
-                "history": info.get("history", []),
-                "log_tail": self._log_tail(info),
-            })
-        out.update(processes=procs, channels=chans, failures=fails,
-                   quarantined=[{k: q.get(k) for k in ("channel", "seq", "reason", "process")}
-                                for q in self.quarantined])
-        return out
-
-    def _log_tail(self, info: dict) -> str:
-        logs = info.get("logs") or []
-        if not logs:
-            return ""
-        path = self.store.path("logs", logs[-1])
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - LOG_TAIL_BYTES))
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return RunView(self).detail()
 
     def items(self, channel: str) -> list[dict]:
-        if channel not in self.wf.channels:
-            raise NotFound(f"run {self.id} has no channel {channel!r}; it has: "
-                           + ", ".join(self.wf.channels))
-        out = []
-        for seq in list(self.engine.queues[channel]):
-            try:
-                size = os.stat(self.store.item_path(channel, seq)).st_size
-            except FileNotFoundError:
-                continue
-            out.append({"seq": seq, "name": seq_name(seq), "size": size})
-        return out
+        return RunView(self).items(channel)
 
+    def logs(self, process: str | None = None, task: str | None = None) -> list[dict]:
+        return RunView(self).logs(process, task)
+
+    def read_log(self, name: str, offset: int, length: int) -> bytes:
+        return RunView(self).read_log(name, offset, length)
+
+    def read(self, channel: str, seq: int, offset: int, length: int) -> bytes:
+        return RunView(self).read(channel, seq, offset, length)
+
+    # -- pushing -------------------------------------------------------------
     def check_push(self, channel: str) -> None:
         if channel not in self.wf.channels:
             raise NotFound(f"run {self.id} has no channel {channel!r}; it has: "
@@ -471,61 +413,6 @@ class Run:
         seq = self.store.put_file(channel, path, stamped=stamped)
         self.engine.add_item(channel, seq)
         return seq
-
-    def logs(self, process: str | None = None, task: str | None = None) -> list[dict]:
-        """The run's task logs, oldest first: [{name, process, task, attempt,
-        size, running}]. A running attempt's log is its live file (see
-        ``executor.base.live_log_path``), under the name its final log will have."""
-        if process and process not in self.wf.processes:
-            raise NotFound(f"run {self.id} has no process {process!r}; it has: "
-                           + ", ".join(self.wf.processes))
-        found: dict[str, dict] = {}
-        folder = self.store.path("logs")
-        for entry in sorted(os.listdir(folder), key=lambda n: n.startswith(".")):  # finals first
-            running = entry.startswith(".") and entry.endswith(".live")
-            name = entry[1:-len(".live")] if running else entry
-            parsed = _parse_log_name(name)
-            if parsed is None or name in found:
-                continue
-            proc, task_id, attempt = parsed
-            if (process and proc != process) or (task and task_id != str(task)):
-                continue
-            try:
-                st = os.stat(os.path.join(folder, entry))
-            except FileNotFoundError:  # a live log that just ended
-                continue
-            found[name] = {"name": name, "process": proc, "task": task_id, "attempt": attempt,
-                           "size": st.st_size, "mtime": st.st_mtime, "running": running}
-        # Ended attempts in the order they ended, then the running ones by task.
-        return sorted(found.values(), key=lambda d: (
-            d["running"], 0 if d["running"] else d["mtime"],
-            int(d["task"]) if d["task"].isdigit() else 0, d["attempt"]))
-
-    def read_log(self, name: str, offset: int, length: int) -> bytes:
-        if _parse_log_name(name) is None:
-            raise NotFound(f"no log named {name!r}")
-        final = self.store.path("logs", name)
-        for path in (final, X.live_log_path(final), final):  # the final one may land meanwhile
-            try:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    return f.read(length)
-            except FileNotFoundError:
-                continue
-        raise NotFound(f"run {self.id} has no log {name!r}")
-
-    def read(self, channel: str, seq: int, offset: int, length: int) -> bytes:
-        if channel not in self.wf.channels:
-            raise NotFound(f"run {self.id} has no channel {channel!r}")
-        try:
-            with self.store.open_item(channel, seq) as f:
-                f.seek(offset)
-                return f.read(length)
-        except StorageError:
-            raise
-        except OSError as e:
-            raise NotFound(f"item {seq} of channel {channel}: {e.strerror}") from None
-
 
 def _outcome(res: X.TaskResult) -> str:
     """How an attempt ended, in the engine's words."""
@@ -561,11 +448,3 @@ def container_identity(setting: str) -> tuple[str | None, list[str], int]:
     if int(uid) == me:
         return setting if gid else f"{uid}:{my_gid}", [], 0o700
     return setting, [str(my_gid)], 0o2770
-
-
-def _parse_log_name(name: str) -> tuple[str, str, int] | None:
-    """``p.PROCESS.TASK.ATTEMPT.log`` -> (process, task, attempt)."""
-    parts = name.split(".")
-    if len(parts) != 5 or parts[0] != "p" or parts[4] != "log" or not parts[3].isdigit():
-        return None
-    return parts[1], parts[2], int(parts[3])

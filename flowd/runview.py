@@ -1,0 +1,162 @@
+"""What flowctl reads of a run: its summary and detail, items, logs (stdlib only).
+
+Read queries only: nothing here changes the run or the spool. ``Run``'s
+``summary``, ``detail``, ``items``, ``logs``, ``read_log`` and ``read`` are
+these, on the run's store, workflow and engine counts.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from .errors import NotFound, StorageError
+from .executor import base as X
+from .store import seq_name
+
+LOG_TAIL_BYTES = 2048
+
+
+class RunView:
+    """The read side of one ``flowd.run.Run``."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def summary(self) -> dict:
+        m = self.run.meta
+        end = m.get("finished_at") or time.time()
+        start = m.get("started_at")
+        return {
+            "id": self.run.id,
+            "name": self.run.wf.name,
+            "mode": self.run.wf.mode,
+            "state": m["state"],
+            "submitted_at": m.get("submitted_at"),
+            "started_at": start,
+            "finished_at": m.get("finished_at"),
+            "elapsed": (end - start) if start else 0.0,
+            "tasks_done": sum(c.done for c in self.run.engine.counts.values()),
+            "tasks_running": sum(c.running for c in self.run.engine.counts.values()),
+            "tasks_failed": sum(c.failed for c in self.run.engine.counts.values()),
+            "message": m.get("message", ""),
+        }
+
+    def detail(self) -> dict:
+        out = self.summary()
+        eng = self.run.engine
+        procs = []
+        for p in self.run.wf.processes.values():
+            c = eng.counts[p.name]
+            if p.inputs:
+                queued = min(eng.depth(port.channel) for port in p.inputs)
+            else:
+                queued = 0 if p.name in eng.fired else 1
+            procs.append({"name": p.name, "image": p.image, "done": c.done, "running": c.running,
+                          "queued": 0 if self.run.finished else queued, "failed": c.failed})
+        results = set(self.run.wf.result_channels())
+        chans = [{"name": ch, "depth": eng.depth(ch), "result": ch in results}
+                 for ch in self.run.wf.channels]
+        fails = []
+        for info in self.run.failures[-10:]:
+            fails.append({
+                "task": str(info.get("task_id", "")),  # as in FLOWD_TASK, logs --task
+                "folder": info.get("dirname", info.get("task")),  # SPOOL/runs/RUN/failed/...
+                "process": info.get("process"),
+                "reason": info.get("reason"),
+                "attempts": info.get("attempts"),
+                "history": info.get("history", []),
+                "log_tail": self._log_tail(info),
+            })
+        out.update(processes=procs, channels=chans, failures=fails,
+                   quarantined=[{k: q.get(k) for k in ("channel", "seq", "reason", "process")}
+                                for q in self.run.quarantined])
+        return out
+
+    def _log_tail(self, info: dict) -> str:
+        logs = info.get("logs") or []
+        if not logs:
+            return ""
+        path = self.run.store.path("logs", logs[-1])
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - LOG_TAIL_BYTES))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def items(self, channel: str) -> list[dict]:
+        if channel not in self.run.wf.channels:
+            raise NotFound(f"run {self.run.id} has no channel {channel!r}; it has: "
+                           + ", ".join(self.run.wf.channels))
+        out = []
+        for seq in list(self.run.engine.queues[channel]):
+            try:
+                size = os.stat(self.run.store.item_path(channel, seq)).st_size
+            except FileNotFoundError:
+                continue
+            out.append({"seq": seq, "name": seq_name(seq), "size": size})
+        return out
+
+    def logs(self, process: str | None = None, task: str | None = None) -> list[dict]:
+        """The run's task logs, oldest first: [{name, process, task, attempt,
+        size, running}]. A running attempt's log is its live file (see
+        ``executor.base.live_log_path``), under the name its final log will have."""
+        if process and process not in self.run.wf.processes:
+            raise NotFound(f"run {self.run.id} has no process {process!r}; it has: "
+                           + ", ".join(self.run.wf.processes))
+        found: dict[str, dict] = {}
+        folder = self.run.store.path("logs")
+        for entry in sorted(os.listdir(folder), key=lambda n: n.startswith(".")):  # finals first
+            running = entry.startswith(".") and entry.endswith(".live")
+            name = entry[1:-len(".live")] if running else entry
+            parsed = _parse_log_name(name)
+            if parsed is None or name in found:
+                continue
+            proc, task_id, attempt = parsed
+            if (process and proc != process) or (task and task_id != str(task)):
+                continue
+            try:
+                st = os.stat(os.path.join(folder, entry))
+            except FileNotFoundError:  # a live log that just ended
+                continue
+            found[name] = {"name": name, "process": proc, "task": task_id, "attempt": attempt,
+                           "size": st.st_size, "mtime": st.st_mtime, "running": running}
+        # Ended attempts in the order they ended, then the running ones by task.
+        return sorted(found.values(), key=lambda d: (
+            d["running"], 0 if d["running"] else d["mtime"],
+            int(d["task"]) if d["task"].isdigit() else 0, d["attempt"]))
+
+    def read_log(self, name: str, offset: int, length: int) -> bytes:
+        if _parse_log_name(name) is None:
+            raise NotFound(f"no log named {name!r}")
+        final = self.run.store.path("logs", name)
+        for path in (final, X.live_log_path(final), final):  # the final one may land meanwhile
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(length)
+            except FileNotFoundError:
+                continue
+        raise NotFound(f"run {self.run.id} has no log {name!r}")
+
+    def read(self, channel: str, seq: int, offset: int, length: int) -> bytes:
+        if channel not in self.run.wf.channels:
+            raise NotFound(f"run {self.run.id} has no channel {channel!r}")
+        try:
+            with self.run.store.open_item(channel, seq) as f:
+                f.seek(offset)
+                return f.read(length)
+        except StorageError:
+            raise
+        except OSError as e:
+            raise NotFound(f"item {seq} of channel {channel}: {e.strerror}") from None
+
+
+def _parse_log_name(name: str) -> tuple[str, str, int] | None:
+    """``p.PROCESS.TASK.ATTEMPT.log`` -> (process, task, attempt)."""
+    parts = name.split(".")
+    if len(parts) != 5 or parts[0] != "p" or parts[4] != "log" or not parts[3].isdigit():
+        return None
+    return parts[1], parts[2], int(parts[3])
