@@ -1,7 +1,9 @@
-"""Human output: aligned tables, sizes and times in human units."""
+"""Human output: aligned tables, sizes and times in human units (flowd.units), "-" for none."""
 from __future__ import annotations
 
 import time
+
+from flowd import units
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
@@ -15,29 +17,11 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+    return "-" if n is None else units.size(n)
 
 
 def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    return "-" if seconds is None else units.duration(seconds)
 
 
 def ago(ts: float | None, now: float | None = None) -> str:

@@ -14,7 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .errors import UsageError
-from .model import NETWORKS, parse_duration, parse_size
+from .model import NETWORKS
+from .units import parse_duration, parse_size
 from .protocol import DEFAULT_SOCKET
 
 DEFAULT_CONFIG = "/etc/flowd/flowd.toml"

@@ -10,39 +10,14 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from .units import parse_duration, parse_size  # noqa: F401  (model.parse_* for the parser)
+
 FORMAT_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 LANGS = ("sh", "bash", "python", "node")
 NETWORKS = ("none", "bridge")
 ON_FAILURE = ("stop", "continue")
 MODES = ("batch", "service")
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-def parse_duration(text: str) -> float:
-    """``90s``, ``5m``, ``2h``, ``1.5h``, ``250ms`` or bare seconds -> seconds."""
-    m = _DURATION_RE.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 5m or 2h")
-    value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if value <= 0:
-        raise ValueError(f"{text!r} must be more than zero")
-    return value
-
-
-def parse_size(text: str) -> int:
-    """``256m``, ``1g``, ``512k``, ``1GiB`` or bare bytes -> bytes."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a size; write e.g. 256m or 1g")
-    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise ValueError(f"{text!r} must be more than zero")
-    return value
 
 
 @dataclass

@@ -66,6 +66,7 @@ import docker.types
 import docker.utils
 import requests.exceptions
 
+from .. import units
 from ..errors import (
     EngineError,
     EngineUnavailable,
@@ -406,7 +407,8 @@ class DockerExecutor(Executor):
         if self._kill_requested(spec) and code != 0:
             status, message = KILLED, "killed on request"
         elif t.timed_out and code != 0:
-            status, message = TIMEOUT, f"timed out after {_human_duration(spec.timeout or 0)}"
+            took = units.duration(spec.timeout or 0, exact=True)
+            status, message = TIMEOUT, f"timed out after {took}"
         elif t.engine_lost and code in (137, 143) and not state.get("OOMKilled"):
             # Without live-restore a dockerd restart kills every container (SIGTERM,
             # then SIGKILL): not the script's failure. Run it again, same attempt.
@@ -415,7 +417,7 @@ class DockerExecutor(Executor):
                                  f"container (exit status {code})")
             return
         elif code == 137 and (state.get("OOMKilled") or self._oom_marked(info["Id"])):
-            limit = f" (limit {_human_size(spec.memory)})" if spec.memory else ""
+            limit = f" (limit {units.size(spec.memory, trim=True)})" if spec.memory else ""
             status, message = OOM, f"killed: out of memory{limit}"
         else:
             status, message = EXITED, f"exit status {code}"
@@ -934,24 +936,3 @@ def _parse_time(text: str | None) -> float | None:
     if frac:
         seconds += int(frac[:9].ljust(9, "0")) / 1e9
     return seconds
-
-
-def _human_duration(seconds: float) -> str:
-    """30 -> '30s', 90 -> '1m30s', 3600 -> '1h', 1.5 -> '1.5s'."""
-    if seconds < 60:
-        return f"{seconds:g}s"
-    total = int(round(seconds))
-    h, rest = divmod(total, 3600)
-    m, s = divmod(rest, 60)
-    parts = [f"{h}h" if h else "", f"{m}m" if m else "", f"{s}s" if s else ""]
-    return "".join(parts)
-
-
-def _human_size(n: int) -> str:
-    """67108864 -> '64 MiB', 1536 -> '1.5 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:g} {unit}" if unit == "B" else f"{round(value, 1):g} {unit}"
-        value /= 1024
-    raise AssertionError("not reached")
