@@ -18,8 +18,28 @@ import zlib
 
 XATTR = "user.flowd.crc32"
 CHUNK = 1024 * 1024
+_NO_XATTRS = ("cannot record an item checksum (user extended attributes: %s); "
+              "such items are not checked")
+
+
+class _FirstTimeOnly(logging.Filter):
+    """Lets one message (by its format string) through once: a filesystem
+    without user extended attributes is said once in the log, not per item."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__()
+        self.msg = msg
+        self.passed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.msg:
+            return True
+        first, self.passed = not self.passed, True
+        return first
+
+
 log = logging.getLogger("flowd.checksum")
-_warned = False
+log.addFilter(_FirstTimeOnly(_NO_XATTRS))
 
 
 class Summer:
@@ -51,7 +71,6 @@ def of_file(path: str) -> Summer:
 
 def stamp(target: int | str, summer: Summer) -> None:
     """Record the checksum on a file (an open fd or a path, never followed)."""
-    global _warned
     try:
         if isinstance(target, int):
             os.setxattr(target, XATTR, summer.value)
@@ -59,10 +78,7 @@ def stamp(target: int | str, summer: Summer) -> None:
             os.setxattr(target, XATTR, summer.value, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
-            if not _warned:
-                log.warning("cannot record an item checksum (user extended attributes: %s); "
-                            "such items are not checked", e.strerror)
-                _warned = True
+            log.warning(_NO_XATTRS, e.strerror)  # once: the filter above
             return
         raise
 
