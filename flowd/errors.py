@@ -16,7 +16,8 @@ protocol sends to flowctl, and a message written for a person::
     │   ├── EngineUnavailable      engine_down      the Docker engine is not reachable
     │   └── ImageUnavailable       image            image missing and not pullable
     ├── AlreadyRunning             already_running  another flowd holds the spool/socket
-    └── DaemonUnreachable          unreachable      flowctl could not reach flowd (exit 3)
+    ├── DaemonUnreachable          unreachable      flowctl could not reach flowd (exit 3)
+    └── InternalError              internal         a bug in flowd (logged there, no traceback sent)
 
 A container that exits non-zero is a task *result*, never an exception.
 """
@@ -148,12 +149,21 @@ class DaemonUnreachable(FlowError):
     exit_status = 3
 
 
+class InternalError(FlowError):
+    """A bug in flowd: what the client is told instead of a traceback."""
+
+    code = "internal"
+
+    def __init__(self, message: str = "internal error in flowd; see its log (journalctl -u flowd)"):
+        super().__init__(message)
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (
         FlowError, UsageError, NotFound, Ambiguous, Conflict, ProtocolError,
         StorageError, DiskFull, EngineError, EngineUnavailable,
-        ImageUnavailable, AlreadyRunning, DaemonUnreachable,
+        ImageUnavailable, AlreadyRunning, DaemonUnreachable, InternalError,
     )
 }
 
