@@ -10,6 +10,7 @@ from daemon_fixtures import env_for_subprocess
 from test_parser import INVALID_FILES, _expectation
 
 from flowctl import cli, fmt
+from flowd.errors import FlowError, InternalError, error_from_dict
 
 HERE = Path(__file__).parent
 EXAMPLES = HERE.parent / "examples"
@@ -62,6 +63,30 @@ def test_tables_align_and_units_are_human():
     assert fmt.size(512) == "512 B" and fmt.size(3 * 1024 * 1024) == "3.0 MiB"
     assert fmt.duration(5.25) == "5.2s" and fmt.duration(125) == "2m05s"
     assert fmt.duration(3 * 3600 + 60) == "3h01m"
+    assert fmt.size(None) == "-" and fmt.duration(None) == "-"
+
+
+def test_flowctl_imports_neither_docker_nor_lxml():
+    # No daemon and no Docker needed: status against a socket that is not there.
+    code = ("import sys, flowctl.cli\n"
+            "rc = flowctl.cli.main(['--socket', '/nonexistent/flowd.sock', 'status'])\n"
+            "assert rc == 3, rc\n"
+            "bad = [m for m in ('docker', 'lxml') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env_for_subprocess(),
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+
+
+def test_an_internal_error_reaches_flowctl_as_one_without_a_traceback():
+    sent = InternalError().to_dict()
+    assert sent == {"code": "internal",
+                    "message": "internal error in flowd; see its log (journalctl -u flowd)"}
+    got = error_from_dict(sent)
+    assert isinstance(got, InternalError) and got.code == "internal" and got.exit_status == 1
+    assert str(got) == sent["message"]
+    other = error_from_dict({"code": "from_a_newer_flowd", "message": "m"})  # kept as sent
+    assert type(other) is FlowError and other.code == "from_a_newer_flowd"
 
 
 class FakeDaemon:
