@@ -67,16 +67,13 @@ def size(n: int, *, trim: bool = False, unit: str | None = None, byte_unit: str 
     fixes the unit ('MiB': 1572864 -> '1.5 MiB'); ``byte_unit`` names the
     smallest one ('bytes': 10 -> '10 bytes').
     """
-    value = float(n)
-    units = (byte_unit,) + _BINARY[1:]
-    for i, name in enumerate(units):
-        last = name == units[-1] or _BINARY[i] == unit
-        if (unit is None and value < 1024) or last:
-            if i == 0:
-                return f"{int(value)} {name}" if value == int(value) else f"{value:g} {name}"
-            return f"{round(value, 1):g} {name}" if trim else f"{value:.1f} {name}"
+    value, i = float(n), 0
+    while i < len(_BINARY) - 1 and (value >= 1024 if unit is None else _BINARY[i] != unit):
         value /= 1024
-    raise AssertionError("not reached")
+        i += 1
+    if i == 0:
+        return f"{int(value)} {byte_unit}" if value == int(value) else f"{value:g} {byte_unit}"
+    return f"{round(value, 1):g} {_BINARY[i]}" if trim else f"{value:.1f} {_BINARY[i]}"
 
 
 def duration(seconds: float, *, exact: bool = False) -> str:
