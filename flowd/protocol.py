@@ -93,39 +93,26 @@ class Arg:
 
 MAX_STRING = 4096
 MAX_LIST = 1000
-_RUN = Arg("str", True, 1, 64, hint="a run id or a unique prefix of it")
-_CHANNEL = Arg("str", True, 1, 255)
-_UPLOAD = Arg("str", True, pattern=UPLOAD_ID, hint="the id upload_begin or push_begin gave")
-_OFFSET = Arg("int", False, 0, MAX_SEQ, default=0)
 
-# The protocol's commands and what each takes: the daemon checks every request
-# against this before any handler runs, and the handler gets only these names
-# (with defaults filled in; unknown names are dropped). Payload frames are
-# bounded by MAX_MESSAGE.
-SCHEMA: dict[str, dict[str, Arg]] = {
-    "ping": {},
-    "status": {"run": Arg("str", False, 0, 64), "wait": Arg("num", False, 0, MAX_WAIT, default=0)},
-    "submit": {"upload": _UPLOAD, "name": Arg("str", False, 1, 255, default="workflow.xml")},
-    "upload_begin": {"size": Arg("int", True, 0, MAX_SIZE, hint="the total bytes of the files to send")},
-    "upload_chunk": {"upload": _UPLOAD, "path": Arg("str", True, 1, MAX_STRING),
-                     "offset": Arg("int", True, 0, MAX_SIZE)},
-    "cancel": {"runs": Arg("strs", True, 1, MAX_LIST, hint="one or more run ids")},
-    "items": {"run": _RUN, "channel": _CHANNEL},
-    "read": {"run": _RUN, "channel": _CHANNEL, "seq": Arg("int", True, 0, MAX_SEQ),
-             "offset": _OFFSET, "length": Arg("int", False, 1, CHUNK, default=CHUNK)},
-    "push_begin": {"run": _RUN, "channel": _CHANNEL, "size": Arg("int", False, 0, MAX_SIZE)},
-    "push_chunk": {"push": _UPLOAD, "offset": Arg("int", True, 0, MAX_SIZE)},
-    "push_end": {"push": _UPLOAD, "run": _RUN, "channel": _CHANNEL},
-    "logs": {"run": _RUN, "process": Arg("str", False, 1, 255), "task": Arg("str", False, 1, 64)},
-    "read_log": {"run": _RUN, "name": Arg("str", True, 1, 255), "offset": _OFFSET},
-    "graph": {"run": _RUN},
-}
-COMMANDS = tuple(SCHEMA)
+
+def __getattr__(name: str):
+    """``SCHEMA`` (each command's arguments) and ``COMMANDS`` (their names)
+    are derived from the daemon's command table (flowd/commands), read on
+    first use: flowctl, which never needs them, does not load the handlers."""
+    if name in ("SCHEMA", "COMMANDS"):
+        from . import commands
+
+        return getattr(commands, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_args(cmd: str, args: dict) -> dict:
     """``args`` checked against ``SCHEMA[cmd]``: a new dict of exactly its
-    names (defaults filled in), or UsageError naming the first bad one."""
+    names (defaults filled in; unknown names are dropped), or UsageError
+    naming the first bad one. The daemon checks every request so before any
+    handler runs."""
+    from .commands import SCHEMA
+
     return {name: arg.check(cmd, name, args.get(name)) for name, arg in SCHEMA[cmd].items()}
 
 
@@ -176,6 +163,8 @@ def decode_request(frames: list[bytes]) -> tuple[str, str, dict, bytes | None]:
         raise ProtocolError(f"protocol version {msg.get('v')!r} is not {VERSION}; upgrade flowctl or flowd")
     cmd = msg.get("cmd")
     args = msg.get("args", {})
+    from .commands import COMMANDS
+
     if cmd not in COMMANDS:
         raise ProtocolError(f"unknown command {cmd!r}")
     if not isinstance(args, dict):

@@ -1,0 +1,191 @@
+"""Making runs: a submitted workflow (an upload, or a spool drop) checked
+against the config and written into a new run folder, off the loop for a
+client's submit. A crash or a stop meanwhile leaves a ``.new-RUN`` folder,
+removed at start."""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import protocol as P
+from .config import Config
+from .control import internal_error
+from .errors import FlowError, Problem, StorageError, UsageError, WorkflowError
+from .run import Run
+from .textsafe import for_log
+
+log = logging.getLogger("flowd")
+
+RUN_ID_TRIES = 64  # random ids tried for a unique 4-digit prefix before any unique id will do
+
+
+class Creator:
+    """Makes the daemon's runs (``submit_bundle``); ``d`` is the Daemon."""
+
+    def __init__(self, d):
+        self.d = d
+
+    def submit_bundle(self, bundle: str, name: str, user: str = "",
+                      reply: tuple[bytes, str] | None = None) -> dict | None:
+        """Validate ``bundle/workflow.xml`` and make a run of it; the folder is consumed.
+
+        ``bundle`` must be a folder of the spool's filesystem that only flowd
+        writes (an upload, or a drop moved out of incoming/). An invalid
+        workflow gives WorkflowError (its problems naming ``name``), or
+        UsageError for an image the config does not allow, and the folder is
+        removed.
+
+        With ``reply`` (a client's peer and request id), this is done on a
+        thread, since 20,000 items take seconds to write: the loop goes on
+        serving, and the client gets the run or the error when it is done
+        (``_created``). Without, it is done here: the result is returned, the
+        error raised.
+        """
+        run_id = self.new_run_id()
+        meta = {"submitted_at": time.time(), "source": name, "submitted_by": user}
+        job = _Creation(run_id, bundle, meta, reply)
+        self.d.creating[run_id] = job
+        if reply is None:
+            self._create(job)
+            return self._created(job)
+        threading.Thread(target=self._create, args=(job,), name=f"flowd-create-{run_id}",
+                         daemon=True).start()
+        return None  # answered by _created, from the loop
+
+    def _create(self, job: "_Creation") -> None:
+        """Validate the workflow and make the run's folder (on a thread for a
+        client's submit: parsing 20,000 items takes a fraction of a second,
+        writing them seconds). A crash or a stop meanwhile leaves a
+        ``.new-RUN`` folder, removed at start."""
+        try:
+            job.wf, job.warnings = self._validate(job.bundle, job.meta["source"])
+            job.path = Run.create(self.d.runs_dir, job.run_id, job.wf, job.bundle, self.d.fs, job.meta)
+        except Exception as e:  # noqa: BLE001 - answered to the client by _created
+            job.error = e
+            shutil.rmtree(os.path.join(self.d.runs_dir, f".new-{job.run_id}"), ignore_errors=True)
+            shutil.rmtree(job.bundle, ignore_errors=True)
+        if job.reply is not None:
+            self.d.report(job)
+
+    def _validate(self, bundle: str, name: str) -> tuple:
+        """The bundle's workflow and its warnings, or WorkflowError/UsageError."""
+        from .parser import load_workflow  # lxml lives only there
+
+        try:
+            wf, warnings = load_workflow(os.path.join(bundle, "workflow.xml"))
+        except WorkflowError as e:
+            for p in e.problems:  # speak of the user's file, not our private copy
+                p.file = name
+            raise
+        cfg = self.d.cfg  # one config, though a reload may replace it meanwhile
+        for proc in wf.processes.values():  # the image allowlist (config key allowed_images)
+            if not cfg.image_allowed(proc.image):
+                raise UsageError(f"process {proc.name!r} uses image {proc.image!r}, which this flowd "
+                                 f"does not allow (allowed_images in {cfg.source or 'its config'}: "
+                                 f"{', '.join(cfg.allowed_images)})")
+        problems = _over_limits(wf, name, cfg)
+        if problems:
+            raise WorkflowError(problems)
+        return wf, [str(w) for w in warnings]
+
+    def _created(self, job: "_Creation") -> dict | None:
+        """In the loop: open the new run, and answer its submitter."""
+        self.d.creating.pop(job.run_id, None)
+        if job.reply is None and job.error is not None:
+            raise job.error  # the caller (intake) tells its errors apart
+        result = error = None
+        if isinstance(job.error, FlowError):
+            error = job.error
+        elif job.error is not None:
+            log.error("could not create run %s", job.run_id, exc_info=job.error)
+            error = internal_error()
+        else:
+            run = Run.open(job.path, self.d.fs, self.d.executor, self.d.limits)
+            self.d.runs[run.id] = run
+            log.info("run %s submitted by %s: workflow %s (%s)", run.id,
+                     for_log(job.meta["submitted_by"] or "?"), for_log(job.wf.name),
+                     for_log(job.meta["source"]))
+            result = {"run": run.id, "name": job.wf.name, "warnings": job.warnings}
+        if job.reply is None:
+            return result
+        self.d.control.send(job.reply[0], P.encode_reply(job.reply[1], result, error=error))
+        return None
+
+    def new_run_id(self) -> str:
+        """12 random hex digits, unique, and with a unique 4-digit prefix
+        while one is easily found (short prefixes name runs in flowctl).
+        Past 65,536 runs the prefixes run out: then any unique id will do."""
+        taken = set(self.d.runs) | set(self.d.creating)
+        prefixes = {r[:4] for r in taken}
+        for _ in range(RUN_ID_TRIES):
+            rid = secrets.token_hex(6)
+            if rid[:4] not in prefixes:
+                return rid
+        for _ in range(RUN_ID_TRIES):  # 2**48 ids: a clash is as good as impossible
+            rid = secrets.token_hex(6)
+            if rid not in taken and not os.path.lexists(os.path.join(self.d.runs_dir, rid)):
+                return rid
+        raise StorageError("no free run id was found; try again")
+
+
+@dataclass(eq=False)
+class _Creation:
+    """A run being made (``Creator.submit_bundle``)."""
+
+    run_id: str
+    bundle: str
+    meta: dict  # run.json's first fields: submitted_at, source, submitted_by
+    reply: tuple[bytes, str] | None  # (peer, request id) to answer, or None: made inline
+    wf: object = None  # the validated workflow
+    warnings: list[str] = field(default_factory=list)
+    path: str = ""
+    error: BaseException | None = None
+
+
+def _over_limits(wf, name: str, cfg: Config) -> list[Problem]:
+    """What in ``wf`` asks more than this flowd's config allows
+    (allowed_networks, max_memory, max_timeout): one problem per field."""
+    where = cfg.source or "flowd's config"
+    out = []
+    for proc in wf.processes.values():
+        if not cfg.network_allowed(proc.network):
+            out.append(Problem(
+                name, proc.line, "process",
+                f"process {proc.name!r} asks network=\"{proc.network}\", which this flowd does not "
+                f"allow (allowed_networks in {where}: {', '.join(cfg.allowed_networks)})",
+                f"leave network= out (no network), or ask the administrator to add "
+                f"\"{proc.network}\" to allowed_networks"))
+        if proc.memory is not None and cfg.max_memory is not None and proc.memory > cfg.max_memory:
+            out.append(Problem(
+                name, proc.line, "process",
+                f"process {proc.name!r} asks memory=\"{_size(proc.memory)}\", more than this flowd "
+                f"allows (max_memory in {where}: {_size(cfg.max_memory)})",
+                f"ask for {_size(cfg.max_memory)} or less, or ask the administrator to raise "
+                "max_memory"))
+        if proc.timeout is not None and cfg.max_timeout is not None and proc.timeout > cfg.max_timeout:
+            out.append(Problem(
+                name, proc.line, "process",
+                f"process {proc.name!r} asks timeout=\"{_duration(proc.timeout)}\", longer than this "
+                f"flowd allows (max_timeout in {where}: {_duration(cfg.max_timeout)})",
+                f"ask for {_duration(cfg.max_timeout)} or less, or ask the administrator to raise "
+                "max_timeout"))
+    return out
+
+
+def _size(n: int) -> str:
+    for unit, k in (("t", 1 << 40), ("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
+        if n >= k and n % k == 0:
+            return f"{n // k}{unit}"
+    return str(n)
+
+
+def _duration(seconds: float) -> str:
+    for unit, k in (("h", 3600), ("m", 60)):
+        if seconds >= k and seconds % k == 0:
+            return f"{int(seconds // k)}{unit}"
+    return f"{seconds:g}s"
