@@ -1,0 +1,402 @@
+"""The daemon in-process: its real control socket and loop, driven by ``step(now)``
+from the test, with the fake executor (scripts are Python functions). No
+subprocess, no Docker: submit, status, cancel, push, upload expiry, reload,
+disk full and garbage frames, each as a client sees it.
+
+A client call needs the daemon to turn while the client waits: flowctl's
+client library runs in a thread (``Harness.client``), or raw frames go
+through a DEALER and the test steps until the answer comes (``Raw``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import textwrap
+import threading
+import time
+
+import pytest
+import zmq
+
+from flowctl.client import Client
+from flowd import protocol as P
+from flowd.config import load
+from flowd.daemon import Daemon
+from flowd.errors import DiskFull, NotFound, UsageError, WorkflowError
+from flowd.executor.fake import FakeExecutor
+from flowd.staging import UPLOAD_MAX_AGE
+
+WAIT = 60.0  # seconds: a generous bound for a condition, never a measured duration
+
+
+def upper(t):
+    t.write("out", t.read("in").upper())
+    return 0
+
+
+class Harness:
+    """One daemon on a tmp spool and a short socket path, prepared, not yet stepped."""
+
+    def __init__(self, tmp_path, config: str = "", scripts: dict | None = None):
+        self.conf = str(tmp_path / "flowd.toml")
+        self.write_config(config)
+        cfg = load(self.conf, required=True)
+        # the socket's path must stay under 108 bytes: a short folder of its own
+        self.sockdir = tempfile.mkdtemp(prefix="fd-")
+        cfg.spool, cfg.socket = str(tmp_path / "spool"), os.path.join(self.sockdir, "s.sock")
+        self.scripts = {"upper": upper, **(scripts or {})}
+        self.d = Daemon(cfg, lambda report: FakeExecutor(report, self.scripts))
+        self.d.prepare(signals=False)
+        self.tmp = tmp_path
+
+    def write_config(self, text: str) -> None:
+        with open(self.conf, "w") as f:
+            f.write('min_free_space = "0"\n' + textwrap.dedent(text))
+
+    def step(self, times: int = 1, now: float | None = None) -> float:
+        for _ in range(times):
+            deadline = self.d.step(time.monotonic() if now is None else now)
+        return deadline
+
+    def until(self, cond, what: str):
+        end = time.monotonic() + WAIT
+        while not cond():
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            self.d.control.wait(10)
+            self.step()
+        return cond()
+
+    def client(self, fn):
+        """``fn(Client)`` in a thread while the daemon steps here; its value, or its error."""
+        box: dict = {}
+
+        def run():
+            c = Client(self.d.socket_path, timeout=WAIT)
+            try:
+                box["value"] = fn(c)
+            except BaseException as e:  # noqa: BLE001 - raised again in the test
+                box["error"] = e
+            finally:
+                c.close()
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        self.until(lambda: not t.is_alive(), "the client's call")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def submit(self, xml: str) -> str:
+        path = str(self.tmp / "workflow.xml")
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(xml))
+
+        def go(c):
+            up = c.upload([("workflow.xml", path)])
+            return c.call("submit", {"upload": up, "name": "workflow.xml"})[0]
+
+        return self.client(go)["run"]
+
+    def run_tasks(self) -> None:
+        """Run what the executor was given, and let the daemon commit the results."""
+        while self.d.executor.pending:
+            self.d.executor.run_pending()
+            self.step(2)
+
+    def state(self, run: str) -> str:
+        return self.client(lambda c: c.call("status", {"run": run}))[0]["run"]["state"]
+
+    def close(self) -> None:
+        self.d.close()
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+class Raw:
+    """A DEALER sending raw frames; ``answer`` steps the daemon until the reply comes."""
+
+    def __init__(self, h: Harness):
+        self.h = h
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(P.endpoint(h.d.socket_path))
+
+    def send(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def reply(self) -> list[bytes] | None:
+        try:
+            return self.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+
+    def answer(self) -> dict:
+        got: list = []
+
+        def came() -> bool:
+            if not got:
+                frames = self.reply()
+                if frames is not None:
+                    got.append(frames)
+            return bool(got)
+
+        self.h.until(came, "a reply")
+        return json.loads(got[0][0])
+
+    def call(self, cmd: str, args: dict | None = None, payload: bytes | None = None) -> dict:
+        self.send(P.encode_request(P.new_id(), cmd, args or {}, payload))
+        return self.answer()
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+@pytest.fixture
+def raw(h):
+    r = Raw(h)
+    yield r
+    r.close()
+
+
+BATCH = """\
+    <workflow name="shout">
+      <channel name="in"><item>hello</item><item>world</item></channel>
+      <channel name="out"/>
+      <process name="upper" image="flowd/busybox">
+        <input channel="in"/>
+        <output channel="out"/>
+        <script>tr a-z A-Z &lt; in &gt; out</script>
+      </process>
+    </workflow>
+"""
+
+SERVICE = """\
+    <workflow name="echo" mode="service">
+      <channel name="in"/>
+      <channel name="out"/>
+      <process name="upper" image="flowd/busybox">
+        <input channel="in"/>
+        <output channel="out"/>
+        <script>tr a-z A-Z &lt; in &gt; out</script>
+      </process>
+    </workflow>
+"""
+
+
+def items(h: Harness, run: str, channel: str) -> list[bytes]:
+    def go(c):
+        out = []
+        for it in c.call("items", {"run": run, "channel": channel})[0]["items"]:
+            out.append(c.call("read", {"run": run, "channel": channel, "seq": it["seq"]})[1])
+        return out
+
+    return h.client(go)
+
+
+# -- submit and status ---------------------------------------------------------------------
+def test_a_submitted_workflow_runs_to_success_and_status_says_so(h):
+    run = h.submit(BATCH)
+    assert h.state(run) in ("queued", "running")
+    listed = h.client(lambda c: c.call("status"))[0]
+    assert [r["id"] for r in listed["runs"]] == [run] and listed["disk_ok"] is True
+    h.step()
+    assert len(h.d.executor.started) == 1  # parallel="1" (the default): one task at a time
+    h.run_tasks()
+    assert h.state(run) == "succeeded"
+    assert items(h, run, "out") == [b"HELLO", b"WORLD"]
+    assert h.client(lambda c: c.call("ping"))[0]["runs"] == 1
+
+
+def test_an_invalid_workflow_is_refused_with_its_problem_and_makes_no_run(h):
+    with pytest.raises(WorkflowError) as e:
+        h.submit('<workflow name="x"><process name="p"/></workflow>')
+    assert e.value.problems and all(p.file == "workflow.xml" for p in e.value.problems)
+    assert h.client(lambda c: c.call("status"))[0]["runs"] == []
+
+
+def test_status_wait_is_answered_when_the_run_ends(h, raw):
+    run = h.submit(BATCH)
+    raw.send(P.encode_request("w1", "status", {"run": run, "wait": 30}))
+    h.step(3)
+    assert raw.reply() is None  # the run is not over: the answer waits
+    h.run_tasks()
+    reply = raw.answer()
+    assert reply["id"] == "w1" and reply["result"]["run"]["state"] == "succeeded"
+
+
+def test_a_run_id_prefix_names_the_run_and_an_unknown_one_is_not_found(h):
+    run = h.submit(BATCH)
+    assert h.client(lambda c: c.call("status", {"run": run[:5]}))[0]["run"]["id"] == run
+    with pytest.raises(NotFound, match="no run matches"):
+        h.client(lambda c: c.call("status", {"run": "zzzz"}))
+
+
+# -- cancel --------------------------------------------------------------------------------
+def test_cancel_ends_a_run_and_a_second_cancel_says_why_not(h):
+    run = h.submit(SERVICE)
+    h.step()
+    assert h.state(run) == "running"
+    first = h.client(lambda c: c.call("cancel", {"runs": [run[:6]]}))[0]["runs"]
+    assert first == [{"id": run, "state": "cancelled", "ok": True}]
+    again = h.client(lambda c: c.call("cancel", {"runs": [run]}))[0]["runs"][0]
+    assert again["ok"] is False and again["message"]
+    assert h.state(run) == "cancelled"
+
+
+# -- push ----------------------------------------------------------------------------------
+def test_a_pushed_item_is_taken_by_the_service_and_its_result_can_be_read(h):
+    run = h.submit(SERVICE)
+    h.step()
+    res = h.client(lambda c: c.push(run, "in", io.BytesIO(b"pushed")))
+    assert res["run"] == run and res["channel"] == "in"
+    h.step()
+    h.run_tasks()
+    assert items(h, run, "out") == [b"PUSHED"]
+    assert h.state(run) == "running"  # a service stays open for more
+    with pytest.raises(UsageError, match="declared"):  # a push ends only when whole
+        def short(c):
+            begin = c.call("push_begin", {"run": run, "channel": "in", "size": 10})[0]
+            c.call("push_chunk", {"push": begin["push"], "offset": 0}, b"half")
+            c.call("push_end", {"push": begin["push"], "run": run, "channel": "in"})
+        h.client(short)
+
+
+# -- uploads expire ------------------------------------------------------------------------
+def test_an_abandoned_upload_expires_when_its_time_is_up(h, raw, caplog):
+    up = raw.call("upload_begin", {"size": 10})["result"]["upload"]
+    assert raw.call("upload_chunk", {"upload": up, "path": "a", "offset": 0}, b"half")["ok"]
+    folder = os.path.join(h.d.spool, "uploads", up)
+    assert os.path.isdir(folder)
+    now = time.monotonic()
+    deadline = h.step(now=now)
+    assert deadline <= now + UPLOAD_MAX_AGE  # the loop wakes for the expiry
+    assert os.path.isdir(folder)  # not yet
+    with caplog.at_level(logging.INFO, logger="flowd"):
+        h.step(now=now + UPLOAD_MAX_AGE + 1)
+    assert not os.path.exists(folder)
+    assert f"upload {up} of uid {os.getuid()} expired" in caplog.text
+    err = raw.call("upload_chunk", {"upload": up, "path": "a", "offset": 4}, b"x")
+    assert err["ok"] is False and err["error"]["code"] == "not_found"
+
+
+# -- reload --------------------------------------------------------------------------------
+def test_reload_applies_a_live_key_and_an_invalid_file_changes_nothing(tmp_path, caplog):
+    h = Harness(tmp_path, 'max_upload_size = "1k"\n')
+    raw = Raw(h)
+    try:
+        err = raw.call("upload_begin", {"size": 2048})
+        assert err["error"]["code"] == "usage" and "max_upload_size" in err["error"]["message"]
+        h.write_config('max_upload_size = "4k"\n')
+        h.d.reload_requested = True  # what SIGHUP sets
+        with caplog.at_level(logging.INFO, logger="flowd"):
+            h.step()
+        assert "changed: max_upload_size=4096" in caplog.text
+        assert raw.call("upload_begin", {"size": 2048})["ok"]
+        h.write_config("max_upload_size = [\n")
+        h.d.reload_requested = True
+        with caplog.at_level(logging.INFO, logger="flowd"):
+            h.step()
+        assert "the configuration in use is unchanged" in caplog.text
+        assert raw.call("upload_begin", {"size": 2048})["ok"]
+        assert raw.call("upload_begin", {"size": 8192})["error"]["code"] == "usage"
+    finally:
+        raw.close()
+        h.close()
+
+
+# -- disk full -----------------------------------------------------------------------------
+def test_below_the_free_space_floor_runs_pause_and_uploads_are_refused_until_space_returns(h):
+    run = h.submit(BATCH)
+    h.d.disk._free = lambda: 0  # the spool reports no free space
+    h.d.cfg.min_free_space = 1 << 20
+    h.step()
+    status = h.client(lambda c: c.call("status"))[0]
+    assert status["disk_ok"] is False and status["disk_free"] == 0
+    assert "DISK FULL" in h.d.status_line()
+    started = len(h.d.executor.started)  # the first item's task, claimed at submit
+    h.d.executor.run_pending()
+    h.step(3)
+    assert len(h.d.executor.started) == started  # the second item is not claimed past the floor
+    with pytest.raises(DiskFull, match="min_free_space"):
+        h.client(lambda c: c.call("upload_begin", {"size": 10}))
+    del h.d.disk._free  # space is back
+    h.step()
+    assert h.client(lambda c: c.call("status"))[0]["disk_ok"] is True
+    h.step()
+    h.run_tasks()
+    assert h.state(run) == "succeeded"
+
+
+def test_a_result_that_cannot_be_committed_waits_for_space(h, monkeypatch):
+    run = h.submit(BATCH)
+    h.step()
+    r = h.d.runs[run]
+    real = r.on_result
+    full = [True]
+
+    def on_result(ev):
+        if full[0]:
+            raise DiskFull("no space left on the spool")
+        return real(ev)
+
+    monkeypatch.setattr(r, "on_result", on_result)
+    h.d.disk._free = lambda: 0  # and the spool reports no free space
+    h.d.cfg.min_free_space = 1 << 20
+    h.d.executor.run_pending()
+    h.step(3)
+    assert h.d.disk.ok is False and len(h.d.disk.deferred) == 1  # kept, not lost
+    assert h.state(run) == "running"
+    full[0] = False
+    del h.d.disk._free  # space is back: the result is committed
+    h.step(2)
+    h.run_tasks()
+    assert h.d.disk.deferred == [] and h.state(run) == "succeeded"
+
+
+# -- garbage on the socket -----------------------------------------------------------------
+@pytest.mark.parametrize("frames, code", [
+    ([b"\xff\xfe not json"], "protocol"),
+    ([b"[1, 2]"], "protocol"),
+    ([b'{"v": 1, "cmd": "ping"}'], "protocol"),  # no id
+    ([b'{"v": 2, "id": "x", "cmd": "ping"}'], "protocol"),
+    ([b'{"v": 1, "id": "x", "cmd": "rm -rf"}'], "protocol"),
+    ([b'{"v": 1, "id": "x", "cmd": "status", "args": [1]}'], "protocol"),
+    ([b'{"v": 1, "id": "x", "cmd": "ping"}', b"a", b"b"], "protocol"),
+    ([b'{"v": 1, "id": "x", "cmd": "status", "args": {"run": 5}}'], "usage"),
+    ([b'{"v": 1, "id": "x", "cmd": "read", "args": {"run": "r", "channel": "c", "seq": -1}}'],
+     "usage"),
+    ([b'{"v": 1, "id": "x", "cmd": "upload_chunk", "args": {"upload": "../../etc", '
+      b'"path": "a", "offset": 0}}'], "usage"),
+])
+def test_garbage_frames_get_a_clean_error_and_the_daemon_goes_on(h, raw, frames, code):
+    raw.send(frames)
+    reply = raw.answer()
+    assert reply["ok"] is False and reply["error"]["code"] == code, reply
+    assert raw.call("ping")["result"]["pid"] == os.getpid()
+
+
+def test_a_flood_of_garbage_is_served_a_turn_at_a_time(h, raw):
+    for i in range(600):
+        raw.send([b"garbage %d" % i])
+    got: list = []
+
+    def all_answered() -> bool:
+        got.extend(iter(raw.reply, None))
+        return len(got) >= 600
+
+    h.until(all_answered, "600 replies")
+    assert len(got) == 600
+    assert all(json.loads(f[0])["error"]["code"] == "protocol" for f in got)
+    assert raw.call("ping")["ok"]
