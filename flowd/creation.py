@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import protocol as P
 from .config import Config
@@ -31,7 +32,8 @@ class Creator:
         self.d = d
 
     def submit_bundle(self, bundle: str, name: str, user: str = "",
-                      reply: tuple[bytes, str] | None = None) -> dict | None:
+                      reply: tuple[bytes, str] | Callable[[dict | None, BaseException | None], None]
+                      | None = None, run_id: str | None = None) -> dict | None:
         """Validate ``bundle/workflow.xml`` and make a run of it; the folder is consumed.
 
         ``bundle`` must be a folder of the spool's filesystem that only flowd
@@ -43,10 +45,15 @@ class Creator:
         With ``reply`` (a client's peer and request id), this is done on a
         thread, since 20,000 items take seconds to write: the loop goes on
         serving, and the client gets the run or the error when it is done
-        (``_created``). Without, it is done here: the result is returned, the
-        error raised.
+        (``_created``). ``reply`` may instead be a callable (the spool intake):
+        it is called on the loop with (result, error), the error as raised.
+        Without, it is done here: the result is returned, the error raised.
+
+        ``run_id``: the id the run must have (the intake picks it first and
+        keeps it in its marker, so that after a crash it can tell whether the
+        run was made); by default a new one.
         """
-        run_id = self.new_run_id()
+        run_id = run_id or self.new_run_id()
         meta = {"submitted_at": time.time(), "source": name, "submitted_by": user}
         job = _Creation(run_id, bundle, meta, reply)
         self.d.creating[run_id] = job
@@ -96,8 +103,11 @@ class Creator:
     def _created(self, job: "_Creation") -> dict | None:
         """In the loop: open the new run, and answer its submitter."""
         self.d.creating.pop(job.run_id, None)
+        if callable(job.reply):  # the intake: it tells the errors apart and logs them
+            job.reply(self._opened(job) if job.error is None else None, job.error)
+            return None
         if job.reply is None and job.error is not None:
-            raise job.error  # the caller (intake) tells its errors apart
+            raise job.error  # the inline caller tells its errors apart
         result = error = None
         if isinstance(job.error, FlowError):
             error = job.error
@@ -105,16 +115,20 @@ class Creator:
             log.error("could not create run %s", job.run_id, exc_info=job.error)
             error = internal_error()
         else:
-            run = Run.open(job.path, self.d.fs, self.d.executor, self.d.limits)
-            self.d.runs[run.id] = run
-            log.info("run %s submitted by %s: workflow %s (%s)", run.id,
-                     for_log(job.meta["submitted_by"] or "?"), for_log(job.wf.name),
-                     for_log(job.meta["source"]))
-            result = {"run": run.id, "name": job.wf.name, "warnings": job.warnings}
+            result = self._opened(job)
         if job.reply is None:
             return result
         self.d.control.send(job.reply[0], P.encode_reply(job.reply[1], result, error=error))
         return None
+
+    def _opened(self, job: "_Creation") -> dict:
+        """In the loop: open the run just made; what its submitter is told."""
+        run = Run.open(job.path, self.d.fs, self.d.executor, self.d.limits)
+        self.d.runs[run.id] = run
+        log.info("run %s submitted by %s: workflow %s (%s)", run.id,
+                 for_log(job.meta["submitted_by"] or "?"), for_log(job.wf.name),
+                 for_log(job.meta["source"]))
+        return {"run": run.id, "name": job.wf.name, "warnings": job.warnings}
 
     def new_run_id(self) -> str:
         """12 random hex digits, unique, and with a unique 4-digit prefix
@@ -140,7 +154,7 @@ class _Creation:
     run_id: str
     bundle: str
     meta: dict  # run.json's first fields: submitted_at, source, submitted_by
-    reply: tuple[bytes, str] | None  # (peer, request id) to answer, or None: made inline
+    reply: object  # (peer, request id) to answer, a callable (the intake), or None: made inline
     wf: object = None  # the validated workflow
     warnings: list[str] = field(default_factory=list)
     path: str = ""

@@ -185,7 +185,8 @@ class Daemon:
             self.executor = self._executor_factory(self.report)
         t0 = time.monotonic()
         self._open_runs()
-        self.intake = Intake(self.spool, self.creator.submit_bundle)  # SPOOL/incoming/ drops
+        self.intake = Intake(self.spool, self.creator.submit_bundle, fs=self.fs,
+                             new_run_id=self.creator.new_run_id)  # SPOOL/incoming/ drops
         self.control.bind(self.cfg.socket_gid())
         if signals:
             self._install_signals()
@@ -215,8 +216,7 @@ class Daemon:
         _drain(self._wake_r)
         self.control.serve(self._dispatch)
         self._drain_events()
-        if self.disk.ok:  # drops wait in incoming/ while the spool is full
-            self.intake.poll(now)
+        self.intake.poll(now, take=self.disk.ok)  # drops wait in incoming/ while the spool is full
         if self.reload_requested:
             self.reload_requested = False
             reload(self)

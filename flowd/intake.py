@@ -1,12 +1,13 @@
-"""Spool intake: workflows dropped into ``SPOOL/incoming/`` become runs (SPEC §5).
+"""Spool intake: workflows dropped into ``SPOOL/incoming/`` become runs (docs/spool.md).
 
 A drop is a workflow file ``NAME.xml`` or a folder ``NAME`` holding
 ``workflow.xml`` and its files. docs/spool.md says what users see; this is how
 it works.
 
-Noticing drops
+Noticing drops (the daemon's loop thread)
     inotify (through ctypes on libc: no dependency) watches incoming/; its fd
-    sits in the daemon's ``zmq.Poller``. A rename into the folder
+    sits in the daemon's ``zmq.Poller`` (inside an epoll fd, with the pipe the
+    intake's worker wakes the loop through). A rename into the folder
     (IN_MOVED_TO) is one clean event and is taken at once. Everything else
     (IN_CLOSE_WRITE, IN_CREATE, IN_ATTRIB, a rescan) is only a *hint*: the
     entry is taken once it has *settled*, i.e. its signature (size and mtime;
@@ -18,56 +19,80 @@ Noticing drops
     ``rescan_every`` seconds; without inotify (log says why) every
     ``fallback_every`` seconds.
 
-Taking a drop (never losing it)
-    1. ``rename(incoming/NAME, staging/ID/d/NAME)``: first of all, so the user
-       can no longer reach it by path. staging/ is the daemon's (0700) and on
-       the spool's filesystem. Nothing is opened before this, and nothing of
-       the drop is ever opened through a symbolic link.
-    2. A private *bundle* staging/ID/bundle/ is built from the drop:
-       ``workflow.xml`` (a file drop is copied there, at most 1 MiB) and, for a
-       folder, every file and folder under it, walked with directory fds,
-       ``lstat`` and ``O_NOFOLLOW``. Symbolic links, FIFOs, devices and
-       sockets are refused; so are files that do not belong to the owner of
-       the folder (unless that owner is root), more than ``max_entries``
-       entries or ``max_bytes`` bytes. Files are copied (daemon-owned, so the
-       run's items cannot be changed through another name or a still-open
-       descriptor); a file the daemon itself owns with one link is
-       hard-linked instead (cheap).
-    3. A marker staging/ID/submitting is written, then
-       ``submit(bundle, name, user)`` (``Daemon.submit_bundle``) consumes the
-       bundle. The original in staging/ID/d/ is untouched by it.
+Taking a drop (never losing it, never making two runs of it)
+    The loop only notices a drop and picks the id its run will have (RUN);
+    everything slow (moving, copying up to 1 GiB, the reject and clean-up
+    steps) is done by the intake's one worker thread, and validation and run
+    creation by ``Creator.submit_bundle`` on its own thread, as for a
+    client's ``flowctl submit``. Every change goes through ``Durable`` (the
+    daemon's ``fs``), so the crash tests see each step.
+
+    1. ``mkdir staging/ID/d``, then ``rename(incoming/NAME,
+       staging/ID/d/NAME)``: first of all, so the user can no longer reach it
+       by path. staging/ is the daemon's (0700) and on the spool's
+       filesystem. Nothing is opened before this, and nothing of the drop is
+       ever opened through a symbolic link.
+    2. A private *bundle* staging/ID/bundle/ is built from the drop (scratch:
+       rebuilt from the drop after a crash): ``workflow.xml`` (a file drop is
+       copied there, at most 1 MiB) and, for a folder, every file and folder
+       under it, walked with directory fds, ``lstat`` and ``O_NOFOLLOW``.
+       Symbolic links, FIFOs, devices and sockets are refused; so are files
+       that do not belong to the owner of the folder (unless that owner is
+       root), more than ``max_entries`` entries or ``max_bytes`` bytes. Files
+       are copied (daemon-owned, so the run's items cannot be changed through
+       another name or a still-open descriptor); a file the daemon itself
+       owns with one link is hard-linked instead (cheap).
+    3. The marker staging/ID/submitting is written durably, holding RUN;
+       then, on the loop, ``submit(bundle, source, user, reply=CALLBACK,
+       run_id=RUN)`` (``Creator.submit_bundle``) makes runs/RUN off the loop
+       (via runs/.new-RUN, renamed into place last) and calls CALLBACK on the
+       loop with (result, error). The original in staging/ID/d/ is untouched.
     4. Success: staging/ID is renamed to staging/.done-ID and removed.
-       Failure (WorkflowError, any FlowError, any bug): ``rejected/NAME.error``
-       is written first (temp + fsync + rename), then the original is renamed
-       to ``rejected/NAME`` (``NAME.1``, ``NAME.2``... on a clash).
-    After a crash, start-up takes every staging/ID again; one with the
-    marker whose run already exists (same source and user, submitted after
-    the marker) is just cleaned up, so a crash never duplicates a run.
+       Failure (WorkflowError, any FlowError, any bug): the marker
+       staging/ID/rejecting (the name chosen in rejected/ and the error
+       text) is written durably, then ``rejected/NAME.error``, then the
+       original is renamed to ``rejected/NAME`` (``NAME.1``, ``NAME.2``... on
+       a clash), then staging/ID is retired as above.
+
+    Recovery (start-up takes every staging/ID again, on the worker) is exact:
+    a box with ``rejecting`` redoes step 4's rejection with the same name and
+    text; one with ``submitting`` holding RUN is just retired if runs/RUN
+    exists (the run is whole: it appears by one rename), and otherwise is
+    submitted again *as RUN* (the daemon removed any runs/.new-RUN before);
+    one without a marker was never submitted and is taken from step 2. So a
+    crash at any point makes a drop exactly one run, or one rejection.
+
     A drop that cannot even be moved out of incoming/ (a folder of another
     user without group write permission, another filesystem) stays there with
     a ``rejected/NAME.error`` saying why; it is tried again once it changes
     (its ctime: e.g. ``chmod g+w``).
 
-Everything is driven by ``poll(now)`` and ``next_deadline()`` with the
-daemon's monotonic clock, so tests can step time without sleeping.
+Everything on the loop is driven by ``poll(now)`` and ``next_deadline()`` with
+the daemon's monotonic clock, so tests can step time without sleeping;
+``wait_idle`` lets a test wait for the worker.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import pwd
+import queue
+import re
 import secrets
+import select
 import shutil
 import stat
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import FlowError, WorkflowError
-from .fsops import file_kind
+from .errors import FlowError, StorageError, WorkflowError
+from .fsops import Durable, file_kind
 from .limits import MAX_XML_BYTES as XML_CAP  # stdlib: lxml stays out of start-up
 
 log = logging.getLogger("flowd.intake")
@@ -79,8 +104,10 @@ MAX_DROP_BYTES = 1024 ** 3  # a whole folder drop
 MAX_DROP_ENTRIES = 10_000
 MAX_DEPTH = 32
 TAKES_PER_POLL = 16  # then let the daemon loop breathe
-MARKER = "submitting"
+MARKER = "submitting"  # holds the id the drop's run gets: written before it is submitted
+REJECTING = "rejecting"  # {"target", "text"}: written before a drop is moved to rejected/
 CHUNK = 1024 * 1024
+_RUN_ID = re.compile(r"^[0-9a-f]{12}$")
 
 # inotify(7)
 IN_ATTRIB = 0x00000004
@@ -188,17 +215,27 @@ class _Pending:
     due: float
 
 
+class _Stopped(Exception):
+    """The daemon is stopping: the drop is left in staging/ and taken again at the next start."""
+
+
 class Intake:
-    def __init__(self, spool: str, submit: Callable[[str, str, str], dict], *,
+    def __init__(self, spool: str, submit: Callable[..., None], *,
+                 fs: Durable | None = None, new_run_id: Callable[[], str] | None = None,
                  settle: float = SETTLE, rescan_every: float = RESCAN_EVERY,
                  fallback_every: float = FALLBACK_EVERY, use_inotify: bool = True,
                  max_bytes: int = MAX_DROP_BYTES, max_entries: int = MAX_DROP_ENTRIES):
+        """``submit(bundle, source, user, reply=CALLBACK, run_id=RUN)`` is
+        ``Creator.submit_bundle``: called on the loop, it must call
+        ``CALLBACK(result, error)`` on the loop once RUN is made (or not)."""
         self.spool = spool
         self.incoming = os.path.join(spool, "incoming")
         self.rejected = os.path.join(spool, "rejected")
         self.staging = os.path.join(spool, "staging")
         self.runs_dir = os.path.join(spool, "runs")
         self.submit = submit
+        self.fs = fs if fs is not None else Durable()
+        self.new_run_id = new_run_id or (lambda: secrets.token_hex(6))
         self.settle = settle
         self.rescan_every = rescan_every
         self.fallback_every = fallback_every
@@ -213,6 +250,19 @@ class Intake:
         self._next_rescan = 0.0
         self._euid = os.geteuid()
         self._watch_failed = self._list_failed = False
+        # The worker: jobs in, completions out (run on the loop by poll), a pipe to wake the loop.
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy: dict[str, str] = {}  # name -> its job's run id, until moved out of incoming/
+        self._reserved: set[str] = set()  # run ids picked for drops not yet submitted
+        self._inflight = 0  # drops handed to the worker and not yet finished
+        self._held: list[Callable[[], None]] = []  # submits waiting for free space
+        self._taking = True
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake_r, select.EPOLLIN)
 
     # -- the daemon's side -------------------------------------------------------
     def start(self, now: float) -> None:
@@ -224,6 +274,10 @@ class Intake:
             self._next_rescan = now + self.fallback_every
 
     def _start(self, now: float) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work_loop, name="flowd-intake",
+                                            daemon=True)
+            self._worker.start()
         for d in (self.incoming, self.rejected):
             os.makedirs(d, exist_ok=True)
         try:
@@ -243,6 +297,7 @@ class Intake:
                 log.warning("spool: inotify unavailable (%s); incoming/ is rescanned every %g s "
                             "instead", e, self.fallback_every)
             else:
+                self._epoll.register(self.inotify.fd, select.EPOLLIN)
                 self._watch()
         else:
             log.info("spool: inotify not used; incoming/ is rescanned every %g s", self.fallback_every)
@@ -250,42 +305,146 @@ class Intake:
         self._rescan(now)
 
     def fileno(self) -> int | None:
-        """The inotify fd for the daemon's poller (None: rescans only)."""
-        return self.inotify.fd if self.inotify is not None else None
+        """One fd for the daemon's poller: readable on an inotify event or a finished job."""
+        return self._epoll.fileno()
 
     def next_deadline(self) -> float:
         """When ``poll`` next has timed work (the daemon's monotonic clock); 0.0: at once."""
-        if self._now:
+        if not self._taking:
+            return self._next_rescan  # the spool is full: drops wait, nothing is due
+        if self._now or self._held:
             return 0.0
         due = [p.due for p in self._pending.values()]
         return min([self._next_rescan, *due])
 
-    def poll(self, now: float) -> None:
-        """Read inotify events, rescan if due, take what is ready. Never raises."""
+    def poll(self, now: float, take: bool = True) -> None:
+        """Apply what the worker finished, read inotify events, rescan if due,
+        hand what is ready to the worker. ``take=False`` (the spool is full):
+        nothing new is taken or submitted meanwhile. Never raises."""
+        self._taking = take
         try:
+            _drain(self._wake_r)
+            self._apply()
             self._read_events(now)
+            if not take:
+                return
+            held, self._held = self._held, []
+            for fn in held:
+                fn()
             if now >= self._next_rescan:
                 self._rescan(now)
             budget = TAKES_PER_POLL
             while self._now and budget > 0:
                 name = self._now.pop(0)
                 self._pending.pop(name, None)
-                self._take(name)
+                self._take(name, now)
                 budget -= 1
             for name, p in sorted(self._pending.items(), key=lambda kv: kv[1].due):
                 if budget <= 0 or p.due > now:
                     break
                 if self._settled(name, p, now):
                     del self._pending[name]
-                    self._take(name)
+                    self._take(name, now)
                     budget -= 1
         except Exception:  # noqa: BLE001 - the daemon loop must go on
             log.exception("spool: unexpected error in the intake; carrying on")
 
+    def idle(self) -> bool:
+        """Nothing handed to the worker is still being taken, submitted or rejected."""
+        return self._inflight == 0 and self._done.empty()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Apply completions here until ``idle`` (tests whose ``submit`` answers at once)."""
+        end = time.monotonic() + timeout
+        while not self.idle():
+            try:
+                fn = self._done.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                return False
+            self._run_completion(fn)
+        _drain(self._wake_r)
+        return True
+
     def close(self) -> None:
+        """Stop the worker (a drop it is copying stays in staging/ for the next start)."""
+        self._stopping.set()
+        if self._worker is not None:
+            self._todo.put(None)
+            self._worker.join(30)
+            self._worker = None
         if self.inotify is not None:
             self.inotify.close()
             self.inotify = None
+        if self._wake_r >= 0:
+            self._epoll.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    # -- the worker and its completions ----------------------------------------------
+    def _work_loop(self) -> None:
+        """The worker thread. A ``SimulatedCrash`` (tests) ends it, as a crash would."""
+        while True:
+            job = self._todo.get()
+            if job is None:
+                return
+            fn, rid, name, args = job
+            handed = False
+            try:
+                handed = fn(*args)
+            except _Stopped:
+                log.info("spool: stopping; the drop being taken stays in %s and is taken again "
+                         "at the next start", self.staging)
+            except Exception:  # noqa: BLE001 - never lose the worker; the drop stays in staging/
+                log.exception("spool: unexpected error while taking a drop; it is left where it "
+                              "is (incoming/ or staging/) and taken again at the next start")
+            if not handed:  # else the loop submits it, and the callback finishes it
+                self._post(lambda rid=rid, name=name: self._finished(rid, name))
+
+    def _queue(self, fn: Callable[..., bool], rid: str, name: str | None, *args) -> None:
+        """Hand a drop to the worker: ``fn(*args)`` returns True if it went on to be submitted."""
+        self._inflight += 1
+        if name is not None:
+            self._busy[name] = rid
+        self._todo.put((fn, rid, name, args))
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        """From the worker: run ``fn`` on the loop, and wake it."""
+        self._done.put(fn)
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # full (the loop is awake anyway) or closed (stopping)
+
+    def _apply(self) -> None:
+        while True:
+            try:
+                fn = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._run_completion(fn)
+
+    def _run_completion(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - the daemon loop must go on
+            log.exception("spool: unexpected error in the intake; carrying on")
+
+    def _finished(self, rid: str, name: str | None) -> None:
+        self._inflight -= 1
+        self._reserved.discard(rid)
+        if name is not None and self._busy.get(name) == rid:
+            del self._busy[name]
+
+    def _reserve(self) -> str:
+        """A run id for a drop, its 4-digit prefix unlike the other drops' waiting."""
+        prefixes = {r[:4] for r in self._reserved}
+        for _ in range(16):
+            rid = self.new_run_id()
+            if rid[:4] not in prefixes:
+                break
+        self._reserved.add(rid)
+        return rid
 
     # -- noticing ------------------------------------------------------------------
     def _watch(self) -> None:
@@ -418,43 +577,58 @@ class Intake:
                         stack.append(e.path)
         return (*head, "d", count, total, newest)
 
-    # -- taking --------------------------------------------------------------------
-    def _take(self, name: str) -> None:
-        try:
-            self._take_inner(name)
-        except Exception:  # noqa: BLE001 - never crash the daemon; the drop stays where it is
-            log.exception("spool: unexpected error while taking %s; it is left where it is "
-                          "(incoming/ or staging/)", _show(name))
-
-    def _take_inner(self, name: str) -> None:
+    # -- taking (the loop hands a drop to the worker) ----------------------------------
+    def _take(self, name: str, now: float) -> None:
         src = os.path.join(self.incoming, name)
         try:
             st = os.lstat(src)
         except FileNotFoundError:
             self._forget_stuck(name)
             return
+        except OSError as e:
+            log.error("spool: cannot look at %s: %s", _show(name), e.strerror)
+            return
+        if name in self._busy:  # the worker is still moving one of this name: look again later
+            self._hint(name, now)
+            return
         key = (st.st_ino, st.st_ctime_ns)
         stuck = self._stuck.get(name)
         if stuck is not None and stuck[0] == key:
             return
-        box = os.path.join(self.staging, secrets.token_hex(8))
-        os.mkdir(box, 0o700)
-        os.mkdir(os.path.join(box, "d"), 0o700)
-        try:
-            os.rename(src, os.path.join(box, "d", name))
-        except OSError as e:
-            shutil.rmtree(box, ignore_errors=True)  # holds nothing of the user's
-            if e.errno == errno.ENOENT:
-                return
-            self._cannot_take(name, st, key, e)
-            return
-        _fsync_dir(os.path.join(box, "d"))
-        _fsync_dir(self.incoming)
-        self._forget_stuck(name, remove_error=True)
-        self._process(box, name)
+        rid = self._reserve()
+        self._queue(self._w_take, rid, name, name, st, key, rid)
 
-    def _cannot_take(self, name: str, st: os.stat_result, key: tuple, e: OSError) -> None:
-        """The drop cannot be moved out of incoming/: say why, once per change of it."""
+    def _w_take(self, name: str, st: os.stat_result, key: tuple, rid: str) -> bool:
+        """Worker: move the drop into a new staging/ID/d/, then process it."""
+        fs = self.fs
+        box = os.path.join(self.staging, secrets.token_hex(8))
+        fs.mkdir(box, 0o700)
+        fs.mkdir(os.path.join(box, "d"), 0o700, sync_parent=False)
+        src, dst = os.path.join(self.incoming, name), os.path.join(box, "d", name)
+        fs.point("rename", dst)
+        try:
+            os.rename(src, dst)  # not fs.rename: the errno says what to tell the user
+        except OSError as e:
+            fs.rmtree(box)  # holds nothing of the user's
+            if e.errno != errno.ENOENT:
+                error_path = self._cannot_take(name, st, e)
+                self._post(lambda: self._stuck_now(name, key, error_path))
+            return False
+        fs.fsync_dir(os.path.join(box, "d"))
+        fs.fsync_dir(self.incoming)
+        self._post(lambda: self._moved(name, rid))
+        return self._w_process(box, name, rid)
+
+    def _moved(self, name: str, rid: str) -> None:
+        if self._busy.get(name) == rid:
+            del self._busy[name]
+        self._forget_stuck(name, remove_error=True)
+
+    def _stuck_now(self, name: str, key: tuple, error_path: str | None) -> None:
+        self._stuck[name] = (key, error_path)
+
+    def _cannot_take(self, name: str, st: os.stat_result, e: OSError) -> str | None:
+        """Worker: the drop cannot be moved out of incoming/: say why (its .error path)."""
         user = _user(st.st_uid)
         lines = [f"{name}: flowd cannot move it out of {self.incoming}: {e.strerror}"]
         if e.errno in (errno.EACCES, errno.EPERM) and stat.S_ISDIR(st.st_mode):
@@ -471,72 +645,135 @@ class Intake:
         try:
             target = self._rejected_name(name)
             error_path = os.path.join(self.rejected, target + ".error")
-            _write_atomic(error_path, self._error_text(name, user, lines, resubmit=False))
-        except OSError as werr:
-            log.error("spool: cannot write %s: %s", error_path, werr.strerror)
+            self.fs.write_file(error_path, self._error_text(name, user, lines, resubmit=False)
+                               .encode("utf-8", "replace"), mode=0o644)
+        except (OSError, StorageError) as werr:
+            log.error("spool: cannot write %s: %s", error_path, getattr(werr, "strerror", werr))
             error_path = None
         log.error("spool: %s (dropped by %s) cannot be moved out of incoming/: %s; left there%s",
                   _show(name), user, e.strerror, f", see {error_path}" if error_path else "")
-        self._stuck[name] = (key, error_path)
+        return error_path
 
     def _forget_stuck(self, name: str, remove_error: bool = False) -> None:
         stuck = self._stuck.pop(name, None)
         if stuck is not None and remove_error and stuck[1]:
             try:
-                os.unlink(stuck[1])  # the drop got through after all
-            except OSError:
+                self.fs.unlink(stuck[1])  # the drop got through after all
+            except (OSError, StorageError):
                 pass
 
-    def _process(self, box: str, name: str, marker_time: float | None = None) -> None:
-        """Submit the drop staged in ``box``; reject it on any failure."""
+    def _w_process(self, box: str, name: str, rid: str) -> bool:
+        """Worker: build the bundle of the drop staged in ``box``, write the
+        marker (RUN) and hand it to the loop to submit (True); or reject it."""
         staged = os.path.join(box, "d", name)
         st = os.lstat(staged)
         user = _user(st.st_uid)
-        is_dir = stat.S_ISDIR(st.st_mode)
-        source = f"{name}/workflow.xml" if is_dir else name  # what problems and the run name
-        if marker_time is not None:
-            run = self._already_submitted(source, user, marker_time)
-            if run:
-                log.info("spool: %s (dropped by %s) had become run %s before flowd stopped",
-                         _show(name), user, run)
-                self._discard(box)
-                return
+        source = f"{name}/workflow.xml" if stat.S_ISDIR(st.st_mode) else name
         bundle = os.path.join(box, "bundle")
-        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.rmtree(bundle, ignore_errors=True)  # a half-built one, from before a crash
         try:
             self._build_bundle(staged, st, bundle, name)
         except _Refused as r:
-            self._reject(box, name, st, user, r.lines)
-            return
+            self._w_reject(box, name, st, user, r.lines)
+            return False
         except OSError as e:
             log.error("spool: cannot stage %s: %s", _show(name), e)
-            self._reject(box, name, st, user, [f"{name}: flowd could not stage it: {e.strerror}"])
+            self._w_reject(box, name, st, user, [f"{name}: flowd could not stage it: {e.strerror}"])
+            return False
+        try:
+            self.fs.write_file(os.path.join(box, MARKER), f"{rid}\n".encode(), mode=0o600)
+        except StorageError as e:  # e.g. the spool is full: taken again at the next start
+            log.error("spool: cannot write the marker in %s: %s; %s stays there and is taken "
+                      "again when flowd restarts", box, e, _show(name))
+            shutil.rmtree(bundle, ignore_errors=True)
+            return False
+        self._post(lambda: self._submit(box, name, st, user, source, rid))
+        return True
+
+    def _submit(self, box: str, name: str, st: os.stat_result, user: str, source: str,
+                rid: str) -> None:
+        """Loop: make run RID of the bundle, off the loop, as for ``flowctl submit``."""
+        if not self._taking:  # the spool is full: submit once it has room again
+            self._held.append(lambda: self._submit(box, name, st, user, source, rid))
             return
+
+        def done(result: dict | None, error: BaseException | None) -> None:
+            self._todo.put((self._w_finish, rid, None, (box, name, st, user, source, result, error)))
+
+        self._reserved.discard(rid)  # from now on the daemon knows it (Creator's creating)
         try:
-            _write_atomic(os.path.join(box, MARKER), f"{time.time()}\n")
-        except OSError as e:  # only a crash in the next milliseconds could then duplicate the run
-            log.warning("spool: cannot write the marker in %s: %s", box, e.strerror)
-        try:
-            result = self.submit(bundle, source, user)
-        except WorkflowError as e:
-            lines = [str(p) for p in e.problems] or [str(e)]
-            if not is_dir and any("workflow's folder" in p.message for p in e.problems):
-                lines.append(f"{name}: a workflow file dropped alone brings no other files: "
-                             "drop a folder holding workflow.xml and its files")
-            self._reject(box, name, st, user, lines)
-        except FlowError as e:
-            self._reject(box, name, st, user, [f"{source}: {line}" for line in str(e).splitlines()])
-        except Exception as e:  # noqa: BLE001 - a bug must not lose the drop or stop the daemon
-            log.exception("spool: internal error while submitting %s", _show(name))
-            self._reject(box, name, st, user, [
-                f"{source}: internal error in flowd: {type(e).__name__}: {e}",
-                "this is a bug in flowd; the daemon's log has the details"])
-        else:
+            self.submit(os.path.join(box, "bundle"), source, user, reply=done, run_id=rid)
+        except Exception as e:  # noqa: BLE001 - rejected by the worker like any other error
+            done(None, e)
+
+    def _w_finish(self, box: str, name: str, st: os.stat_result, user: str, source: str,
+                  result: dict | None, error: BaseException | None) -> bool:
+        """Worker: the drop became a run (retire its box) or is rejected."""
+        if error is None:
+            result = result or {}
             log.info("spool: %s dropped by %s became run %s (workflow %s)", _show(name), user,
                      result.get("run"), result.get("name"))
             for w in result.get("warnings") or ():
                 log.warning("spool: %s", w)
             self._discard(box)
+            return False
+        if isinstance(error, WorkflowError):
+            lines = [str(p) for p in error.problems] or [str(error)]
+            if not stat.S_ISDIR(st.st_mode) and any("workflow's folder" in p.message
+                                                    for p in error.problems):
+                lines.append(f"{name}: a workflow file dropped alone brings no other files: "
+                             "drop a folder holding workflow.xml and its files")
+        elif isinstance(error, FlowError):
+            lines = [f"{source}: {line}" for line in str(error).splitlines()]
+        else:  # a bug must not lose the drop or stop the daemon
+            log.error("spool: internal error while submitting %s", _show(name), exc_info=error)
+            lines = [f"{source}: internal error in flowd: {type(error).__name__}: {error}",
+                     "this is a bug in flowd; the daemon's log has the details"]
+        self._w_reject(box, name, st, user, lines)
+        return False
+
+    # -- rejecting and retiring (worker) -----------------------------------------------
+    def _w_reject(self, box: str, name: str, st: os.stat_result, user: str,
+                  lines: list[str]) -> None:
+        """The marker ``rejecting`` first (so a crash rejects it once, under the same name)."""
+        shutil.rmtree(os.path.join(box, "bundle"), ignore_errors=True)
+        target = self._rejected_name(name)
+        text = self._error_text(name, user, lines, resubmit=True, is_dir=stat.S_ISDIR(st.st_mode))
+        first = next((line for line in lines if ": error:" in line), lines[0])
+        try:
+            self.fs.write_file(os.path.join(box, REJECTING), json.dumps(
+                {"target": target, "text": text, "first": first, "user": user}).encode(), mode=0o600)
+        except StorageError as e:
+            log.error("spool: %s (dropped by %s) is rejected (%s) but cannot be moved to %s: %s; "
+                      "it is kept in %s and taken again when flowd restarts", _show(name), user,
+                      first, self.rejected, e, box)
+            return
+        self._w_rejected(box, name, target, text, first, user)
+
+    def _w_rejected(self, box: str, name: str, target: str, text: str, first: str,
+                    user: str) -> None:
+        """NAME.error (atomically), then the drop beside it, then retire the box; redone
+        as a whole after a crash."""
+        staged = os.path.join(box, "d", name)
+        error_path = os.path.join(self.rejected, target + ".error")
+        try:
+            if os.path.lexists(staged) and os.path.lexists(os.path.join(self.rejected, target)):
+                target = self._rejected_name(name)  # someone put a file there meanwhile
+                error_path = os.path.join(self.rejected, target + ".error")
+            self.fs.write_file(error_path, text.encode("utf-8", "replace"), mode=0o644)
+            if os.path.lexists(staged):
+                self._rename(staged, os.path.join(self.rejected, target))
+        except (OSError, StorageError) as e:
+            log.error("spool: %s (dropped by %s) is rejected (%s) but cannot be moved to %s: %s; "
+                      "it is kept in %s and taken again when flowd restarts", _show(name), user,
+                      first, self.rejected, getattr(e, "strerror", None) or e, staged)
+            return
+        log.warning("spool: %s dropped by %s is rejected: %s (see %s)", _show(name), user,
+                    first, error_path)
+        self._discard(box)
+
+    def _rename(self, src: str, dst: str) -> None:
+        self.fs.rename(src, dst)  # a method, so tests can watch the order of things
 
     def _build_bundle(self, staged: str, st: os.stat_result, bundle: str, name: str) -> None:
         """Make ``bundle`` from the staged drop, or raise _Refused (``bundle`` then removed)."""
@@ -564,7 +801,8 @@ class Intake:
         try:
             if fst.st_size > XML_CAP:
                 raise _Refused(_too_big_xml(name))
-            _copy_fd(fd, dst, XML_CAP, 0o644, lambda: _Refused(_too_big_xml(name)))
+            _copy_fd(fd, dst, XML_CAP, 0o644, lambda: _Refused(_too_big_xml(name)),
+                     self._stopping)
         finally:
             os.close(fd)
 
@@ -590,6 +828,8 @@ class Intake:
         with os.scandir(dfd) as it:
             entries = sorted(e.name for e in it)
         for entry in entries:
+            if self._stopping.is_set():
+                raise _Stopped()
             path = f"{rel}/{entry}"
             state["entries"] += 1
             if state["entries"] > self.max_entries:
@@ -629,7 +869,7 @@ class Intake:
             fd, fst = _open_same(entry, dfd, os.O_NONBLOCK, est, path)
             try:
                 mode = 0o755 if fst.st_mode & 0o111 else 0o644
-                state["bytes"] += _copy_fd(fd, dst, left, mode, too_big)
+                state["bytes"] += _copy_fd(fd, dst, left, mode, too_big, self._stopping)
             finally:
                 os.close(fd)
 
@@ -645,31 +885,7 @@ class Intake:
             return False
         return True
 
-    # -- after submit ------------------------------------------------------------
-    def _reject(self, box: str, name: str, st: os.stat_result, user: str, lines: list[str]) -> None:
-        """NAME.error first (atomically), then the drop beside it."""
-        shutil.rmtree(os.path.join(box, "bundle"), ignore_errors=True)
-        staged = os.path.join(box, "d", name)
-        try:
-            target = self._rejected_name(name)
-            error_path = os.path.join(self.rejected, target + ".error")
-            _write_atomic(error_path, self._error_text(name, user, lines, resubmit=True,
-                                                       is_dir=stat.S_ISDIR(st.st_mode)))
-            self._rename(staged, os.path.join(self.rejected, target))
-            _fsync_dir(self.rejected)
-        except OSError as e:
-            log.error("spool: %s (dropped by %s) is rejected (%s) but cannot be moved to %s: %s; "
-                      "it is kept in %s and taken again when flowd restarts", _show(name), user,
-                      lines[0], self.rejected, e.strerror, staged)
-            return
-        first = next((line for line in lines if ": error:" in line), lines[0])
-        log.warning("spool: %s dropped by %s is rejected: %s (see %s)", _show(name), user,
-                    first, error_path)
-        self._discard(box)
-
-    def _rename(self, src: str, dst: str) -> None:
-        os.rename(src, dst)  # a method, so tests can watch the order of things
-
+    # -- names and texts ------------------------------------------------------------
     def _rejected_name(self, name: str) -> str:
         base = name
         if len(os.fsencode(base)) > 200:
@@ -699,24 +915,18 @@ class Intake:
                        "administrator removes it.")
         return "\n".join(out) + "\n"
 
-    def _discard(self, box: str) -> None:
-        done = os.path.join(self.staging, ".done-" + os.path.basename(box))
-        try:
-            os.rename(box, done)
-            _fsync_dir(self.staging)
-        except OSError as e:
-            log.error("spool: cannot retire %s: %s", box, e.strerror)
-            return
-        _remove_tree(done)
 
-    def _already_submitted(self, source: str, user: str, since: float) -> str | None:
-        """The run a drop became just before a crash, if any (read from runs/*/run.json)."""
-        import json
-
+    def _already_submitted_legacy(self, box: str, name: str, marker: str) -> bool:
+        """A marker of an older flowd (the time it was written, no run id): the
+        drop's run, if any, is one of the same source and user submitted after it."""
         try:
+            since = float(marker)
+            st = os.lstat(os.path.join(box, "d", name))
             names = os.listdir(self.runs_dir)
-        except OSError:
-            return None
+        except (ValueError, OSError):
+            return False
+        user = _user(st.st_uid)
+        source = f"{name}/workflow.xml" if stat.S_ISDIR(st.st_mode) else name
         for rid in names:
             try:
                 with open(os.path.join(self.runs_dir, rid, "run.json"), "rb") as f:
@@ -725,46 +935,74 @@ class Intake:
                 continue
             if (meta.get("source") == source and meta.get("submitted_by") == user
                     and float(meta.get("submitted_at") or 0) >= since - 1.0):
-                return rid
-        return None
+                log.info("spool: %s had become run %s before flowd stopped", _show(name), rid)
+                return True
+        return False
+
+    def _discard(self, box: str) -> None:
+        """Retire a box whose drop became a run or was rejected."""
+        done = os.path.join(self.staging, ".done-" + os.path.basename(box))
+        try:
+            self.fs.rename(box, done)
+        except StorageError as e:
+            log.error("spool: cannot retire %s: %s", box, e)
+            return
+        self.fs.rmtree(done)
 
     # -- start-up ------------------------------------------------------------------
     def _recover(self) -> None:
-        """Take again what a stop or crash left in staging/."""
+        """Loop, at start: hand every staging/ID a stop or crash left to the worker."""
         try:
             entries = sorted(os.listdir(self.staging))
         except OSError as e:
             log.error("spool: cannot list %s: %s", self.staging, e.strerror)
             return
         for entry in entries:
-            box = os.path.join(self.staging, entry)
-            if entry.startswith(".done-"):
-                _remove_tree(box)
-                continue
+            rid = self._reserve()  # used only by a drop that has no marker yet
+            self._queue(self._w_recover, rid, None, os.path.join(self.staging, entry), rid)
+
+    def _w_recover(self, box: str, rid: str) -> bool:
+        """Worker: finish what a crash interrupted, exactly as the markers say."""
+        if os.path.basename(box).startswith(".done-"):
+            self.fs.rmtree(box)
+            return False
+        try:
+            names = os.listdir(os.path.join(box, "d"))
+        except FileNotFoundError:
+            names = []
+        except OSError as e:
+            log.error("spool: cannot read %s: %s; left as it is", box, e.strerror)
+            return False
+        if not names:
+            self.fs.rmtree(box)  # nothing of a user's in it
+            return False
+        if len(names) > 1:
+            log.error("spool: %s holds more than one drop; left as it is", box)
+            return False
+        name = names[0]
+        rejecting = _read(os.path.join(box, REJECTING))
+        if rejecting is not None:
             try:
-                names = os.listdir(os.path.join(box, "d"))
-            except FileNotFoundError:
-                names = []
-            except OSError as e:
-                log.error("spool: cannot read %s: %s; left as it is", box, e.strerror)
-                continue
-            if not names:
-                shutil.rmtree(box, ignore_errors=True)  # nothing of a user's in it
-                continue
-            if len(names) > 1:
-                log.error("spool: %s holds more than one drop; left as it is", box)
-                continue
-            marker_time = None
-            try:
-                with open(os.path.join(box, MARKER)) as f:
-                    marker_time = float(f.read().strip() or 0)
-            except (OSError, ValueError):
-                pass
-            log.info("spool: taking %s again (flowd stopped while taking it)", _show(names[0]))
-            try:
-                self._process(box, names[0], marker_time)
-            except Exception:  # noqa: BLE001
-                log.exception("spool: cannot take %s again; it is left in %s", _show(names[0]), box)
+                r = json.loads(rejecting)
+                args = (str(r["target"]), str(r["text"]), str(r["first"]), str(r["user"]))
+            except (ValueError, KeyError, TypeError):
+                log.error("spool: %s has an unreadable %s; left as it is", box, REJECTING)
+                return False
+            log.info("spool: rejecting %s again (flowd stopped while rejecting it)", _show(name))
+            self._w_rejected(box, name, *args)
+            return False
+        marker = (_read(os.path.join(box, MARKER)) or "").strip()
+        if _RUN_ID.match(marker):
+            if os.path.lexists(os.path.join(self.runs_dir, marker)):
+                log.info("spool: %s had become run %s before flowd stopped", _show(name), marker)
+                self._discard(box)
+                return False
+            rid = marker  # never made (runs/.new-RUN was removed at start): made now, as RUN
+        elif marker and self._already_submitted_legacy(box, name, marker):
+            self._discard(box)
+            return False
+        log.info("spool: taking %s again (flowd stopped while taking it)", _show(name))
+        return self._w_process(box, name, rid)
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -828,11 +1066,14 @@ def _unreadable(what: str, e: OSError) -> list[str]:
     return lines
 
 
-def _copy_fd(fd: int, dst: str, limit: int, mode: int, too_big: Callable[[], Exception]) -> int:
+def _copy_fd(fd: int, dst: str, limit: int, mode: int, too_big: Callable[[], Exception],
+             stopping: threading.Event) -> int:
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     total = 0
     try:
         while True:
+            if stopping.is_set():
+                raise _Stopped()
             chunk = os.read(fd, CHUNK)
             if not chunk:
                 return total
@@ -846,44 +1087,21 @@ def _copy_fd(fd: int, dst: str, limit: int, mode: int, too_big: Callable[[], Exc
         os.close(out)
 
 
-def _write_atomic(path: str, text: str) -> None:
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+def _drain(fd: int) -> None:
     try:
-        data = memoryview(text.encode("utf-8", "replace"))
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(folder)
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
 
 
-def _fsync_dir(path: str) -> None:
+def _read(path: str) -> str | None:
+    """A marker's text (None: there is none)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        log.error("spool: fsync of %s failed: %s", path, e.strerror)
-
-
-def _remove_tree(path: str) -> None:
-    """Remove a retired staging folder; a user's subfolder flowd may not write is left, logged."""
-    errors = []
-    shutil.rmtree(path, onerror=lambda func, p, exc: errors.append((p, exc[1])))
-    if errors and os.path.lexists(path):
-        p, err = errors[0]
-        log.warning("spool: cannot remove all of %s (%s: %s); remove it by hand (a dropped folder "
-                    "whose subfolders are not writable by flowd leaves this)", path, p,
-                    getattr(err, "strerror", err))
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(64 * 1024)
+    except FileNotFoundError:
+        return None
 
 
 def _key(sig: tuple) -> tuple:

@@ -1,8 +1,11 @@
-"""Spool drop-in (SPEC §5): flowd/intake.py.
+"""Spool drop-in (docs/spool.md): flowd/intake.py.
 
 The unit tests drive the intake with a fake submit function and a stepped
-clock (``poll(now)``): no Docker, no sleeps, real inotify events. The tests
-marked ``docker`` run a real daemon and drop workflows into its spool.
+clock (``poll(now)``): no Docker, no sleeps, real inotify events. The intake
+does its slow work on a worker thread; ``Stepped`` waits for it after each
+poll, so a test reads like the loop's view of things. The tests marked
+``docker`` run a real daemon and drop workflows into its spool. The crash
+sweep of the intake is tests/test_intake_crash.py.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -29,7 +33,8 @@ ME = pwd.getpwuid(os.geteuid()).pw_name
 
 # -- helpers -----------------------------------------------------------------------
 class FakeSubmit:
-    """Stands in for Daemon.submit_bundle: records the bundle, consumes it like the daemon.
+    """Stands in for Creator.submit_bundle: records the bundle, consumes it like the
+    daemon, and answers through ``reply`` (result, error), as the loop would.
 
     The workflow text decides: ``INVALID`` on a line -> WorkflowError naming that
     line; ``DENIED`` -> another FlowError; ``BOOM`` -> a bug (RuntimeError).
@@ -38,7 +43,15 @@ class FakeSubmit:
     def __init__(self):
         self.calls: list[dict] = []
 
-    def __call__(self, bundle: str, name: str, user: str) -> dict:
+    def __call__(self, bundle: str, name: str, user: str, reply, run_id: str) -> None:
+        try:
+            result = self.make(bundle, name, user, run_id)
+        except Exception as e:  # noqa: BLE001 - handed to the intake, as _created does
+            reply(None, e)
+        else:
+            reply(result, None)
+
+    def make(self, bundle: str, name: str, user: str, run_id: str) -> dict:
         files, inodes = {}, {}
         for folder, dirs, names in os.walk(bundle):
             for n in names:
@@ -48,7 +61,8 @@ class FakeSubmit:
                 with open(p, "rb") as f:
                     files[rel] = f.read()
                 inodes[rel] = os.lstat(p).st_ino
-        self.calls.append({"name": name, "user": user, "files": files, "inodes": inodes})
+        self.calls.append({"name": name, "user": user, "files": files, "inodes": inodes,
+                           "run_id": run_id})
         text = files.get("workflow.xml", b"")
         if b"BOOM" in text:
             raise RuntimeError("boom")  # the bundle is left: the intake must cope
@@ -59,10 +73,10 @@ class FakeSubmit:
                                          "remove it")])
         if b"DENIED" in text:
             raise UsageError("process 'p' uses image 'evil', which this flowd does not allow")
-        return {"run": f"run{len(self.calls)}", "name": "wf", "warnings": []}
+        return {"run": run_id, "name": "wf", "warnings": []}
 
 
-def parser_submit(bundle: str, name: str, user: str) -> dict:
+def parser_submit(bundle: str, name: str, user: str, reply, run_id: str) -> None:
     """The daemon's validation, without a daemon."""
     from flowd.parser import load_workflow
 
@@ -71,10 +85,23 @@ def parser_submit(bundle: str, name: str, user: str) -> dict:
     except WorkflowError as e:
         for p in e.problems:
             p.file = name
-        raise
+        reply(None, e)
+        return
     finally:
         shutil.rmtree(bundle, ignore_errors=True)
-    return {"run": "abc", "name": wf.name, "warnings": []}
+    reply({"run": run_id, "name": wf.name, "warnings": []}, None)
+
+
+class Stepped(I.Intake):
+    """The intake, its worker waited for after start and each poll."""
+
+    def start(self, now: float) -> None:
+        super().start(now)
+        assert self.wait_idle(), "the intake's worker did not finish"
+
+    def poll(self, now: float, take: bool = True) -> None:
+        super().poll(now, take)
+        assert self.wait_idle(), "the intake's worker did not finish"
 
 
 @pytest.fixture
@@ -90,7 +117,7 @@ def make(spool):
 
     def make_(submit=None, start=True, **kw):
         kw.setdefault("settle", 2.0)
-        it = I.Intake(spool, submit or FakeSubmit(), **kw)
+        it = Stepped(spool, submit or FakeSubmit(), **kw)
         if start:
             it.start(0.0)
         made.append(it)
@@ -142,7 +169,8 @@ def test_rename_in_is_taken_at_once(spool, make):
     it.poll(0.0)
     [call] = it.submit.calls
     assert call == {"name": "a.xml", "user": ME, "files": {"workflow.xml": WF.encode()},
-                    "inodes": call["inodes"]}
+                    "inodes": call["inodes"], "run_id": call["run_id"]}
+    assert re.fullmatch(r"[0-9a-f]{12}", call["run_id"])     # picked before it is submitted
     assert listing(spool, "incoming") == [] and listing(spool, "rejected") == []
     assert listing(spool, "staging") == []
 
@@ -238,7 +266,7 @@ def test_overflow_rescans(spool, make):
 def test_periodic_rescan_without_inotify(spool, make, caplog):
     caplog.set_level(logging.INFO, logger="flowd.intake")
     it = make(use_inotify=False, settle=2.0, fallback_every=2.0)
-    assert it.fileno() is None
+    assert it.inotify is None
     drop(spool, "a.xml", WF)
     it.poll(1.0)
     assert it.submit.calls == []
@@ -254,7 +282,7 @@ def test_without_inotify_in_the_kernel_it_says_so_and_rescans(spool, make, caplo
 
     monkeypatch.setattr(I, "Inotify", unavailable)
     it = make(fallback_every=2.0)
-    assert it.fileno() is None and it.next_deadline() == 2.0
+    assert it.inotify is None and it.next_deadline() == 2.0
     assert "inotify unavailable (inotify_init1: Too many open files)" in caplog.text
     drop(spool, "a.xml", WF)
     it.poll(2.0)
@@ -541,10 +569,24 @@ def test_a_drop_left_in_staging_is_taken_at_start(spool, make):
     assert listing(spool, "staging") == []
 
 
-def test_a_drop_that_became_a_run_just_before_a_crash_is_not_submitted_twice(spool, make):
+def test_a_drop_whose_run_was_made_before_a_crash_is_not_submitted_twice(spool, make):
     box = os.path.join(spool, "staging", "0123456789abcdef")
     put(os.path.join(box, "d", "done.xml"), WF)
-    put(os.path.join(box, I.MARKER), f"{time.time() - 5}\n")
+    put(os.path.join(box, I.MARKER), "aaaaaaaaaaaa\n")          # its run id...
+    put(os.path.join(spool, "runs", "aaaaaaaaaaaa", "run.json"), "{}")  # ...and the run exists
+    other = os.path.join(spool, "staging", "fedcba9876543210")
+    put(os.path.join(other, "d", "again.xml"), WF)
+    put(os.path.join(other, I.MARKER), "bbbbbbbbbbbb\n")        # its run was never made
+    it = make()
+    [call] = it.submit.calls
+    assert (call["name"], call["run_id"]) == ("again.xml", "bbbbbbbbbbbb")   # made now, as that id
+    assert listing(spool, "staging") == [] and listing(spool, "rejected") == []
+
+
+def test_a_marker_of_an_older_flowd_is_still_understood(spool, make):
+    box = os.path.join(spool, "staging", "0123456789abcdef")
+    put(os.path.join(box, "d", "done.xml"), WF)
+    put(os.path.join(box, I.MARKER), f"{time.time() - 5}\n")  # the time it was written
     put(os.path.join(spool, "runs", "aaaaaaaaaaaa", "run.json"),
         json.dumps({"source": "done.xml", "submitted_by": ME, "submitted_at": time.time() - 4}))
     other = os.path.join(spool, "staging", "fedcba9876543210")
@@ -553,6 +595,44 @@ def test_a_drop_that_became_a_run_just_before_a_crash_is_not_submitted_twice(spo
     it = make()
     assert [c["name"] for c in it.submit.calls] == ["again.xml"]     # no run of it yet
     assert listing(spool, "staging") == []
+
+
+def test_a_rejection_cut_short_is_finished_under_the_same_name(spool, make):
+    box = os.path.join(spool, "staging", "0123456789abcdef")
+    put(os.path.join(box, "d", "bad.xml"), INVALID)
+    put(os.path.join(box, I.REJECTING), json.dumps(
+        {"target": "bad.xml.1", "text": "# why\n", "first": "bad.xml:3: error", "user": ME}))
+    put(os.path.join(spool, "rejected", "bad.xml.1.error"), "# why\n")  # written before the crash
+    it = make()
+    assert it.submit.calls == []                    # not validated again, not a second .error
+    assert listing(spool, "rejected") == ["bad.xml.1", "bad.xml.1.error"]
+    assert read(os.path.join(spool, "rejected", "bad.xml.1")) == INVALID
+    assert listing(spool, "staging") == []
+
+
+def test_the_loop_only_notices_the_worker_takes(spool, make):
+    """The copy and the submit run on the intake's worker thread, never on the caller's."""
+    seen = []
+
+    class Watching(FakeSubmit):
+        def make(self, bundle, name, user, run_id):
+            seen.append(threading.current_thread().name)
+            return super().make(bundle, name, user, run_id)
+
+    it = make(submit=Watching())
+    real = it._build_bundle
+
+    def build(*a):
+        seen.append(threading.current_thread().name)
+        return real(*a)
+
+    it._build_bundle = build
+    drop(spool, "job", {"workflow.xml": WF})
+    I.Intake.poll(it, 0.0)                          # the loop's turn: it only hands it over
+    assert it.wait_idle()
+    assert seen == ["flowd-intake", threading.current_thread().name]  # copied off the loop;
+    [call] = it.submit.calls                        # submitted from the loop (the Creator then
+    assert call["name"] == "job/workflow.xml"       # makes the run on a thread of its own)
 
 
 # -- end to end, with a real daemon ---------------------------------------------------------
