@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Responsiveness: how long a request waits while flowd writes and moves a big run.
+"""Responsiveness: how long a request waits while flowd writes and moves a big run,
+or takes a big spool drop.
 
-A workflow with N initial items (default 20,000) whose channel a mux copies
+Mode ``run`` (the default): a workflow with N initial items (default 20,000) whose channel a mux copies
 to two others is submitted; from then until the last item is moved, a client
 pings the daemon in a loop. The baseline is the same ping against the same
 daemon, idle, in the same run: the ratio (busy / idle) says what a big run
@@ -12,6 +13,15 @@ waits on a channel nothing fills), so no Docker engine is needed.
 
 Prints ping latency (median, p99, max) idle and busy, the busy/idle ratios,
 and the rates at which the run's items were written (submit) and moved (mux).
+
+Mode ``spool``: a folder of 1 GiB in all (``--drop-mib``; the most a drop
+may hold) is renamed into SPOOL/incoming/ while a client asks ``status``
+(what ``flowctl status`` asks) in a loop, until the drop is a run and its
+staging copy is gone. Its files have a second hard link, so flowd copies
+them (it only hard-links a file it owns with one link). The baseline is the
+same ``status`` against the same daemon, idle, in the same run.
+
+    python benchmarks/responsiveness.py --mode spool [--drop-mib 1024] [--pings 200]
 """
 from __future__ import annotations
 
@@ -33,11 +43,11 @@ from flowctl.client import Client  # noqa: E402
 
 
 def pings(client: Client, stop: threading.Event | None = None, count: int | None = None,
-          gap: float = 0.005) -> list[float]:
+          gap: float = 0.005, command: str = "ping") -> list[float]:
     out = []
     while (count is None or len(out) < count) and not (stop is not None and stop.is_set()):
         t = time.perf_counter()
-        client.call("ping")
+        client.call(command)
         out.append(time.perf_counter() - t)
         time.sleep(gap)
     return out
@@ -52,7 +62,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--pings", type=int, default=200, help="idle pings for the baseline")
+    ap.add_argument("--mode", choices=("run", "spool"), default="run",
+                    help="run: submit a big run (default); spool: a big spool drop")
+    ap.add_argument("--drop-mib", type=int, default=1024,
+                    help="spool mode: the drop's size in MiB (at most 1024, a drop's limit)")
     args = ap.parse_args()
+    if args.mode == "spool":
+        return spool_mode(args)
 
     root = tempfile.mkdtemp(prefix="flowd-resp-", dir="/var/tmp")
     sockdir = tempfile.mkdtemp(prefix="flowd-resp-")
@@ -122,6 +138,91 @@ def main() -> int:
           f"{t_moved - t_made:.1f} s ({args.items / (t_moved - t_made):.0f} items/s)")
     print(f"ping idle: median {ms(i[0])}, p99 {ms(i[1])}, max {ms(i[2])} ({len(idle)} pings)")
     print(f"ping busy: median {ms(b[0])}, p99 {ms(b[1])}, max {ms(b[2])} ({len(busy)} pings)")
+    print(f"ratio busy/idle: median {b[0] / i[0]:.1f}, p99 {b[1] / i[1]:.1f}; "
+          f"worst wait {ms(b[2])}")
+    return 0
+
+
+def start_daemon(root: str, sock: str, spool: str) -> tuple[subprocess.Popen, dict, str]:
+    env = dict(os.environ, PYTHONPATH=REPO, FLOWD_SOCKET=sock)
+    log = open(os.path.join(root, "flowd.log"), "wb")
+    daemon = subprocess.Popen([sys.executable, "-m", "flowd", "--spool", spool, "--socket", sock,
+                               "--log-level", "warning"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock):
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            raise SystemExit("flowd did not start; see " + log.name)
+        time.sleep(0.05)
+    return daemon, env, log.name
+
+
+def spool_mode(args) -> int:
+    size = min(args.drop_mib, 1024) * 1024 * 1024 - 64 * 1024  # room for workflow.xml and in.txt
+    root = tempfile.mkdtemp(prefix="flowd-resp-", dir="/var/tmp")
+    sockdir = tempfile.mkdtemp(prefix="flowd-resp-")
+    sock = os.path.join(sockdir, "flowd.sock")
+    spool = os.path.join(root, "spool")
+    drop = os.path.join(root, "big")  # on the spool's filesystem: moved in by rename
+    links = os.path.join(root, "links")
+    os.makedirs(os.path.join(drop, "data"))
+    os.makedirs(links)
+    with open(os.path.join(drop, "workflow.xml"), "w") as f:
+        f.write("""<workflow name="big-drop">
+  <channel name="in"><item file="data/in.txt"/></channel>
+</workflow>
+""")
+    with open(os.path.join(drop, "data", "in.txt"), "w") as f:
+        f.write("hello\n")
+    files, block = 16, b"\xa5" * (1024 * 1024)
+    per = size // files
+    for i in range(files):
+        path = os.path.join(drop, "data", f"blob{i:02}")
+        with open(path, "wb") as f:
+            left = per
+            while left:
+                left -= f.write(block[:min(left, len(block))])
+        os.link(path, os.path.join(links, f"blob{i:02}"))  # two links: flowd must copy it
+    os.sync()
+    daemon, env, logname = start_daemon(root, sock, spool)
+    try:
+        client = Client(sock, timeout=120)
+        pings(client, count=20, command="status")  # warm up
+        idle = pings(client, count=args.pings, command="status")
+
+        stop = threading.Event()
+        busy: list[float] = []
+        pinger = threading.Thread(target=lambda: busy.extend(
+            pings(Client(sock, timeout=120), stop, command="status")))
+        pinger.start()
+        time.sleep(0.5)  # the pinger is going
+        t0 = time.monotonic()
+        os.rename(drop, os.path.join(spool, "incoming", "big"))
+        staging = os.path.join(spool, "staging")
+        while True:
+            runs = client.call("status")[0]["runs"]
+            if any(r["name"] == "big-drop" for r in runs) and not os.listdir(staging):
+                break
+            if time.monotonic() - t0 > 600:
+                raise SystemExit("the drop did not become a run in 10 minutes; see " + logname)
+            time.sleep(0.1)
+        t_taken = time.monotonic()
+        time.sleep(0.5)  # and a little after
+        stop.set()
+        pinger.join()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        shutil.rmtree(sockdir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    i, b = summary(idle), summary(busy)
+    ms = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
+    print(f"spool drop: a folder of {files} files, {(per * files) / 2**30:.2f} GiB in all, "
+          f"became a run in {t_taken - t0:.1f} s (copied: {per * files / 2**20 / (t_taken - t0):.0f}"
+          f" MiB/s)")
+    print(f"status idle: median {ms(i[0])}, p99 {ms(i[1])}, max {ms(i[2])} ({len(idle)} calls)")
+    print(f"status busy: median {ms(b[0])}, p99 {ms(b[1])}, max {ms(b[2])} ({len(busy)} calls)")
     print(f"ratio busy/idle: median {b[0] / i[0]:.1f}, p99 {b[1] / i[1]:.1f}; "
           f"worst wait {ms(b[2])}")
     return 0
