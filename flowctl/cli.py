@@ -1,4 +1,4 @@
-"""flowctl: talk to the flowd daemon (SPEC §4).
+"""flowctl: talk to the flowd daemon (docs/flowctl.md).
 
 Exit status: 0 success; 1 the run failed (``--wait``) or the command failed;
 2 bad usage or an invalid workflow; 3 the daemon did not answer; 130 Ctrl-C.
@@ -22,7 +22,7 @@ import math
 import os
 import sys
 
-from flowd.errors import FlowError, NotFound, UsageError, WorkflowError
+from flowd.errors import FlowError, NotFound, WorkflowError
 from flowd.textsafe import for_terminal as _t
 
 from . import fmt

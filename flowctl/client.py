@@ -1,6 +1,6 @@
 """The flowctl side of the control protocol: one DEALER, one request at a time.
 
-It tells apart the three ways a daemon can be out of reach (SPEC §4, exit
+It tells apart the three ways a daemon can be out of reach (docs/flowctl.md, exit
 status 3): no socket file (flowd is not running), a socket nobody listens on
 (a stale file: flowd died), and a daemon that does not answer in time.
 

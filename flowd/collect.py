@@ -43,7 +43,7 @@ class Collector:
         file gives no item. Anything else (a link, a FIFO, a device, a folder
         in the folder, a hard link, an oversized file) is a TaskOutputError.
 
-        What a container leaves is hostile (RELIABILITY.md), so an item is
+        What a container leaves is hostile (docs/reliability.md), so an item is
         never the container's own inode: each output is opened once, without
         following links, through the descriptor of its folder; the open file
         is checked (fstat) and its bytes are copied into a new file that flowd

@@ -17,7 +17,7 @@ import zmq
 
 from . import protocol as P
 from .commands import TABLE
-from .errors import FlowError, UsageError
+from .errors import FlowError, InternalError, UsageError
 from .textsafe import for_log
 
 log = logging.getLogger("flowd")
@@ -124,13 +124,7 @@ class Control:
 
 def internal_error() -> FlowError:
     """What a client is told of a bug (the log has the traceback)."""
-    try:
-        from .errors import InternalError
-    except ImportError:  # errors.py without the class yet
-        err = FlowError("internal error in flowd; see its log (journalctl -u flowd)")
-        err.code = "internal"
-        return err
-    return InternalError("internal error in flowd; see its log (journalctl -u flowd)")
+    return InternalError()
 
 
 class Caller:

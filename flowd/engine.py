@@ -10,7 +10,7 @@ start, adopt, collect, retry, dead-letter, release, park, quarantine), and
 so is the stop rule (``failed`` and ``cancel`` say when the run stops). Unit
 tests drive it directly, in microseconds.
 
-Rules (SPEC §2):
+Rules (docs/format.md, "Semantics"):
 
 - a process task is ready when every input channel holds an item; it takes
   the head item of each (FIFO pairing: the i-th items meet);
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from .model import Workflow
 
-# Run states (SPEC §2)
+# Run states (docs/format.md)
 QUEUED = "queued"
 RUNNING = "running"
 SUCCEEDED = "succeeded"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .units import parse_duration, parse_size  # noqa: F401  (model.parse_* for the parser)
 
 FORMAT_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")

@@ -367,7 +367,8 @@ def _schema_problems(root: etree._Element, display: str) -> list[Problem]:
     entries = schema.errors(root)
     if entries is None:
         return []
-    fix = "compare with the workflow format (SPEC section 1; schema flowd/schema/workflow.rng)"
+    fix = ("compare with the workflow format (docs/format.md; installed as "
+           "/usr/share/doc/flowd/format.md)")
     found: list[Problem] = []
     generic: list[tuple[int, Problem]] = []
     seen = set()

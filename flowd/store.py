@@ -16,7 +16,7 @@ Layout of one run (``SPOOL/runs/RUN/``)::
                              counts `status` shows after a restart (statistics
                              only: appended without fsync, read as a set)
 
-One task's life (RELIABILITY.md), each step durable before the next:
+One task's life (docs/reliability.md), each step durable before the next:
 
 1. Claim: build ``tasks/.TASK.new/`` (task.json, in/, work/), rename it to
    ``tasks/TASK``; rename each input item into ``in/``; create ``CLAIMED``.
@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
 from .errors import NotFound, StorageError
@@ -72,7 +72,6 @@ class TaskRecord:
     attempt: int = 0
     claimed: bool = False
     committed: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def task_dirname(kind: str, name: str, task_id: str) -> str:

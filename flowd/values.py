@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from flowd import model
+from flowd import model, units
 from flowd.limits import IMAGE_NAME_MAX, MAX_COUNT, MIN_MEMORY
 from flowd.problems import Invalid, closest, quote
 
@@ -185,7 +185,7 @@ def process_attr(attr: str, value: str):
         return count(attr, value, 1)
     if attr == "timeout":
         try:
-            seconds = model.parse_duration(value)
+            seconds = units.parse_duration(value)
             if not math.isfinite(seconds):
                 raise ValueError
             return seconds
@@ -195,7 +195,7 @@ def process_attr(attr: str, value: str):
                           f"write {EXAMPLES['timeout']}") from None
     if attr == "memory":
         try:
-            size = model.parse_size(value)
+            size = units.parse_size(value)
         except (ValueError, OverflowError):
             raise Invalid(f"attribute \"memory\" is {_q(value)}; it must be a size such as "
                           "256m, 1g or 512MiB", f"write {EXAMPLES['memory']}") from None

@@ -1,4 +1,4 @@
-"""Collection: where a container's files become items (RELIABILITY.md; issue 8).
+"""Collection: where a container's files become items (docs/reliability.md, "Collection").
 
 What a script leaves in /task is hostile. ``RunStore.collect`` must turn only
 the declared outputs' regular files into items, and each item must be a new

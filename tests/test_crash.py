@@ -1,4 +1,4 @@
-"""Crash tests of the spool (RELIABILITY.md): nothing lost, nothing duplicated.
+"""Crash tests of the spool (docs/reliability.md): nothing lost, nothing duplicated.
 
 Every run here is in-process (``tests/crashsim.py``): ``Durable(crash_mode="raise")``
 stops the "daemon" at the n-th durability point, every object in memory is

@@ -268,7 +268,8 @@ def test_schema_errors_are_translated_into_friendly_problems():
     assert out[0].startswith("wf.xml:2: error: <channel>: a required attribute is missing")
     out = schema('<flow name="w"/>')
     assert out == ["wf.xml:1: error: <flow>: expected <workflow> here, found <flow> "
-                   "(fix: compare with the workflow format (SPEC section 1; schema flowd/schema/workflow.rng))"]
+                   "(fix: compare with the workflow format (docs/format.md; installed as "
+                   "/usr/share/doc/flowd/format.md))"]
 
 
 def test_every_problem_is_reported_not_just_the_first(tmp_path):

@@ -105,9 +105,9 @@ def test_spelled_values_read_back_as_written():
         assert units.parse_duration(units.spell_duration(s)) == pytest.approx(s)
 
 
-def test_model_and_config_read_sizes_with_the_same_rules():
-    from flowd import config, model
-    assert model.parse_size is units.parse_size and model.parse_duration is units.parse_duration
+def test_the_workflow_checks_and_config_read_sizes_with_the_same_rules():
+    from flowd import config, values
+    assert values.units is units
     assert config.parse_size is units.parse_size and config.parse_duration is units.parse_duration
 
 

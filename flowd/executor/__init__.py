@@ -12,7 +12,6 @@ from .base import (
     MISSING,
     OOM,
     TIMEOUT,
-    ContainerInfo,
     EngineState,
     Executor,
     Mount,
@@ -24,6 +23,6 @@ from .base import (
 
 __all__ = [
     "DAMAGED", "ERROR", "EXITED", "KILLED", "MISSING", "OOM", "TIMEOUT",
-    "ContainerInfo", "EngineState", "Executor", "Mount", "TaskResult", "TaskSpec",
+    "EngineState", "Executor", "Mount", "TaskResult", "TaskSpec",
     "check_inputs", "live_log_path",
 ]

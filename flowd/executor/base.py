@@ -160,16 +160,6 @@ class EngineState:
     message: str = ""
 
 
-@dataclass
-class ContainerInfo:
-    name: str
-    run_id: str
-    task_id: str
-    attempt: int
-    running: bool
-    spool: str = ""
-
-
 Report = Callable[[object], None]
 
 
