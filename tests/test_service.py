@@ -40,7 +40,8 @@ LABEL = "io.flowd.test=service"
 SERVICE_DIR = os.path.join(REPO_ROOT, "tests", "service")
 DIST = os.path.join(REPO_ROOT, "dist")
 # what goes into the .deb: a change to any of these rebuilds it
-DEB_SOURCES = ("flowd", "flowctl", "pyproject.toml", "systemd", "packaging", "docs/operations.md")
+DEB_SOURCES = ("flowd", "flowctl", "pyproject.toml", "systemd", "packaging", "docs/operations.md",
+               "docs/format.md", "docs/flowctl.md", "docs/spool.md")
 
 service = [pytest.mark.slow, pytest.mark.docker]
 
