@@ -1,6 +1,6 @@
 """Making runs: a submitted workflow (an upload, or a spool drop) checked
-against the config and written into a new run folder, off the loop for a
-client's submit. A crash or a stop meanwhile leaves a ``.new-RUN`` folder,
+against the config and written into a new run folder, off the loop (for a
+client's submit and for a drop alike). A crash or a stop meanwhile leaves a ``.new-RUN`` folder,
 removed at start."""
 from __future__ import annotations
 
@@ -98,6 +98,8 @@ class Creator:
         problems = _over_limits(wf, name, cfg)
         if problems:
             raise WorkflowError(problems)
+        for w in warnings:  # the user's file, not our private copy, here too
+            w.file = name
         return wf, [str(w) for w in warnings]
 
     def _created(self, job: "_Creation") -> dict | None:
