@@ -1,8 +1,9 @@
 """Executors: where task attempts run (see ``base``).
 
-This package imports no third-party module: ``flowd.executor.docker`` (the
-only module that imports the docker SDK) is imported by whoever needs it, so
-that ``flowctl`` and the engine's tests never load docker.
+This package imports no third-party module: ``flowd.executor.docker`` (it
+and its ``dockerapi`` and ``dockerspec`` are the only modules that import the
+docker SDK) is imported by whoever needs it, so that ``flowctl`` and the
+engine's tests never load docker.
 """
 from .base import (
     DAMAGED,

@@ -5,7 +5,7 @@ and ``remove`` return at once; the executor does the slow work on threads it
 owns and reports back by calling the ``report`` callable it was built with
 (thread-safe: the daemon's implementation puts the event on a queue and
 wakes its loop). Implementations: ``flowd.executor.docker.DockerExecutor``
-(the real one, the only module that imports docker) and
+(the real one; its docker* modules are the only ones that import docker) and
 ``flowd.executor.fake.FakeExecutor`` (unit tests).
 
 A container that exits non-zero is a *result*, never an exception.
