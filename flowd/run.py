@@ -1,4 +1,4 @@
-"""One run: ties the engine (decisions), the store (disk) and the executor.
+"""One run: ties the scheduler (decisions), the store (disk) and the executor.
 
 The daemon's loop calls ``tick`` after every event and ``on_result`` for
 every executor report; nothing here blocks on a container. Stdlib only.
@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import engine as E
+from . import scheduler as S
 from .errors import Conflict, NotFound
 from .executor import base as X
 from .fsops import Durable
@@ -23,9 +23,9 @@ from .textsafe import for_log
 
 log = logging.getLogger("flowd.run")
 
-# A tick checks the clock (Run.tick_budget) after each engine step of at most
+# A tick checks the clock (Run.tick_budget) after each scheduler step of at most
 # this many items moved by muxes: one mux task's worth.
-MOVE_SLICE = E.MUX_BATCH
+MOVE_SLICE = S.MUX_BATCH
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Run:
         self.limits = limits
         self.user, self.group_add, work_mode = container_identity(limits.container_user)
         self.store = RunStore(root, fs, max_output_bytes=limits.max_output_bytes, work_mode=work_mode)
-        self.engine = E.Engine(wf)
+        self.sched = S.Scheduler(wf)
         self.active: dict[str, Active] = {}  # task dirname -> Active
         self.failures: list[dict] = []
         self.quarantined: list[dict] = []  # damaged items taken out (quarantine/)
@@ -99,7 +99,7 @@ class Run:
                     store.put(ch.name, (item.text or "").encode())
         fs.write_file(store.path("workflow.json"), json.dumps(wf.to_dict()).encode(),
                       sync_dir=False)  # the folder is fsynced by run.json's write, next
-        meta = dict(meta, id=run_id, name=wf.name, mode=wf.mode, state=E.QUEUED,
+        meta = dict(meta, id=run_id, name=wf.name, mode=wf.mode, state=S.QUEUED,
                     submitted_at=meta.get("submitted_at", time.time()))
         fs.write_file(store.path("run.json"), json.dumps(meta, indent=1).encode())
         final = os.path.join(runs_dir, run_id)
@@ -118,7 +118,7 @@ class Run:
         return run
 
     def _load(self) -> None:
-        store, eng = self.store, self.engine
+        store, eng = self.store, self.sched
         live = store.recover_tasks() if not self.finished else []
         self.failures = store.scan_failed()
         self.quarantined = store.scan_quarantine()
@@ -131,7 +131,7 @@ class Run:
                 eng.counts[process].done = n
         eng.fired |= store.scan_fired()
         for info in self.failures:
-            if info.get("kind", E.PROCESS) == E.PROCESS:
+            if info.get("kind", S.PROCESS) == S.PROCESS:
                 process = info.get("process")
                 if process not in self.wf.processes:
                     continue  # an unreadable failure.json: kept on disk, not counted
@@ -140,7 +140,7 @@ class Run:
                 if not self.finished:
                     eng.count_failed(process)
         for rec in live:
-            eng.adopt(E.Claim(rec.kind, rec.name, rec.task_id, tuple(rec.inputs)))
+            eng.adopt(S.Claim(rec.kind, rec.name, rec.task_id, tuple(rec.inputs)))
             self.active[rec.dirname] = Active(rec)
         if self.meta.get("cancel_requested") and not self.finished:
             eng.cancel()
@@ -149,10 +149,10 @@ class Run:
         """After ``open``: take back the claimed tasks (the executor finds containers)."""
         for act in list(self.active.values()):
             rec = act.rec
-            if rec.kind == E.MUX:
+            if rec.kind == S.MUX:
                 self._commit_mux(rec)  # a mux claim is finished the same way every time
                 continue
-            self._carry_out(act, self.engine.on_resume(rec.attempt))
+            self._carry_out(act, self.sched.on_resume(rec.attempt))
         self._check_end()
 
     # -- properties ------------------------------------------------------
@@ -162,13 +162,13 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.meta["state"] in E.FINAL_STATES
+        return self.meta["state"] in S.FINAL_STATES
 
     def running_containers(self) -> int:
-        return sum(1 for a in self.active.values() if a.rec.kind == E.PROCESS and not a.parked)
+        return sum(1 for a in self.active.values() if a.rec.kind == S.PROCESS and not a.parked)
 
     def keep(self) -> set[tuple[str, str]]:
-        return {(self.id, a.rec.task_id) for a in self.active.values() if a.rec.kind == E.PROCESS}
+        return {(self.id, a.rec.task_id) for a in self.active.values() if a.rec.kind == S.PROCESS}
 
     # -- the loop's entry points ------------------------------------------
     def tick(self, capacity: int | None) -> int:
@@ -176,17 +176,17 @@ class Run:
         self.more = False
         if self.finished:
             return 0
-        if self.state == E.QUEUED:
-            self._set_state(E.RUNNING, started_at=time.time())
+        if self.state == S.QUEUED:
+            self._set_state(S.RUNNING, started_at=time.time())
         started = 0
         deadline = time.monotonic() + self.tick_budget
         while True:  # a mux move can make more work ready at once
-            claims = self.engine.step(capacity, moves=MOVE_SLICE)
+            claims = self.sched.step(capacity, moves=MOVE_SLICE)
             if not claims:
                 break
             for claim in claims:
                 rec = self.store.claim(claim.kind, claim.name, claim.task_id, list(claim.inputs))
-                if claim.kind == E.MUX:
+                if claim.kind == S.MUX:
                     self._commit_mux(rec)
                     continue
                 act = Active(rec)
@@ -203,10 +203,10 @@ class Run:
         return started
 
     def _commit_mux(self, rec: TaskRecord) -> None:
-        mux = self.engine._mux_by_name[rec.name]
+        mux = self.sched._mux_by_name[rec.name]
         outputs = self.store.commit_mux(rec, mux.targets)
         self.active.pop(rec.dirname, None)
-        self.engine.committed(E.MUX, rec.name, rec.task_id, outputs)
+        self.sched.committed(S.MUX, rec.name, rec.task_id, outputs)
 
     def _spec(self, rec: TaskRecord) -> X.TaskSpec:
         proc = self.wf.processes[rec.name]
@@ -248,38 +248,38 @@ class Run:
             return
         if res.retryable:
             act.last_error = res.message
-        action = self.engine.on_result(act.rec.name, act.rec.attempt, _outcome(res),
+        action = self.sched.on_result(act.rec.name, act.rec.attempt, _outcome(res),
                                        stopping=act.stopping)
         self._carry_out(act, action, res)
         self._check_end()
 
-    def _carry_out(self, act: Active, action: E.Action, res: X.TaskResult | None = None) -> None:
-        """Do what the engine decided for this task."""
+    def _carry_out(self, act: Active, action: S.Action, res: X.TaskResult | None = None) -> None:
+        """Do what the scheduler decided for this task."""
         rec, kind = act.rec, action.kind
-        if kind == E.START:
+        if kind == S.START:
             if res is not None:  # the same attempt again: it never ran
                 log.info("run %s: task %s had no container; starting it again", self.id, rec.dirname)
             self._start(act, action.attempt)
-        elif kind == E.ADOPT:
+        elif kind == S.ADOPT:
             act.spec = self._spec(rec)
             act.stopping = action.kill
             self.executor.adopt(act.spec)
             if action.kill:
                 self.executor.kill(self.id, rec.task_id)
-        elif kind == E.RELEASE:
+        elif kind == S.RELEASE:
             self._release(act)
-        elif kind == E.PARK:
+        elif kind == S.PARK:
             act.parked = True
-        elif kind == E.QUARANTINE:
+        elif kind == S.QUARANTINE:
             self._quarantine(act, res.damaged)
-        elif kind == E.COLLECT:
+        elif kind == S.COLLECT:
             self._succeeded(act, res)
         else:  # RETRY or DEAD_LETTER: a failure the script is to blame for
             self._failed(act, res.message or res.status, action)
 
     def _active_for(self, task_id: str) -> Active | None:
         for act in self.active.values():
-            if act.rec.kind == E.PROCESS and act.rec.task_id == task_id:
+            if act.rec.kind == S.PROCESS and act.rec.task_id == task_id:
                 return act
         return None
 
@@ -297,16 +297,16 @@ class Run:
         outputs = self.store.commit(rec, outs)
         self.executor.remove(act.spec)
         del self.active[rec.dirname]
-        self.engine.committed(E.PROCESS, rec.name, rec.task_id, outputs)
+        self.sched.committed(S.PROCESS, rec.name, rec.task_id, outputs)
 
-    def _failed(self, act: Active, reason: str, action: E.Action | None = None) -> None:
+    def _failed(self, act: Active, reason: str, action: S.Action | None = None) -> None:
         rec = act.rec
         act.history.append(f"attempt {rec.attempt}: {reason}")
         log.info("run %s: task %s attempt %d failed: %s", self.id, rec.dirname, rec.attempt,
                  for_log(reason))
         if action is None:
-            action = self.engine.on_failure(rec.name, rec.attempt)
-        if action.kind == E.RETRY:
+            action = self.sched.on_failure(rec.name, rec.attempt)
+        if action.kind == S.RETRY:
             self.store.reset_work(rec)
             self._start(act, action.attempt)
             return
@@ -315,7 +315,7 @@ class Run:
         info["history"] = act.history
         self.failures.append(info)
         del self.active[rec.dirname]
-        if self.engine.failed(rec.name, rec.task_id):
+        if self.sched.failed(rec.name, rec.task_id):
             self._stop_all(f"task {rec.dirname} failed: {reason}")
 
     def _quarantine(self, act: Active, bad: list[tuple[str, int, str]]) -> None:
@@ -325,7 +325,7 @@ class Run:
                       "to %s", self.id, seq, ch, why, rec.name)
         self.store.quarantine(rec, bad)
         del self.active[rec.dirname]
-        self.engine.released(rec.kind, rec.name, rec.task_id,
+        self.sched.released(rec.kind, rec.name, rec.task_id,
                              skip=frozenset(seq for _, seq, _ in bad))
         self.quarantined = self.store.scan_quarantine()
 
@@ -335,12 +335,12 @@ class Run:
             self.executor.remove(act.spec)
         self.store.release(rec)
         del self.active[rec.dirname]
-        self.engine.released(rec.kind, rec.name, rec.task_id)
+        self.sched.released(rec.kind, rec.name, rec.task_id)
 
     def _stop_all(self, why: str) -> None:
         self.meta["message"] = why
         for act in list(self.active.values()):
-            if act.rec.kind != E.PROCESS:
+            if act.rec.kind != S.PROCESS:
                 continue
             act.stopping = True
             if act.parked or act.spec is None:
@@ -353,7 +353,7 @@ class Run:
             raise Conflict(f"run {self.id} is already {self.state}")
         self.meta["cancel_requested"] = True
         self.store.write_json("run.json", self.meta)
-        if self.engine.cancel():
+        if self.sched.cancel():
             self._stop_all("cancelled")
         self._check_end()
 
@@ -369,8 +369,8 @@ class Run:
     def _check_end(self) -> None:
         if self.finished:
             return
-        state = self.engine.state()
-        if state in E.FINAL_STATES:
+        state = self.sched.state()
+        if state in S.FINAL_STATES:
             self._set_state(state, finished_at=time.time())
             log.info("run %s (%s) %s", self.id, self.wf.name, state)
 
@@ -411,18 +411,18 @@ class Run:
         ``stamped``: its checksum was stamped as it was received (not read again)."""
         self.check_push(channel)
         seq = self.store.put_file(channel, path, stamped=stamped)
-        self.engine.add_item(channel, seq)
+        self.sched.add_item(channel, seq)
         return seq
 
 def _outcome(res: X.TaskResult) -> str:
-    """How an attempt ended, in the engine's words."""
+    """How an attempt ended, in the scheduler's words."""
     if res.retryable:
-        return E.ENGINE_AWAY
+        return S.ENGINE_AWAY
     if res.status == X.DAMAGED:
-        return E.DAMAGED_INPUT
+        return S.DAMAGED_INPUT
     if res.status == X.MISSING:
-        return E.NO_CONTAINER
-    return E.OK if res.ok else E.FAILED_ATTEMPT
+        return S.NO_CONTAINER
+    return S.OK if res.ok else S.FAILED_ATTEMPT
 
 
 def container_identity(setting: str) -> tuple[str | None, list[str], int]:

@@ -2,7 +2,7 @@
 
 Read queries only: nothing here changes the run or the spool. ``Run``'s
 ``summary``, ``detail``, ``items``, ``logs``, ``read_log`` and ``read`` are
-these, on the run's store, workflow and engine counts.
+these, on the run's store, workflow and scheduler counts.
 """
 from __future__ import annotations
 
@@ -35,15 +35,15 @@ class RunView:
             "started_at": start,
             "finished_at": m.get("finished_at"),
             "elapsed": (end - start) if start else 0.0,
-            "tasks_done": sum(c.done for c in self.run.engine.counts.values()),
-            "tasks_running": sum(c.running for c in self.run.engine.counts.values()),
-            "tasks_failed": sum(c.failed for c in self.run.engine.counts.values()),
+            "tasks_done": sum(c.done for c in self.run.sched.counts.values()),
+            "tasks_running": sum(c.running for c in self.run.sched.counts.values()),
+            "tasks_failed": sum(c.failed for c in self.run.sched.counts.values()),
             "message": m.get("message", ""),
         }
 
     def detail(self) -> dict:
         out = self.summary()
-        eng = self.run.engine
+        eng = self.run.sched
         procs = []
         for p in self.run.wf.processes.values():
             c = eng.counts[p.name]
@@ -91,7 +91,7 @@ class RunView:
             raise NotFound(f"run {self.run.id} has no channel {channel!r}; it has: "
                            + ", ".join(self.run.wf.channels))
         out = []
-        for seq in list(self.run.engine.queues[channel]):
+        for seq in list(self.run.sched.queues[channel]):
             try:
                 size = os.stat(self.run.store.item_path(channel, seq)).st_size
             except FileNotFoundError:

@@ -51,7 +51,7 @@ if HERE not in sys.path:
 
 from helpers import proc, wf  # noqa: E402
 
-from flowd import engine as E  # noqa: E402
+from flowd import scheduler as E  # noqa: E402
 from flowd import fsops  # noqa: E402
 from flowd.executor import base as X  # noqa: E402
 from flowd.executor.fake import FakeExecutor, FakeTask  # noqa: E402
@@ -516,7 +516,7 @@ def _cancel_client(sim: "Sim", run: Run) -> None:
         return
     if run.finished or run.meta.get("cancel_requested"):
         sim.cancel_acked = True  # taken before the crash; asking again changes nothing
-    elif len(run.engine.queues["out"]) >= 2 and any(
+    elif len(run.sched.queues["out"]) >= 2 and any(
             a.rec.attempt >= 2 and a.spec is not None for a in run.active.values()):
         run.cancel()
         sim.cancel_acked = True
@@ -674,7 +674,7 @@ class Sim:
         return False, fs.points
 
     def _drain(self, run: Run, ex: SimExecutor, events: list) -> None:
-        # One engine step per tick: the order of operations (so the numbering
+        # One scheduler step per tick: the order of operations (so the numbering
         # of the points) never hangs on the clock, and tick slicing is swept.
         run.tick_budget = 0.0
         for _ in range(1000):
@@ -686,7 +686,7 @@ class Sim:
             ex.run_pending()
             if not events and not ex.pending and not run.finished and not run.more:
                 raise AssertionError(f"run stalled in state {run.state}: active "
-                                     f"{sorted(run.active)}, queues {run.engine.queues}")
+                                     f"{sorted(run.active)}, queues {run.sched.queues}")
             while events:
                 run.on_result(events.pop(0))
         raise AssertionError("run did not end")

@@ -6,7 +6,7 @@ import os
 import pytest
 from helpers import proc, wf
 
-from flowd import engine as E
+from flowd import scheduler as E
 from flowd.executor import base as X
 from flowd.executor.fake import FakeExecutor
 from flowd.fsops import Durable

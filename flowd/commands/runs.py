@@ -66,7 +66,7 @@ def cancel(d, args, payload, **kw):
 def graph(d, args, payload, **kw):
     run = find_run(d, args["run"])
     return {"run": run.id, "state": run.state, "workflow": run.wf.to_dict(),
-            "depths": {ch: run.engine.depth(ch) for ch in run.wf.channels}}
+            "depths": {ch: run.sched.depth(ch) for ch in run.wf.channels}}
 
 
 def find_run(d, ref: object):

@@ -1,13 +1,13 @@
-"""The pure engine, driven step by step in memory (no disk, no Docker)."""
+"""The pure scheduler, driven step by step in memory (no disk, no Docker)."""
 from __future__ import annotations
 
 from helpers import proc, wf
 
-from flowd import engine as E
+from flowd import scheduler as E
 
 
 def make(w, **queues):
-    eng = E.Engine(w)
+    eng = E.Scheduler(w)
     seq = 1
     for ch, n in queues.items():
         for _ in range(n):
@@ -32,7 +32,7 @@ def test_process_ready_only_when_every_input_has_an_item():
 def test_join_pairs_the_ith_items_fifo():
     w = wf(channels={"a": [], "b": [], "out": []},
            processes=[proc("join", "a b", "out", parallel=5)])
-    eng = E.Engine(w)
+    eng = E.Scheduler(w)
     for s in (1, 2, 3):
         eng.add_item("a", s)
     for s in (4, 5, 6):
@@ -61,7 +61,7 @@ def test_global_capacity_is_respected():
 
 def test_source_process_runs_exactly_once():
     w = wf(channels={"out": []}, processes=[proc("gen", "", "out")])
-    eng = E.Engine(w)
+    eng = E.Scheduler(w)
     (claim,) = eng.step()
     assert claim.inputs == () and claim.task_id == "s1"
     finish(eng, claim, [("out", 1)])
@@ -94,7 +94,7 @@ def test_mux_tasks_hold_at_most_a_batch_and_moves_bound_a_step():
 
 def test_merge_mux_takes_oldest_item_first_across_sources():
     w = wf(channels={"x": [], "y": [], "m": []}, muxes=[("x y", "m")])
-    eng = E.Engine(w)
+    eng = E.Scheduler(w)
     eng.add_item("y", 1)
     eng.add_item("x", 2)
     eng.add_item("y", 3)
@@ -141,7 +141,7 @@ def test_batch_run_is_running_while_a_task_is_claimed():
 
 def test_service_run_stays_open_until_cancelled():
     w = wf(channels={"a": [], "out": []}, processes=[proc("p", "a", "out")], mode="service")
-    eng = E.Engine(w)
+    eng = E.Scheduler(w)
     assert eng.state() == E.RUNNING
     eng.cancel()
     assert eng.state() == E.CANCELLED

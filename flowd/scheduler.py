@@ -1,4 +1,4 @@
-"""The engine decides; it does no I/O (stdlib only).
+"""The scheduler decides; it does no I/O (stdlib only).
 
 It holds a picture of one run: each channel's queue of item numbers (SEQ,
 FIFO), the tasks that are claimed, and per-process counts. ``step`` returns
@@ -57,7 +57,7 @@ class Claim:
     inputs: tuple[tuple[str, int], ...]  # (channel, seq) in input order
 
 
-# What the caller does with a task (the engine decides, ``Run`` carries it out)
+# What the caller does with a task (the scheduler decides, ``Run`` carries it out)
 START = "start"  # start the attempt ``Action.attempt`` (a fresh claim, or the same attempt again)
 ADOPT = "adopt"  # after a restart: find the attempt's container and wait for it
 COLLECT = "collect"  # it succeeded: collect its outputs and commit
@@ -67,7 +67,7 @@ RELEASE = "release"  # put its inputs back (it was stopped, or never started whi
 PARK = "park"  # the container engine is away: start it again when it is back
 QUARANTINE = "quarantine"  # an input is damaged: set it aside, put the others back
 
-# How an attempt ended, as the engine needs to know it (``Run`` maps executor results)
+# How an attempt ended, as the scheduler needs to know it (``Run`` maps executor results)
 OK = "ok"  # exit status 0
 FAILED_ATTEMPT = "failed"  # any other end the script is to blame for (status, timeout, OOM, bad output)
 ENGINE_AWAY = "engine_away"  # could not run for a reason that is not the script's
@@ -90,7 +90,7 @@ class ProcessCounts:
 
 
 @dataclass
-class Engine:
+class Scheduler:
     wf: Workflow
     queues: dict[str, deque[int]] = field(default_factory=dict)  # each sorted, oldest first
     fired: set[str] = field(default_factory=set)
@@ -283,7 +283,7 @@ def source_task_id(wf, process: str) -> str:
     Other process tasks are named by their first input's item number, which
     is unique in the run; a source has none, so it is ``s1``, ``s2``... by
     its place among the workflow's sources. Unique in the run: it is a key in
-    the engine, the store, the executor, container names, logs and FLOWD_TASK.
+    the scheduler, the store, the executor, container names, logs and FLOWD_TASK.
     """
     k = 0
     for p in wf.processes.values():
