@@ -17,7 +17,7 @@ from . import protocol as P
 from .config import Config
 from .control import internal_error
 from .errors import FlowError, Problem, StorageError, UsageError, WorkflowError
-from .run import Run
+from .run import Run, initial_meta
 from .textsafe import for_log
 
 log = logging.getLogger("flowd")
@@ -125,7 +125,8 @@ class Creator:
 
     def _opened(self, job: "_Creation") -> dict:
         """In the loop: open the run just made; what its submitter is told."""
-        run = Run.open(job.path, self.d.fs, self.d.executor, self.d.limits)
+        run = Run.open(job.path, self.d.fs, self.d.executor, self.d.limits, wf=job.wf,
+                       meta=initial_meta(job.meta, job.run_id, job.wf))
         self.d.runs[run.id] = run
         log.info("run %s submitted by %s: workflow %s (%s)", run.id,
                  for_log(job.meta["submitted_by"] or "?"), for_log(job.wf.name),

@@ -99,20 +99,24 @@ class Run:
                     store.put(ch.name, (item.text or "").encode())
         fs.write_file(store.path("workflow.json"), json.dumps(wf.to_dict()).encode(),
                       sync_dir=False)  # the folder is fsynced by run.json's write, next
-        meta = dict(meta, id=run_id, name=wf.name, mode=wf.mode, state=S.QUEUED,
-                    submitted_at=meta.get("submitted_at", time.time()))
+        meta = initial_meta(meta, run_id, wf)
         fs.write_file(store.path("run.json"), json.dumps(meta, indent=1).encode())
         final = os.path.join(runs_dir, run_id)
         fs.rename(tmp, final)
         return final
 
     @classmethod
-    def open(cls, root: str, fs: Durable, executor: X.Executor, limits: Limits) -> "Run":
-        """Load a run from disk and do the store's part of recovery."""
-        with open(os.path.join(root, "run.json"), "rb") as f:
-            meta = json.load(f)
-        with open(os.path.join(root, "workflow.json"), "rb") as f:
-            wf = Workflow.from_dict(json.load(f))
+    def open(cls, root: str, fs: Durable, executor: X.Executor, limits: Limits, *,
+             wf: Workflow | None = None, meta: dict | None = None) -> "Run":
+        """Load a run from disk and do the store's part of recovery. A run just
+        made (``create``) is handed its workflow and run.json as they are in
+        memory (``initial_meta``) instead of reading back what was just written."""
+        if meta is None:
+            with open(os.path.join(root, "run.json"), "rb") as f:
+                meta = json.load(f)
+        if wf is None:
+            with open(os.path.join(root, "workflow.json"), "rb") as f:
+                wf = Workflow.from_dict(json.load(f))
         run = cls(root, fs, wf, meta, executor, limits)
         run._load()
         return run
@@ -413,6 +417,12 @@ class Run:
         seq = self.store.put_file(channel, path, stamped=stamped)
         self.sched.add_item(channel, seq)
         return seq
+
+def initial_meta(meta: dict, run_id: str, wf: Workflow) -> dict:
+    """run.json of a new run: the submission's fields, its id, name, mode and state."""
+    return dict(meta, id=run_id, name=wf.name, mode=wf.mode, state=S.QUEUED,
+                submitted_at=meta.get("submitted_at", time.time()))
+
 
 def _outcome(res: X.TaskResult) -> str:
     """How an attempt ended, in the scheduler's words."""
