@@ -18,6 +18,7 @@ from .fsops import Durable
 from .model import Workflow
 from .collect import TaskOutputError
 from .store import RunStore, TaskRecord
+from .storescan import Scan
 from .runview import RunView
 from .textsafe import for_log
 
@@ -124,16 +125,17 @@ class Run:
     def _load(self) -> None:
         store, eng = self.store, self.sched
         live = store.recover_tasks() if not self.finished else []
-        self.failures = store.scan_failed()
-        self.quarantined = store.scan_quarantine()
+        scan = Scan(store)
+        self.failures = scan.failed()
+        self.quarantined = scan.quarantined()
         for q in self.quarantined:
             if isinstance(q.get("seq"), int):
                 store.next_seq = max(store.next_seq, q["seq"] + 1)
-        eng.load(store.scan_channels(self.wf.channels))
-        for process, n in store.scan_done().items():
+        eng.load(scan.channels(self.wf.channels))
+        for process, n in scan.done().items():
             if process in eng.counts:
                 eng.counts[process].done = n
-        eng.fired |= store.scan_fired()
+        eng.fired |= scan.fired()
         for info in self.failures:
             if info.get("kind", S.PROCESS) == S.PROCESS:
                 process = info.get("process")
@@ -331,7 +333,7 @@ class Run:
         del self.active[rec.dirname]
         self.sched.released(rec.kind, rec.name, rec.task_id,
                              skip=frozenset(seq for _, seq, _ in bad))
-        self.quarantined = self.store.scan_quarantine()
+        self.quarantined = Scan(self.store).quarantined()
 
     def _release(self, act: Active) -> None:
         rec = act.rec

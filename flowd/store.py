@@ -170,47 +170,6 @@ class RunStore:
         except FileNotFoundError:
             raise NotFound(f"item {seq} is no longer in channel {channel}") from None
 
-    # -- scan (start-up) -----------------------------------------------------
-    def scan_channels(self, channels: Iterable[str]) -> dict[str, list[int]]:
-        """Each channel's items in FIFO order; removes half-written temp files."""
-        queues: dict[str, list[int]] = {}
-        top = 0
-        for ch in channels:
-            folder = self.path("channels", ch)
-            seqs = []
-            for name in os.listdir(folder):
-                if _is_seq(name):
-                    seqs.append(int(name))
-                elif name.startswith("."):
-                    self.fs.unlink(os.path.join(folder, name))
-            seqs.sort()
-            queues[ch] = seqs
-            if seqs:
-                top = max(top, seqs[-1])
-        self.next_seq = max(self.next_seq, top + 1)
-        return queues
-
-    def scan_fired(self) -> set[str]:
-        return set(os.listdir(self.path("fired")))
-
-    def scan_failed(self) -> list[dict]:
-        out = []
-        folder = self.path("failed")
-        for name in sorted(os.listdir(folder)):
-            if name.startswith("."):
-                self.fs.rmtree(os.path.join(folder, name))
-                continue
-            try:
-                with open(os.path.join(folder, name, "failure.json"), "rb") as f:
-                    info = json.load(f)
-            except (OSError, ValueError):
-                info = {"task": name, "reason": "unknown"}
-            info["dirname"] = name
-            for _, seq in info.get("inputs", []):
-                self.next_seq = max(self.next_seq, int(seq) + 1)
-            out.append(info)
-        return out
-
     def recover_tasks(self) -> list[TaskRecord]:
         """Step 6 for the store's part. Returns the tasks still claimed.
 
@@ -310,19 +269,6 @@ class RunStore:
             self.fs.rename(self.input_path(rec, seq), os.path.join(folder, seq_name(seq)))
         self.release(rec)
 
-    def scan_quarantine(self) -> list[dict]:
-        folder = self.path("quarantine")
-        out = []
-        if os.path.isdir(folder):
-            for name in sorted(os.listdir(folder)):
-                if name.endswith(".json") and not name.startswith("."):
-                    try:
-                        with open(os.path.join(folder, name), "rb") as f:
-                            out.append(json.load(f))
-                    except (OSError, ValueError):
-                        out.append({"seq": name[:-5], "reason": "unknown"})
-        return out
-
     def input_path(self, rec: TaskRecord, seq: int) -> str:
         return self.task_path(rec, "in", seq_name(seq))
 
@@ -389,20 +335,6 @@ class RunStore:
                 os.close(fd)
         except OSError:
             pass  # a count, never data: the commit stands
-
-    def scan_done(self) -> dict[str, int]:
-        """Process tasks applied so far, per process (see done.log)."""
-        try:
-            with open(self.path(DONE_LOG), "rb") as f:
-                lines = set(f.read().decode("utf-8", "replace").splitlines())
-        except FileNotFoundError:
-            return {}
-        counts: dict[str, int] = {}
-        for line in lines:
-            name, sep, _ = line.partition("\t")
-            if sep:
-                counts[name] = counts.get(name, 0) + 1
-        return counts
 
     def _read_commit(self, rec: TaskRecord) -> dict:
         with open(self.task_path(rec, "COMMIT"), "rb") as f:
