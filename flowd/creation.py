@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import protocol as P
+from . import units
 from .config import Config
 from .control import internal_error
 from .errors import FlowError, Problem, StorageError, UsageError, WorkflowError
@@ -180,29 +181,16 @@ def _over_limits(wf, name: str, cfg: Config) -> list[Problem]:
         if proc.memory is not None and cfg.max_memory is not None and proc.memory > cfg.max_memory:
             out.append(Problem(
                 name, proc.line, "process",
-                f"process {proc.name!r} asks memory=\"{_size(proc.memory)}\", more than this flowd "
-                f"allows (max_memory in {where}: {_size(cfg.max_memory)})",
-                f"ask for {_size(cfg.max_memory)} or less, or ask the administrator to raise "
+                f"process {proc.name!r} asks memory=\"{units.spell_size(proc.memory)}\", more than this flowd "
+                f"allows (max_memory in {where}: {units.spell_size(cfg.max_memory)})",
+                f"ask for {units.spell_size(cfg.max_memory)} or less, or ask the administrator to raise "
                 "max_memory"))
         if proc.timeout is not None and cfg.max_timeout is not None and proc.timeout > cfg.max_timeout:
             out.append(Problem(
                 name, proc.line, "process",
-                f"process {proc.name!r} asks timeout=\"{_duration(proc.timeout)}\", longer than this "
-                f"flowd allows (max_timeout in {where}: {_duration(cfg.max_timeout)})",
-                f"ask for {_duration(cfg.max_timeout)} or less, or ask the administrator to raise "
+                f"process {proc.name!r} asks timeout=\"{units.spell_duration(proc.timeout)}\", longer than this "
+                f"flowd allows (max_timeout in {where}: {units.spell_duration(cfg.max_timeout)})",
+                f"ask for {units.spell_duration(cfg.max_timeout)} or less, or ask the administrator to raise "
                 "max_timeout"))
     return out
 
-
-def _size(n: int) -> str:
-    for unit, k in (("t", 1 << 40), ("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
-        if n >= k and n % k == 0:
-            return f"{n // k}{unit}"
-    return str(n)
-
-
-def _duration(seconds: float) -> str:
-    for unit, k in (("h", 3600), ("m", 60)):
-        if seconds >= k and seconds % k == 0:
-            return f"{int(seconds // k)}{unit}"
-    return f"{seconds:g}s"
