@@ -33,7 +33,8 @@ from .creation import RUN_ID_TRIES, Creator, _Creation  # noqa: F401 - RUN_ID_TR
 from .disk import DISK_CHECK_EVERY, Disk
 from .errors import AlreadyRunning, DiskFull, StorageError, UsageError
 from .executor import base as X
-from .fsops import Durable, Reaper
+from .fsops import Durable
+from .reaper import Reaper
 from .intake import Intake
 from .notify import Notifier
 from .reload import reload

@@ -52,7 +52,7 @@ if HERE not in sys.path:
 from helpers import proc, wf  # noqa: E402
 
 from flowd import scheduler as E  # noqa: E402
-from flowd import fsops  # noqa: E402
+from flowd import fsops, reaper  # noqa: E402
 from flowd.executor import base as X  # noqa: E402
 from flowd.executor.fake import FakeExecutor, FakeTask  # noqa: E402
 from flowd.fsops import Durable, SimulatedCrash  # noqa: E402
@@ -369,7 +369,7 @@ class DiskModel:
         old_root = self.root + ".old"
         for p in (new_root, old_root):
             if os.path.exists(p):
-                fsops.remove_tree(p)
+                reaper.remove_tree(p)
         os.mkdir(new_root)
         made_files: dict[int, str] = {}
         made_dirs = {self.root_ino}
@@ -399,7 +399,7 @@ class DiskModel:
         os.rename(self.root, old_root)
         os.rename(new_root, self.root)
         self.close()
-        fsops.remove_tree(old_root)
+        reaper.remove_tree(old_root)
 
 
 # -- workflows and their oracle ------------------------------------------------
@@ -613,7 +613,7 @@ class Sim:
         self.recovery_points = 0
         self.durable: Durable | None = None
         if os.path.exists(root):
-            fsops.remove_tree(root)
+            reaper.remove_tree(root)
         os.makedirs(self.runs)
         os.makedirs(self.uploads)
         self.model = DiskModel(root) if lost else None
@@ -632,7 +632,7 @@ class Sim:
             self.model.close()
         for p in (self.root, self.root + ".crash", self.root + ".old"):
             if os.path.exists(p):
-                fsops.remove_tree(p)
+                reaper.remove_tree(p)
 
     def life(self, crash_at: int | None = None) -> tuple[bool, int]:
         """One daemon life; returns (crashed, durability points it went through)."""

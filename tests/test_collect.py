@@ -13,7 +13,7 @@ that was in work/ (never of a file outside it), stamped with its checksum.
 - the same property test again as a non-root user (``nobody``), the way the
   service runs the daemon: permission bits then count;
 - collect is idempotent after a crash at any of its durability points;
-- ``fsops.remove_tree`` and the reaper as a non-root user: whatever a script
+- ``reaper.remove_tree`` and the reaper as a non-root user: whatever a script
   left (unreadable folders, a 2,000-level tree, links, FIFOs) goes; what
   cannot go (another uid's folder) is reported, never raised, and logged once.
 
@@ -400,7 +400,7 @@ def _why(message: str) -> str:
 
 
 def _remove(path: str) -> None:
-    from flowd.fsops import remove_tree
+    from flowd.reaper import remove_tree
 
     problems = remove_tree(path)
     assert not problems, problems
@@ -573,7 +573,8 @@ def test_a_non_root_daemon_collects_its_own_unreadable_outputs_and_removes_the_t
     collects them, and then deletes the task folder whole."""
     res = run_as_non_root("""
         import json, os, stat
-        from flowd.fsops import Durable, remove_tree
+        from flowd.fsops import Durable
+        from flowd.reaper import remove_tree
         from flowd.store import RunStore
         from flowd import checksum
         fs = Durable()
@@ -644,7 +645,7 @@ def test_a_non_root_daemon_collects_or_refuses_an_unsearchable_output_folder(sha
 # -- remove_tree and the reaper as a non-root user ------------------------------------------
 REMOVE_SCRIPT = """
     import json, logging, os, stat
-    from flowd import fsops
+    from flowd import fsops, reaper
     records = []
     class Keep(logging.Handler):
         def emit(self, r):
@@ -701,7 +702,7 @@ REMOVE_SCRIPT = """
         os.fchmod(sfd, 0o500)
         os.close(sfd)
     os.chmod(t, 0o500)
-    out["tree_problems"] = fsops.remove_tree(t)
+    out["tree_problems"] = reaper.remove_tree(t)
     out["tree_left"] = os.path.lexists(t)
     out["outside_after"] = outside_state()
 
@@ -710,7 +711,7 @@ REMOVE_SCRIPT = """
     if not os.path.exists(stuck):
         print(json.dumps(out))
         raise SystemExit(0)
-    out["stuck_problems"] = fsops.remove_tree(stuck)
+    out["stuck_problems"] = reaper.remove_tree(stuck)
     out["stuck_left"] = sorted(os.listdir(stuck)) if os.path.exists(stuck) else None
 
     # the same through Durable.rmtree without a reaper: never raises, logs it
@@ -721,7 +722,7 @@ REMOVE_SCRIPT = """
     # and with a reaper: into the trash at once, left there, logged once
     records.clear()
     trash = os.path.join(base, "trash")
-    fs.reaper = fsops.Reaper(trash)
+    fs.reaper = reaper.Reaper(trash)
     fs.reaper.start()
     fs.rmtree(os.path.join(base, "stuck3"))
     out["stuck3_gone_from_place"] = not os.path.lexists(os.path.join(base, "stuck3"))
