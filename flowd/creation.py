@@ -18,7 +18,7 @@ from . import units
 from .config import Config
 from .control import internal_error
 from .errors import FlowError, Problem, StorageError, UsageError, WorkflowError
-from .run import Run, initial_meta
+from .run import Run, initial_meta, unfinished_path
 from .textsafe import for_log
 
 log = logging.getLogger("flowd")
@@ -75,7 +75,7 @@ class Creator:
             job.path = Run.create(self.d.runs_dir, job.run_id, job.wf, job.bundle, self.d.fs, job.meta)
         except Exception as e:  # noqa: BLE001 - answered to the client by _created
             job.error = e
-            shutil.rmtree(os.path.join(self.d.runs_dir, f".new-{job.run_id}"), ignore_errors=True)
+            shutil.rmtree(unfinished_path(self.d.runs_dir, job.run_id), ignore_errors=True)
             shutil.rmtree(job.bundle, ignore_errors=True)
         if job.reply is not None:
             self.d.report(job)

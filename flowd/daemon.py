@@ -38,7 +38,7 @@ from .reaper import Reaper
 from .intake import Intake
 from .notify import Notifier
 from .reload import reload
-from .run import Limits, Run
+from .run import UNFINISHED, Limits, Run
 from .staging import UPLOAD_MAX_AGE, Staging
 from .textsafe import for_log
 from .waiters import MAX_WAITERS, WAITERS_PER_PEER, Waiters
@@ -121,7 +121,7 @@ class Daemon:
     def _open_runs(self) -> None:
         for name in sorted(os.listdir(self.runs_dir)):
             path = os.path.join(self.runs_dir, name)
-            if name.startswith(".new-"):
+            if name.startswith(UNFINISHED):
                 self.fs.rmtree(path)  # a submission the crash cut short
                 continue
             if not _RUN_ID.match(name):

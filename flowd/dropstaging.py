@@ -63,6 +63,7 @@ from typing import Callable
 from .dropbundle import Refused, user_name
 from .errors import FlowError, StorageError, WorkflowError
 from .fsops import Durable
+from .store import read_meta
 
 log = logging.getLogger("flowd.intake")  # the intake's one logger, whichever module speaks
 
@@ -283,8 +284,7 @@ class Staging:
         source = f"{name}/workflow.xml" if stat.S_ISDIR(st.st_mode) else name
         for rid in names:
             try:
-                with open(os.path.join(self.runs_dir, rid, "run.json"), "rb") as f:
-                    meta = json.load(f)
+                meta = read_meta(os.path.join(self.runs_dir, rid))
             except (OSError, ValueError):
                 continue
             if (meta.get("source") == source and meta.get("submitted_by") == user

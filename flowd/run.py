@@ -17,7 +17,7 @@ from .executor import base as X
 from .fsops import Durable
 from .model import Workflow
 from .collect import TaskOutputError
-from .store import RunStore, TaskRecord
+from .store import RunStore, TaskRecord, read_meta
 from .storescan import Scan
 from .runview import RunView
 from .textsafe import for_log
@@ -85,7 +85,7 @@ class Run:
         name and renamed into place last: a crash leaves either no run or the
         whole run. ``bundle`` is moved into the run (same filesystem).
         """
-        tmp = os.path.join(runs_dir, f".new-{run_id}")
+        tmp = unfinished_path(runs_dir, run_id)
         fs.rmtree(tmp)
         store = RunStore.layout(tmp, fs, wf.channels)
         fs.rename(bundle, store.path("bundle"), sync=False)  # run.json's write fsyncs the folder
@@ -101,7 +101,7 @@ class Run:
         fs.write_file(store.path("workflow.json"), json.dumps(wf.to_dict()).encode(),
                       sync_dir=False)  # the folder is fsynced by run.json's write, next
         meta = initial_meta(meta, run_id, wf)
-        fs.write_file(store.path("run.json"), json.dumps(meta, indent=1).encode())
+        store.write_meta(meta)
         final = os.path.join(runs_dir, run_id)
         fs.rename(tmp, final)
         return final
@@ -113,8 +113,7 @@ class Run:
         made (``create``) is handed its workflow and run.json as they are in
         memory (``initial_meta``) instead of reading back what was just written."""
         if meta is None:
-            with open(os.path.join(root, "run.json"), "rb") as f:
-                meta = json.load(f)
+            meta = read_meta(root)
         if wf is None:
             with open(os.path.join(root, "workflow.json"), "rb") as f:
                 wf = Workflow.from_dict(json.load(f))
@@ -358,7 +357,7 @@ class Run:
         if self.finished:
             raise Conflict(f"run {self.id} is already {self.state}")
         self.meta["cancel_requested"] = True
-        self.store.write_json("run.json", self.meta)
+        self.store.write_meta(self.meta)
         if self.sched.cancel():
             self._stop_all("cancelled")
         self._check_end()
@@ -382,7 +381,7 @@ class Run:
 
     def _set_state(self, state: str, **extra) -> None:
         self.meta.update(extra, state=state)
-        self.store.write_json("run.json", self.meta)
+        self.store.write_meta(self.meta)
 
     # -- reading (flowd.runview) ----------------------------------------------
     def summary(self) -> dict:
@@ -419,6 +418,14 @@ class Run:
         seq = self.store.put_file(channel, path, stamped=stamped)
         self.sched.add_item(channel, seq)
         return seq
+
+UNFINISHED = ".new-"  # a run folder being made: removed at start if a crash left it
+
+
+def unfinished_path(runs_dir: str, run_id: str) -> str:
+    """Where ``Run.create`` builds a run before renaming it into place."""
+    return os.path.join(runs_dir, UNFINISHED + run_id)
+
 
 def initial_meta(meta: dict, run_id: str, wf: Workflow) -> dict:
     """run.json of a new run: the submission's fields, its id, name, mode and state."""

@@ -11,7 +11,7 @@ import time
 
 from .errors import NotFound, StorageError
 from .executor import base as X
-from .store import seq_name
+from .store import parse_log_name, seq_name
 
 LOG_TAIL_BYTES = 2048
 
@@ -111,7 +111,7 @@ class RunView:
         for entry in sorted(os.listdir(folder), key=lambda n: n.startswith(".")):  # finals first
             running = entry.startswith(".") and entry.endswith(".live")
             name = entry[1:-len(".live")] if running else entry
-            parsed = _parse_log_name(name)
+            parsed = parse_log_name(name)
             if parsed is None or name in found:
                 continue
             proc, task_id, attempt = parsed
@@ -129,7 +129,7 @@ class RunView:
             int(d["task"]) if d["task"].isdigit() else 0, d["attempt"]))
 
     def read_log(self, name: str, offset: int, length: int) -> bytes:
-        if _parse_log_name(name) is None:
+        if parse_log_name(name) is None:
             raise NotFound(f"no log named {name!r}")
         final = self.run.store.path("logs", name)
         for path in (final, X.live_log_path(final), final):  # the final one may land meanwhile
@@ -152,11 +152,3 @@ class RunView:
             raise
         except OSError as e:
             raise NotFound(f"item {seq} of channel {channel}: {e.strerror}") from None
-
-
-def _parse_log_name(name: str) -> tuple[str, str, int] | None:
-    """``p.PROCESS.TASK.ATTEMPT.log`` -> (process, task, attempt)."""
-    parts = name.split(".")
-    if len(parts) != 5 or parts[0] != "p" or parts[4] != "log" or not parts[3].isdigit():
-        return None
-    return parts[1], parts[2], int(parts[3])

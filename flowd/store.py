@@ -49,6 +49,7 @@ from .collect import ITEM_MODE, collect as collect_outputs
 from .fsops import Durable
 
 DONE_LOG = "done.log"
+META = "run.json"  # the run's state, times and message: read and written only through here
 SEQ_DIGITS = 16
 
 
@@ -126,6 +127,10 @@ class RunStore:
     def read_json(self, name: str) -> dict:
         with open(self.path(name), "rb") as f:
             return json.load(f)
+
+    def write_meta(self, meta: dict) -> None:
+        """run.json, atomically and durably."""
+        self.write_json(META, meta)
 
     def write_json(self, name: str, data: dict) -> None:
         self.fs.write_file(self.path(name), json.dumps(data, indent=1, sort_keys=True).encode())
@@ -449,3 +454,18 @@ def _chmod_nofollow(path: str, mode: int) -> None:
         os.close(fd)
 
 
+
+
+def parse_log_name(name: str) -> tuple[str, str, int] | None:
+    """A log name ``RunStore.log_path`` makes, ``p.PROCESS.TASK.ATTEMPT.log`` -> (process, task,
+    attempt); None for any other name."""
+    parts = name.split(".")
+    if len(parts) != 5 or parts[0] != "p" or parts[4] != "log" or not parts[3].isdigit():
+        return None
+    return parts[1], parts[2], int(parts[3])
+
+
+def read_meta(root: str) -> dict:
+    """run.json of the run folder ``root`` (OSError or ValueError if unreadable)."""
+    with open(os.path.join(root, META), "rb") as f:
+        return json.load(f)
