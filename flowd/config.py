@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .errors import UsageError
-from .model import NETWORKS
+from .model import CONTAINERS, NETWORKS
 from .units import parse_duration, parse_size
 from .protocol import DEFAULT_SOCKET
 
@@ -42,6 +42,12 @@ KEYS: dict[str, tuple[object, str]] = {
                            "no tag means :latest (empty: any image)"),
     "allowed_networks": (["none"], "networks a process may ask for: \"none\" (always allowed) "
                                    "and \"bridge\" (Docker's default network)"),
+    "default_container": ("fresh", "how processes that set no container= run: \"fresh\" (a new "
+                                   "container per task) or \"warm\" (kept containers)"),
+    "warm_idle": ("2m", "how long an idle warm container is kept"),
+    "warm_tasks": (1000, "tasks one warm container runs before it is replaced (0: no limit)"),
+    "warm_read_only": (True, "warm containers get a read-only root file system (their /task and "
+                             "/tmp are always writable); false if the image needs to write elsewhere"),
     "max_upload_size": ("64g", "largest file set one flowctl submit or push may send"),
     "min_free_space": ("256m", "free space the spool keeps: below it flowd pauses its runs and "
                                "refuses submissions and pushes, until space is freed"),
@@ -65,6 +71,10 @@ class Config:
     cap_add: list[str] = field(default_factory=list)
     allowed_images: list[str] = field(default_factory=list)
     allowed_networks: list[str] = field(default_factory=lambda: ["none"])
+    default_container: str = "fresh"
+    warm_idle: float = 120.0
+    warm_tasks: int = 1000
+    warm_read_only: bool = True
     max_upload_size: int = 64 * 1024 ** 3
     min_free_space: int = 256 * 1024 * 1024
     log_level: str = "info"
@@ -134,7 +144,7 @@ def load(path: str | None, *, required: bool = False) -> Config:
             raise UsageError(f"{path}: unknown key {key!r}; known keys: {', '.join(KEYS)}")
         default = KEYS[key][0]
         if type(value) is not type(default):
-            kind = {int: "whole number", str: "string", list: "list"}.get(type(default), "value")
+            kind = {int: "whole number", str: "string", list: "list", bool: "true or false"}.get(type(default), "value")
             raise UsageError(f"{path}: {key} = {value!r} should be a {kind} like "
                              f"{key} = {toml_value(default)}")
         try:
@@ -146,13 +156,17 @@ def load(path: str | None, *, required: bool = False) -> Config:
                 value = parse_size(value)
             elif key == "max_timeout":
                 value = parse_duration(value) if value else None
+            elif key == "warm_idle":
+                value = parse_duration(value)
+            elif key == "default_container" and value not in CONTAINERS:
+                raise ValueError(f"must be one of {', '.join(map(repr, CONTAINERS))}")
             elif key == "container_user":
                 check_container_user(value)
             elif key == "allowed_networks" and not all(x in NETWORKS for x in value):
                 raise ValueError(f"each value must be one of {', '.join(map(repr, NETWORKS))}")
             elif key == "min_free_space":
                 value = parse_size(value) if value not in ("", "0") else 0
-            elif key in ("max_containers", "pids_limit") and value < 0:
+            elif key in ("max_containers", "pids_limit", "warm_tasks") and value < 0:
                 raise ValueError("must be 0 or more")
             elif key == "log_level" and value not in ("debug", "info", "warning", "error"):
                 raise ValueError("must be debug, info, warning or error")

@@ -16,6 +16,7 @@ NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 LANGS = ("sh", "bash", "python", "node")
 NETWORKS = ("none", "bridge")
 ON_FAILURE = ("stop", "continue")
+CONTAINERS = ("fresh", "warm")  # process@container: a new container per task, or kept ones
 MODES = ("batch", "service")
 
 
@@ -65,6 +66,7 @@ class Process:
     parallel: int = 1
     network: str = "none"
     on_failure: str = "stop"
+    container: str | None = None  # "fresh" or "warm"; None: the daemon's default_container
     script_file: str | None = None  # where the script came from, for messages
     line: int | None = None
 

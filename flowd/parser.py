@@ -694,6 +694,7 @@ class _Builder:
             parallel=attrs.get("parallel", 1),
             network=attrs.get("network", "none"),
             on_failure=attrs.get("on-failure", "stop"),
+            container=attrs.get("container"),
             script_file=script_file,
             line=el.sourceline,
         )

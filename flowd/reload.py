@@ -45,7 +45,8 @@ def reload(d) -> None:
             log.warning("reload: %s changed in %s; it takes effect only when flowd restarts "
                         "(systemctl restart flowd; a new spool also needs ReadWritePaths=)", key, path)
     live = ("max_containers", "pids_limit", "default_memory", "max_memory", "max_timeout",
-            "max_output_size", "container_user", "cap_add", "allowed_images",
+            "max_output_size", "container_user", "cap_add", "default_container",
+            "warm_idle", "warm_tasks", "warm_read_only", "allowed_images",
             "allowed_networks", "max_upload_size", "min_free_space", "log_level")
     for key in live:
         if key not in pinned:
@@ -56,6 +57,7 @@ def reload(d) -> None:
     d.limits.default_memory = old.memory_for_unset
     d.limits.default_timeout = old.max_timeout
     d.limits.container_user = old.container_user
+    d.limits.default_container = old.default_container
     d.limits.max_output_bytes = old.max_output_size
     if d.executor is not None and hasattr(d.executor, "cap_add"):
         d.executor.cap_add = list(old.cap_add)

@@ -40,6 +40,7 @@ class Limits:
     # Who a task's container runs as (config container_user): "daemon" (flowd's
     # own uid:gid), "image" (the image's USER) or "UID[:GID]".
     container_user: str = "daemon"
+    default_container: str = "fresh"  # for processes that set no container= (config)
     spool: str = ""
 
 
@@ -233,6 +234,7 @@ class Run:
             memory=proc.memory or self.limits.default_memory, cpus=proc.cpus,
             user=self.user, group_add=list(self.group_add),
             pids_limit=self.limits.pids_limit, network=proc.network, spool=self.limits.spool,
+            container=proc.container or self.limits.default_container,
             # never feed a damaged item to a script (checked by the executor, off the loop)
             verify=[(ch, seq, self.store.input_path(rec, seq)) for ch, seq in rec.inputs],
         )

@@ -36,7 +36,7 @@ _IMAGE_ID_RE = re.compile(r"^[a-f0-9]{64}$")
 
 PROCESS_ATTRS = (
     "image", "lang", "retries", "timeout", "memory", "cpus", "parallel",
-    "network", "on-failure",
+    "network", "on-failure", "container",
 )
 
 EXAMPLES = {  # used in "fix:" hints
@@ -49,6 +49,7 @@ EXAMPLES = {  # used in "fix:" hints
     "parallel": 'parallel="4"',
     "network": 'network="bridge"',
     "on-failure": 'on-failure="continue"',
+    "container": 'container="warm"',
     "mode": 'mode="service"',
     "as": 'as="input.txt"',
 }
@@ -179,6 +180,8 @@ def process_attr(attr: str, value: str):
         return choice(attr, value, model.NETWORKS)
     if attr == "on-failure":
         return choice(attr, value, model.ON_FAILURE)
+    if attr == "container":
+        return choice(attr, value, model.CONTAINERS)
     if attr == "retries":
         return count(attr, value, 0)
     if attr == "parallel":

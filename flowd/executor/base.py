@@ -81,6 +81,7 @@ class TaskSpec:
     spool: str = ""  # label, so one engine can serve several spools
     user: str | None = None  # "UID:GID" the container runs as; None: the image's USER
     group_add: list[str] = field(default_factory=list)  # extra gids (flowd's, for another uid)
+    container: str = "fresh"  # "warm": run in a kept container of this process (process@container)
 
     @property
     def key(self) -> tuple[str, str]:
