@@ -17,7 +17,7 @@ Test hooks used by ``tests/crashsim.py`` (the in-process crash sweep):
   points; the test then throws away every in-memory object, as a restart would.
 - ``observer``: told of every rename (``renamed(src, dst)``) and of every
   fsync that made something durable (``synced_dir``/``synced_file``), with its
-  *site* (``store.py:LINE:FUNCTION:KIND``, the first caller outside this
+  *site* (``taskstore.py:LINE:FUNCTION:KIND``, the first caller outside this
   module and which fsync of the operation it is), so a simulator can work out
   what a power loss could leave on disk.
 - ``skip_fsync``: a set of sites whose fsync is left out (the mutation check).
@@ -29,6 +29,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from typing import BinaryIO, Iterable
 
 from . import checksum as checksum_mod
@@ -59,6 +60,9 @@ class Durable:
             raise ValueError(f"crash_mode must be 'exit' or 'raise', not {crash_mode!r}")
         self.crash_at = crash_at
         self.crash_mode = crash_mode
+        # Run creation and the intake's threads share the daemon's Durable with
+        # its loop: the count (and the trace) is kept under a lock.
+        self._points_lock = threading.Lock()
         self.points = 0
         trace = trace or os.environ.get("FLOWD_CRASH_TRACE")
         self._trace = open(trace, "a", buffering=1) if trace else None
@@ -70,18 +74,21 @@ class Durable:
         self.skip_fsync: set[str] | frozenset[str] = frozenset()
 
     def close(self) -> None:
-        if self._trace is not None:
-            self._trace.close()
-            self._trace = None
+        with self._points_lock:
+            if self._trace is not None:
+                self._trace.close()
+                self._trace = None
 
     # -- the test hook ---------------------------------------------------
     def point(self, what: str, path: str) -> None:
-        self.points += 1
-        if self._trace is not None:
-            self._trace.write(f"{self.points} {what} {path}\n")
-        if self.crash_at is not None and self.points >= self.crash_at:
+        with self._points_lock:
+            self.points += 1
+            n = self.points
+            if self._trace is not None:
+                self._trace.write(f"{n} {what} {path}\n")
+        if self.crash_at is not None and n >= self.crash_at:
             if self.crash_mode == "raise":
-                raise SimulatedCrash(self.points)
+                raise SimulatedCrash(n)
             os._exit(CRASH_EXIT)
 
     def _site(self, kind: str) -> str | None:
@@ -270,6 +277,60 @@ class Durable:
         os.close(fd)
         self.rename(tmp, path, sync=sync and sync_dir, site="write.dir")
         return size
+
+    def append(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Add ``data`` at the end of ``path`` (made if missing), without fsync:
+        for a file whose tail a power failure may cut (done.log's counts)."""
+        self.point("append", path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         mode)
+        except OSError as e:
+            raise _storage(e, path) from None
+        try:
+            os.write(fd, data)
+        except OSError as e:
+            raise _storage(e, path) from None
+        finally:
+            os.close(fd)
+
+    # -- scratch files: never fsynced, dropped when the daemon restarts (uploads) --
+    # OSError is raised as it is: the caller words it for its client.
+    def scratch_mkdir(self, path: str, mode: int = 0o700) -> bool:
+        """Make the folder ``path``; False if it was there already."""
+        self.point("mkdir", path)
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            return False
+        return True
+
+    def scratch_write(self, path: str, data: bytes, offset: int, *, create: bool,
+                      mode: int = 0o640) -> tuple[bool, int]:
+        """Write ``data`` at ``offset`` of ``path`` if the file holds exactly
+        ``offset`` bytes now (no hole, no overwrite); nothing otherwise.
+
+        ``create``: make the file if it is missing (FileNotFoundError otherwise).
+        Links are never followed. Returns (whether it was made, its size before).
+        """
+        self.point("write", path)
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        made = False
+        if create:
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+                made = True
+            except FileExistsError:
+                fd = os.open(path, flags)
+        else:
+            fd = os.open(path, flags)
+        try:
+            have = os.fstat(fd).st_size
+            if have == offset and data:
+                os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+        return made, have
 
     def copy_file(self, src: str, dst: str, *, mode: int = 0o640, checksum: bool = False) -> int:
         """Copy ``src`` to ``dst`` atomically; the source is opened without following links."""

@@ -17,9 +17,11 @@ from .executor import base as X
 from .fsops import Durable
 from .model import Workflow
 from .collect import TaskOutputError
-from .store import RunStore, TaskRecord, read_meta
-from .storescan import Scan
+from .runfailures import Failures
 from .runview import RunView
+from .store import RunStore, read_meta
+from .storescan import Scan
+from .taskstore import TaskRecord, TaskStore
 from .textsafe import for_log
 
 log = logging.getLogger("flowd.run")
@@ -51,7 +53,6 @@ class Active:
     stopping: bool = False  # kill requested (cancel, or a stop failure elsewhere)
     parked: bool = False  # waiting for the container engine to come back
     started_at: float | None = None
-    last_error: str = ""
     history: list[str] = field(default_factory=list)
 
 
@@ -70,11 +71,13 @@ class Run:
         self.executor = executor
         self.limits = limits
         self.user, self.group_add, work_mode = container_identity(limits.container_user)
-        self.store = RunStore(root, fs, max_output_bytes=limits.max_output_bytes, work_mode=work_mode)
+        self.store = RunStore(root, fs)
+        self.tasks = TaskStore(self.store, max_output_bytes=limits.max_output_bytes,
+                               work_mode=work_mode)
         self.sched = S.Scheduler(wf)
         self.active: dict[str, Active] = {}  # task dirname -> Active
-        self.failures: list[dict] = []
-        self.quarantined: list[dict] = []  # damaged items taken out (quarantine/)
+        self.failures = Failures(self)  # dead letters and quarantine
+        self.view = RunView(self)  # what flowctl reads: summary, detail, items, logs
         self.more = False  # the last tick ran out of time with work still ready
 
     # -- creation --------------------------------------------------------
@@ -123,28 +126,16 @@ class Run:
         return run
 
     def _load(self) -> None:
-        store, eng = self.store, self.sched
-        live = store.recover_tasks() if not self.finished else []
-        scan = Scan(store)
-        self.failures = scan.failed()
-        self.quarantined = scan.quarantined()
-        for q in self.quarantined:
-            if isinstance(q.get("seq"), int):
-                store.next_seq = max(store.next_seq, q["seq"] + 1)
+        eng = self.sched
+        live = self.tasks.recover_tasks() if not self.finished else []
+        scan = Scan(self.store)
+        self.failures.load(scan)
         eng.load(scan.channels(self.wf.channels))
         for process, n in scan.done().items():
             if process in eng.counts:
                 eng.counts[process].done = n
         eng.fired |= scan.fired()
-        for info in self.failures:
-            if info.get("kind", S.PROCESS) == S.PROCESS:
-                process = info.get("process")
-                if process not in self.wf.processes:
-                    continue  # an unreadable failure.json: kept on disk, not counted
-                if not info.get("inputs"):
-                    eng.fired.add(process)
-                if not self.finished:
-                    eng.count_failed(process)
+        self.failures.count()
         for rec in live:
             eng.adopt(S.Claim(rec.kind, rec.name, rec.task_id, tuple(rec.inputs)))
             self.active[rec.dirname] = Active(rec)
@@ -191,13 +182,13 @@ class Run:
             if not claims:
                 break
             for claim in claims:
-                rec = self.store.claim(claim.kind, claim.name, claim.task_id, list(claim.inputs))
+                rec = self.tasks.claim(claim.kind, claim.name, claim.task_id, list(claim.inputs))
                 if claim.kind == S.MUX:
                     self._commit_mux(rec)
                     continue
                 act = Active(rec)
                 self.active[rec.dirname] = act
-                self._start(act, 1)
+                self.start(act, 1)
                 started += 1
                 if capacity is not None:
                     capacity -= 1
@@ -210,7 +201,7 @@ class Run:
 
     def _commit_mux(self, rec: TaskRecord) -> None:
         mux = self.sched._mux_by_name[rec.name]
-        outputs = self.store.commit_mux(rec, mux.targets)
+        outputs = self.tasks.commit_mux(rec, mux.targets)
         self.active.pop(rec.dirname, None)
         self.sched.committed(S.MUX, rec.name, rec.task_id, outputs)
 
@@ -239,10 +230,10 @@ class Run:
             verify=[(ch, seq, self.store.input_path(rec, seq)) for ch, seq in rec.inputs],
         )
 
-    def _start(self, act: Active, attempt: int) -> None:
+    def start(self, act: Active, attempt: int) -> None:
         rec = act.rec
         if rec.attempt != attempt:
-            self.store.set_attempt(rec, attempt)
+            self.tasks.set_attempt(rec, attempt)
         act.spec = self._spec(rec)
         act.parked = False
         act.started_at = time.time()
@@ -253,8 +244,6 @@ class Run:
         if act is None or act.rec.attempt != res.attempt:
             log.debug("run %s: dropping stale result %s", self.id, res)
             return
-        if res.retryable:
-            act.last_error = res.message
         action = self.sched.on_result(act.rec.name, act.rec.attempt, _outcome(res),
                                        stopping=act.stopping)
         self._carry_out(act, action, res)
@@ -266,7 +255,7 @@ class Run:
         if kind == S.START:
             if res is not None:  # the same attempt again: it never ran
                 log.info("run %s: task %s had no container; starting it again", self.id, rec.dirname)
-            self._start(act, action.attempt)
+            self.start(act, action.attempt)
         elif kind == S.ADOPT:
             act.spec = self._spec(rec)
             act.stopping = action.kill
@@ -278,11 +267,11 @@ class Run:
         elif kind == S.PARK:
             act.parked = True
         elif kind == S.QUARANTINE:
-            self._quarantine(act, res.damaged)
+            self.failures.quarantine(act, res.damaged)
         elif kind == S.COLLECT:
             self._succeeded(act, res)
         else:  # RETRY or DEAD_LETTER: a failure the script is to blame for
-            self._failed(act, res.message or res.status, action)
+            self.failures.failed(act, res.message or res.status, action)
 
     def _active_for(self, task_id: str) -> Active | None:
         for act in self.active.values():
@@ -294,57 +283,27 @@ class Run:
         rec = act.rec
         proc = self.wf.processes[rec.name]
         try:
-            outs = self.store.collect(rec, [(p.channel, p.as_name) for p in proc.outputs])
+            outs = self.tasks.collect(rec, [(p.channel, p.as_name) for p in proc.outputs])
         except TaskOutputError as e:
-            self._failed(act, f"bad output: {e}")
+            self.failures.failed(act, f"bad output: {e}")
             return
         except OSError as e:
-            self._failed(act, f"could not collect outputs: {for_log(e)}")
+            self.failures.failed(act, f"could not collect outputs: {for_log(e)}")
             return
-        outputs = self.store.commit(rec, outs)
+        outputs = self.tasks.commit(rec, outs)
         self.executor.remove(act.spec)
         del self.active[rec.dirname]
         self.sched.committed(S.PROCESS, rec.name, rec.task_id, outputs)
-
-    def _failed(self, act: Active, reason: str, action: S.Action | None = None) -> None:
-        rec = act.rec
-        act.history.append(f"attempt {rec.attempt}: {reason}")
-        log.info("run %s: task %s attempt %d failed: %s", self.id, rec.dirname, rec.attempt,
-                 for_log(reason))
-        if action is None:
-            action = self.sched.on_failure(rec.name, rec.attempt)
-        if action.kind == S.RETRY:
-            self.store.reset_work(rec)
-            self._start(act, action.attempt)
-            return
-        self.executor.remove(act.spec)
-        info = self.store.dead_letter(rec, reason, rec.attempt)
-        info["history"] = act.history
-        self.failures.append(info)
-        del self.active[rec.dirname]
-        if self.sched.failed(rec.name, rec.task_id):
-            self._stop_all(f"task {rec.dirname} failed: {reason}")
-
-    def _quarantine(self, act: Active, bad: list[tuple[str, int, str]]) -> None:
-        rec = act.rec
-        for ch, seq, why in bad:
-            log.error("run %s: item %d of channel %s is damaged (%s); quarantined, not given "
-                      "to %s", self.id, seq, ch, why, rec.name)
-        self.store.quarantine(rec, bad)
-        del self.active[rec.dirname]
-        self.sched.released(rec.kind, rec.name, rec.task_id,
-                             skip=frozenset(seq for _, seq, _ in bad))
-        self.quarantined = Scan(self.store).quarantined()
 
     def _release(self, act: Active) -> None:
         rec = act.rec
         if act.spec is not None:
             self.executor.remove(act.spec)
-        self.store.release(rec)
+        self.tasks.release(rec)
         del self.active[rec.dirname]
         self.sched.released(rec.kind, rec.name, rec.task_id)
 
-    def _stop_all(self, why: str) -> None:
+    def stop_all(self, why: str) -> None:
         self.meta["message"] = why
         for act in list(self.active.values()):
             if act.rec.kind != S.PROCESS:
@@ -361,7 +320,7 @@ class Run:
         self.meta["cancel_requested"] = True
         self.store.write_meta(self.meta)
         if self.sched.cancel():
-            self._stop_all("cancelled")
+            self.stop_all("cancelled")
         self._check_end()
 
     def parked(self) -> bool:
@@ -371,7 +330,7 @@ class Run:
         """The container engine is reachable again: restart parked tasks."""
         for act in list(self.active.values()):
             if act.parked:
-                self._start(act, act.rec.attempt)
+                self.start(act, act.rec.attempt)
 
     def _check_end(self) -> None:
         if self.finished:
@@ -384,25 +343,6 @@ class Run:
     def _set_state(self, state: str, **extra) -> None:
         self.meta.update(extra, state=state)
         self.store.write_meta(self.meta)
-
-    # -- reading (flowd.runview) ----------------------------------------------
-    def summary(self) -> dict:
-        return RunView(self).summary()
-
-    def detail(self) -> dict:
-        return RunView(self).detail()
-
-    def items(self, channel: str) -> list[dict]:
-        return RunView(self).items(channel)
-
-    def logs(self, process: str | None = None, task: str | None = None) -> list[dict]:
-        return RunView(self).logs(process, task)
-
-    def read_log(self, name: str, offset: int, length: int) -> bytes:
-        return RunView(self).read_log(name, offset, length)
-
-    def read(self, channel: str, seq: int, offset: int, length: int) -> bytes:
-        return RunView(self).read(channel, seq, offset, length)
 
     # -- pushing -------------------------------------------------------------
     def check_push(self, channel: str) -> None:
@@ -458,7 +398,7 @@ def container_identity(setting: str) -> tuple[str | None, list[str], int]:
       so flowd can read and delete what it writes.
     - ``UID[:GID]``: that user; as for ``image`` unless it is flowd's own uid.
     Either way the run's folders are 0700 and flowd's alone, and every item is
-    a copy flowd made (store.collect), never the container's file.
+    a copy flowd made (TaskStore.collect), never the container's file.
     """
     me, my_gid = os.geteuid(), os.getegid()
     if setting in ("", "daemon"):

@@ -1,8 +1,7 @@
 """What flowctl reads of a run: its summary and detail, items, logs (stdlib only).
 
-Read queries only: nothing here changes the run or the spool. ``Run``'s
-``summary``, ``detail``, ``items``, ``logs``, ``read_log`` and ``read`` are
-these, on the run's store, workflow and scheduler counts.
+Read queries only: nothing here changes the run or the spool. Each run has
+one (``Run.view``), reading the run's store, workflow and scheduler counts.
 """
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ class RunView:
         chans = [{"name": ch, "depth": eng.depth(ch), "result": ch in results}
                  for ch in self.run.wf.channels]
         fails = []
-        for info in self.run.failures[-10:]:
+        for info in self.run.failures.letters[-10:]:
             fails.append({
                 "task": str(info.get("task_id", "")),  # as in FLOWD_TASK, logs --task
                 "folder": info.get("dirname", info.get("task")),  # SPOOL/runs/RUN/failed/...
@@ -69,7 +68,7 @@ class RunView:
             })
         out.update(processes=procs, channels=chans, failures=fails,
                    quarantined=[{k: q.get(k) for k in ("channel", "seq", "reason", "process")}
-                                for q in self.run.quarantined])
+                                for q in self.run.failures.quarantined])
         return out
 
     def _log_tail(self, info: dict) -> str:

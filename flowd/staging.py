@@ -21,18 +21,20 @@ What bounds them (docs/operations.md, "Limits"):
   the item is never read again on the loop.
 
 The daemon checks the spool's free-space floor before each begin and each
-chunk; this class keeps no knowledge of the config.
+chunk; this class keeps no knowledge of the config. Every change goes
+through the daemon's ``Durable`` (its scratch files: no fsync, as uploads do
+not outlive the daemon).
 """
 from __future__ import annotations
 
 import os
 import re
 import secrets
-import shutil
 from dataclasses import dataclass, field
 
 from . import checksum
 from .errors import Conflict, DiskFull, NotFound, StorageError, UsageError
+from .fsops import Durable
 
 UPLOAD_MAX_AGE = 3600.0  # seconds an upload may stay open
 MAX_PER_UID = 16  # uploads and pushes open at once, per uid
@@ -64,9 +66,10 @@ class Upload:
 class Staging:
     """The open uploads of one spool: bounded per uid, expiring, each bound to its uid."""
 
-    def __init__(self, root: str, *, max_per_uid: int = MAX_PER_UID,
+    def __init__(self, root: str, fs: Durable, *, max_per_uid: int = MAX_PER_UID,
                  max_age: float = UPLOAD_MAX_AGE, max_entries: int = MAX_ENTRIES):
         self.root = root
+        self.fs = fs
         self.max_per_uid = max_per_uid
         self.max_age = max_age
         self.max_entries = max_entries
@@ -74,9 +77,8 @@ class Staging:
 
     def reset(self) -> None:
         """At start: what a previous life left is dropped; the folder is made ``0700``."""
-        shutil.rmtree(self.root, ignore_errors=True)
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        self.fs.rmtree(self.root)
+        self.fs.mkdir(self.root, 0o700, sync_parent=False)
         self.open.clear()
 
     # -- the requests ------------------------------------------------------------
@@ -92,7 +94,7 @@ class Staging:
             upload_id = secrets.token_hex(8)
         path = os.path.join(self.root, upload_id)
         try:
-            os.mkdir(path, 0o700)
+            self.fs.scratch_mkdir(path, 0o700)
         except OSError as e:
             raise _storage(e, "cannot make an upload folder") from None
         up = Upload(upload_id, uid, kind, path, size, declared, now, meta=meta,
@@ -124,41 +126,26 @@ class Staging:
             folder = os.path.join(folder, part)
             try:
                 self._count(up)
-                os.mkdir(folder, 0o700)
-                up.entries += 1
-            except FileExistsError:
-                pass
+                if self.fs.scratch_mkdir(folder, 0o700):
+                    up.entries += 1
             except OSError as e:
                 raise _storage(e, f"cannot store {rel}") from None
             if os.path.islink(folder) or not os.path.isdir(folder):
                 raise UsageError(f"upload path {rel!r} is not a plain relative path")
         target = os.path.join(folder, parts[-1])
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        if offset == 0:
+            self._count(up)
         try:
-            if offset == 0:
-                try:
-                    self._count(up)
-                    fd = os.open(target, flags | os.O_CREAT | os.O_EXCL, 0o640)
-                    up.entries += 1
-                except FileExistsError:
-                    fd = os.open(target, flags)
-            else:
-                try:
-                    fd = os.open(target, flags)
-                except FileNotFoundError:
-                    raise UsageError(f"{rel}: the first chunk of a file is at offset 0, "
-                                     f"not {offset}") from None
-            try:
-                have = os.fstat(fd).st_size
-                if offset != have:
-                    raise UsageError(f"{rel}: chunk at offset {offset}, but {have} bytes of it "
-                                     "were received so far; send the chunks of a file in order")
-                if data:
-                    os.pwrite(fd, data, offset)
-            finally:
-                os.close(fd)
+            made, have = self.fs.scratch_write(target, data, offset, create=offset == 0)
+        except FileNotFoundError:
+            raise UsageError(f"{rel}: the first chunk of a file is at offset 0, "
+                             f"not {offset}") from None
         except OSError as e:
             raise _storage(e, f"cannot store {rel}") from None
+        up.entries += made
+        if offset != have:
+            raise UsageError(f"{rel}: chunk at offset {offset}, but {have} bytes of it "
+                             "were received so far; send the chunks of a file in order")
         up.received += len(data)
         if up.summer is not None:
             up.summer.update(data)
@@ -173,9 +160,19 @@ class Staging:
         self.open.pop(up.id, None)
         return up.path
 
+    def push_item(self, up: Upload) -> str:
+        """The push leaves the table; returns its item, stamped with the checksum
+        computed while its chunks came in (never read whole on the loop). The
+        caller ``discard``s the push once the item is in its channel."""
+        self.take(up)
+        item = os.path.join(up.path, PUSH_FILE)
+        self.fs.scratch_write(item, b"", 0, create=True)  # a push with no chunk: an empty item
+        checksum.stamp(item, up.summer)
+        return item
+
     def discard(self, up: Upload) -> None:
         self.open.pop(up.id, None)
-        shutil.rmtree(up.path, ignore_errors=True)
+        self.fs.rmtree(up.path)
 
     # -- the loop's side -----------------------------------------------------------
     def pending(self) -> int:

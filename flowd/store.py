@@ -1,4 +1,4 @@
-"""The channel store: a run's channels and tasks as files in the spool.
+"""A run's folder in the spool: its paths, run.json, channel items and fired marks.
 
 Layout of one run (``SPOOL/runs/RUN/``)::
 
@@ -8,45 +8,31 @@ Layout of one run (``SPOOL/runs/RUN/``)::
     scripts/PROCESS          each process's script, mounted read-only
     channels/CHANNEL/SEQ     items; SEQ is a 16-digit number, global to the run,
                              so names sort in FIFO order across channels
-    tasks/TASK/              a claimed task (see below)
+    tasks/TASK/              a claimed task (flowd/taskstore.py: the task protocol)
     failed/TASK/             a dead letter: inputs, task.json and reason kept
+    quarantine/SEQ           a damaged item taken out, with SEQ.json saying why
     fired/PROCESS            marks a source process (no inputs) as done
     logs/TASK.ATTEMPT.log    the task's stdout and stderr
     done.log                 "PROCESS<TAB>TASK" per process task applied, for the
                              counts `status` shows after a restart (statistics
                              only: appended without fsync, read as a set)
 
-One task's life (docs/reliability.md), each step durable before the next:
-
-1. Claim: build ``tasks/.TASK.new/`` (task.json, in/, work/), rename it to
-   ``tasks/TASK``; rename each input item into ``in/``; create ``CLAIMED``.
-2. Run: ``attempt`` holds the attempt number, written before each start.
-3. Collect: declared outputs only, regular files opened without following
-   links, one link, size-capped; fsynced, then output J of attempt A moved
-   whole to ``out/A.J`` and the folders fsynced. Idempotent: a collect that a
-   crash cut short is done again from what is in ``work/`` and ``out/``.
-4. Commit: ``COMMIT`` lists every output's final channel and SEQ.
-5. Apply (idempotent): move outputs into channels, then delete inputs, then
-   retire (rename to ``tasks/.TASK.done``, then remove).
-6. Recovery: hidden task folders are removed; claimed but not marked:
-   inputs go back to their channels (their SEQ keeps their old place);
-   COMMIT present: redo Apply; otherwise the daemon asks the executor.
-
-A mux move is a task without a container: its COMMIT links the input into
-every target channel, so fan-out costs no copy.
+How a task moves through ``tasks/`` is ``flowd.taskstore``'s; what a folder
+holds at start-up is read by ``flowd.storescan``.
 """
 from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Iterable
 
 from .errors import NotFound, StorageError
 from . import checksum
-from .collect import ITEM_MODE, collect as collect_outputs
+from .collect import ITEM_MODE
 from .fsops import Durable
+
+if TYPE_CHECKING:
+    from .taskstore import TaskRecord
 
 DONE_LOG = "done.log"
 META = "run.json"  # the run's state, times and message: read and written only through here
@@ -61,38 +47,12 @@ def _is_seq(name: str) -> bool:
     return len(name) == SEQ_DIGITS and name.isdigit()
 
 
-@dataclass
-class TaskRecord:
-    """A claimed task as the store knows it (also what recovery returns)."""
-
-    dirname: str  # folder name under tasks/
-    kind: str  # "process" or "mux"
-    name: str  # process or mux name
-    task_id: str
-    inputs: list[tuple[str, int]]  # (channel, seq) in input order
-    attempt: int = 0
-    claimed: bool = False
-    committed: bool = False
-
-
-def task_dirname(kind: str, name: str, task_id: str) -> str:
-    prefix = "p" if kind == "process" else "m"
-    return f"{prefix}.{name.replace('#', '')}.{task_id}"
-
-
 class RunStore:
-    """One run's durable state. All writes go through ``Durable``."""
+    """One run's folder. All writes go through ``Durable``."""
 
-    def __init__(self, root: str, fs: Durable, *, max_output_bytes: int | None = None,
-                 work_mode: int = 0o700):
+    def __init__(self, root: str, fs: Durable):
         self.root = root
         self.fs = fs
-        self.max_output_bytes = max_output_bytes
-        # work/ (the container's /task): 0700 when containers run as flowd's own
-        # uid; 02770 when they run as another (the container gets flowd's group,
-        # and setgid keeps new files in it). Reached only through the run's 0700
-        # folders either way.
-        self.work_mode = work_mode
         self.next_seq = 1
 
     # -- paths -------------------------------------------------------------
@@ -102,10 +62,13 @@ class RunStore:
     def item_path(self, channel: str, seq: int) -> str:
         return self.path("channels", channel, seq_name(seq))
 
-    def task_path(self, rec: TaskRecord, *parts: str) -> str:
+    def task_path(self, rec: "TaskRecord", *parts: str) -> str:
         return self.path("tasks", rec.dirname, *parts)
 
-    def log_path(self, rec: TaskRecord, attempt: int) -> str:
+    def input_path(self, rec: "TaskRecord", seq: int) -> str:
+        return self.task_path(rec, "in", seq_name(seq))
+
+    def log_path(self, rec: "TaskRecord", attempt: int) -> str:
         return self.path("logs", f"{rec.dirname}.{attempt}.log")
 
     # -- creation ----------------------------------------------------------
@@ -138,7 +101,7 @@ class RunStore:
     # -- items ---------------------------------------------------------------
     def put(self, channel: str, data: bytes | Iterable[bytes] | BinaryIO) -> int:
         """Append an item (streamed); durable when this returns."""
-        seq = self._alloc()
+        seq = self.alloc()
         self.fs.write_file(self.item_path(channel, seq), data, checksum=True)
         return seq
 
@@ -149,7 +112,7 @@ class RunStore:
         ``stamped``: its checksum stamp was written while it was received, so
         it is not read again here (a big push costs the loop nothing).
         """
-        seq = self._alloc()
+        seq = self.alloc()
         dst = self.item_path(channel, seq)
         try:
             self.fs.link(src, dst)
@@ -164,7 +127,8 @@ class RunStore:
         self.fs.fsync_dir(os.path.dirname(dst))
         return seq
 
-    def _alloc(self) -> int:
+    def alloc(self) -> int:
+        """The next item number of the run (numbers are never reused)."""
         seq = self.next_seq
         self.next_seq += 1
         return seq
@@ -175,275 +139,18 @@ class RunStore:
         except FileNotFoundError:
             raise NotFound(f"item {seq} is no longer in channel {channel}") from None
 
-    def recover_tasks(self) -> list[TaskRecord]:
-        """Step 6 for the store's part. Returns the tasks still claimed.
-
-        Hidden folders are removed, unmarked claims are released, committed
-        tasks are applied and retired. What is returned has CLAIMED and no
-        COMMIT: the caller asks the executor about its container.
-        """
-        folder = self.path("tasks")
-        live: list[TaskRecord] = []
-        for name in sorted(os.listdir(folder)):
-            full = os.path.join(folder, name)
-            if name.startswith("."):
-                self.fs.rmtree(full)
-                continue
-            rec = self._load_task(name)
-            for _, seq in rec.inputs:
-                self.next_seq = max(self.next_seq, seq + 1)
-            if rec.committed:
-                commit = self._read_commit(rec)
-                for _, _, seq in commit["outputs"]:
-                    self.next_seq = max(self.next_seq, seq + 1)
-                live.append(rec)
-            elif not rec.claimed:
-                self.release(rec)
-            else:
-                live.append(rec)
-        for rec in [r for r in live if r.committed]:
-            self.apply(rec)  # its retire fsyncs tasks/
-        return [r for r in live if not r.committed]
-
-    def _load_task(self, dirname: str) -> TaskRecord:
-        with open(self.path("tasks", dirname, "task.json"), "rb") as f:
-            d = json.load(f)
-        rec = TaskRecord(
-            dirname=dirname,
-            kind=d["kind"],
-            name=d["name"],
-            task_id=d["task_id"],
-            inputs=[(c, int(s)) for c, s in d["inputs"]],
-        )
-        rec.claimed = os.path.exists(self.task_path(rec, "CLAIMED"))
-        rec.committed = os.path.exists(self.task_path(rec, "COMMIT"))
-        try:
-            with open(self.task_path(rec, "attempt"), "rb") as f:
-                rec.attempt = int(f.read().strip() or 0)
-        except FileNotFoundError:
-            rec.attempt = 0
-        return rec
-
-    # -- 1. claim --------------------------------------------------------------
-    def claim(self, kind: str, name: str, task_id: str, inputs: list[tuple[str, int]]) -> TaskRecord:
-        rec = TaskRecord(task_dirname(kind, name, task_id), kind, name, task_id, list(inputs))
-        tasks = self.path("tasks")
-        hidden = os.path.join(tasks, f".{rec.dirname}.new")
-        fs = self.fs
-        fs.rmtree(hidden)
-        fs.mkdir(hidden, sync_parent=False)
-        fs.mkdir(os.path.join(hidden, "in"), sync_parent=False)
-        if kind == "process":
-            fs.mkdir(os.path.join(hidden, "work"), mode=self.work_mode, sync_parent=False)
-            fs.mkdir(os.path.join(hidden, "out"), sync_parent=False)
-        meta = {"kind": kind, "name": name, "task_id": task_id, "inputs": rec.inputs,
-                "claimed_at": time.time()}
-        fs.write_file(os.path.join(hidden, "task.json"), json.dumps(meta).encode(), sync_dir=False)
-        fs.fsync_dir(hidden)
-        fs.rename(hidden, self.task_path(rec))
-        into = self.task_path(rec, "in")
-        touched = set()
-        for ch, seq in rec.inputs:
-            fs.rename(self.item_path(ch, seq), os.path.join(into, seq_name(seq)), sync=False)
-            touched.add(self.path("channels", ch))
-        fs.fsync_dir(into)
-        for d in sorted(touched):
-            fs.fsync_dir(d)
-        # No fsync: a mark lost in a power failure makes recovery release the
-        # claim, which is safe (the machine's containers died with it). It
-        # becomes durable with COMMIT, the next fsync of the task folder; keep
-        # it so (release relies on it: see there).
-        fs.write_file(self.task_path(rec, "CLAIMED"), b"", sync=False)
-        rec.claimed = True
-        return rec
-
-    def quarantine(self, rec: TaskRecord, bad: list[tuple[str, int, str]]) -> None:
-        """Move damaged inputs to quarantine/ with their reason; release the rest.
-
-        Nothing is deleted: ``quarantine/SEQ`` keeps the bytes as found and
-        ``quarantine/SEQ.json`` says where the item was and why it was taken out.
-        """
-        folder = self.path("quarantine")
-        if not os.path.isdir(folder):
-            self.fs.mkdir(folder)
-        for ch, seq, why in bad:
-            info = {"channel": ch, "seq": seq, "reason": why, "task": rec.dirname,
-                    "process": rec.name, "quarantined_at": time.time()}
-            self.fs.write_file(os.path.join(folder, seq_name(seq) + ".json"),
-                               json.dumps(info).encode())
-            self.fs.rename(self.input_path(rec, seq), os.path.join(folder, seq_name(seq)))
-        self.release(rec)
-
-    def input_path(self, rec: TaskRecord, seq: int) -> str:
-        return self.task_path(rec, "in", seq_name(seq))
-
-    # -- 2. attempts -----------------------------------------------------------
-    def set_attempt(self, rec: TaskRecord, attempt: int) -> None:
-        """Written before each start. It survives a crash of the daemon (the page
-        cache does; the container may run on); no fsync, because after a power
-        failure no container of the task is running: a lost number only means
-        the task starts again from an earlier attempt."""
-        self.fs.write_file(self.task_path(rec, "attempt"), str(attempt).encode(), sync=False)
-        rec.attempt = attempt
-
-    def reset_work(self, rec: TaskRecord) -> None:
-        """Give the task an empty ``work/`` for its next attempt.
-
-        Idempotent: a crash half-way leaves ``.work.old`` and maybe no
-        ``work/``, and the restarted daemon, given the same failed result by
-        the container, does it again.
-        """
-        work = self.task_path(rec, "work")
-        old = self.task_path(rec, ".work.old")
-        if os.path.lexists(work):
-            if os.path.lexists(old):
-                self.fs.rmtree(old)
-            self.fs.rename(work, old, sync=False)
-        self.fs.rmtree(old)
-        # No fsync: work/ only matters while CLAIMED does, and CLAIMED becomes
-        # durable with COMMIT only; after a power failure the task is released.
-        self.fs.mkdir(work, mode=self.work_mode, sync_parent=False)
-
-    # -- 3. collect ------------------------------------------------------------
-    def collect(self, rec: TaskRecord, outputs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Copy the declared outputs from work/ into out/; (channel, rel) in order.
-        See ``flowd.collect.collect``: an item is a new file flowd makes, never
-        the container's own."""
-        return collect_outputs(self.fs, self.task_path(rec, "work"), self.task_path(rec, "out"),
-                               rec.attempt, outputs, self.max_output_bytes)
-
-    # -- 4. commit and 5. apply -----------------------------------------------
-    def commit(self, rec: TaskRecord, outputs: list[tuple[str, str]]) -> list[tuple[str, int]]:
-        """Record the task's outputs durably, then apply. Returns (channel, seq)."""
-        entries = []
-        for channel, rel in outputs:
-            entries.append([rel, channel, self._alloc()])
-        data = {"outputs": entries, "inputs": rec.inputs}
-        self.fs.write_file(self.task_path(rec, "COMMIT"), json.dumps(data).encode())
-        rec.committed = True
-        self.apply(rec)
-        return [(channel, seq) for _, channel, seq in entries]
-
-    def commit_mux(self, rec: TaskRecord, targets: list[str]) -> list[tuple[str, int]]:
-        """Each input, oldest first, into every target: numbered in that order,
-        so each target gets the items in the order they came."""
-        return self.commit(rec, [(t, f"in/{seq_name(seq)}") for _, seq in rec.inputs
-                                 for t in targets])
-
-    def _note_done(self, rec: TaskRecord) -> None:
-        """One line in done.log (a redo may write it twice: read as a set)."""
-        try:
-            fd = os.open(self.path(DONE_LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, f"{rec.name}\t{rec.task_id}\n".encode())
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # a count, never data: the commit stands
-
-    def _read_commit(self, rec: TaskRecord) -> dict:
-        with open(self.task_path(rec, "COMMIT"), "rb") as f:
-            return json.load(f)
-
-    def apply(self, rec: TaskRecord) -> None:
-        """Idempotent redo of a committed task; then retire it."""
-        commit = self._read_commit(rec)
-        fs = self.fs
-        if rec.kind == "process":
-            self._note_done(rec)
-        touched = set()
-        for rel, channel, seq in commit["outputs"]:
-            src = self.task_path(rec, rel)
-            dst = self.item_path(channel, seq)
-            if os.path.lexists(dst):
-                continue
-            if rel.startswith("in/"):
-                fs.link(src, dst)  # a mux: every target shares the one file
-            else:
-                fs.rename(src, dst, sync=False)
-            touched.add(os.path.dirname(dst))
-        for d in sorted(touched):
-            fs.fsync_dir(d)
-        for rel, channel, seq in commit["outputs"]:
-            if not os.path.lexists(self.item_path(channel, seq)):
-                raise StorageError(f"task {rec.dirname}: output {rel} did not reach channel {channel}")
-        indir = self.task_path(rec, "in")
-        for _, seq in rec.inputs:
-            fs.unlink(os.path.join(indir, seq_name(seq)))
-        # No fsync of in/: if the unlinks are lost, COMMIT is still there and
-        # recovery redoes them, or retire's durable rename hid the folder.
-        self.retire(rec)
-
-    def retire(self, rec: TaskRecord) -> None:
-        if rec.kind == "process" and not rec.inputs:
-            self.mark_fired(rec.name)
-        self._remove_task(rec)
-
-    def _remove_task(self, rec: TaskRecord) -> None:
-        """Take the task folder out of the protocol, then delete it, durably.
-
-        The rename to a hidden name is fsynced before the delete starts, so a
-        crash half-way through leaves a hidden folder (which recovery deletes),
-        never a live task short of files. The fsync after the delete makes the
-        removal durable too: recovery does not run on a finished run, so a
-        folder that came back after a power loss would stay forever.
-        """
-        hidden = self.path("tasks", f".{rec.dirname}.done")
-        self.fs.rename(self.task_path(rec), hidden)
-        self.fs.rmtree(hidden)
-        self.fs.fsync_dir(self.path("tasks"))
-
+    # -- bookkeeping ---------------------------------------------------------
     def mark_fired(self, process: str) -> None:
         path = self.path("fired", process)
         if not os.path.exists(path):
             self.fs.write_file(path, b"")
 
-    # -- release and dead letters ---------------------------------------------
-    def release(self, rec: TaskRecord) -> None:
-        """Put a task's inputs back in their channels (same SEQ: same place).
-
-        CLAIMED goes first, so a crash half-way leaves an unmarked claim,
-        which recovery finishes releasing: never a claimed task short of inputs.
-        Its removal needs no fsync: CLAIMED is never durable before COMMIT (no
-        fsync of the task folder comes between them), so after a power failure
-        an uncommitted task is always unmarked, and released again.
-        """
-        if rec.claimed:
-            self.fs.unlink(self.task_path(rec, "CLAIMED"))
-            rec.claimed = False
-        indir = self.task_path(rec, "in")
-        touched = set()
-        for ch, seq in rec.inputs:
-            src = os.path.join(indir, seq_name(seq))
-            if os.path.lexists(src):
-                self.fs.rename(src, self.item_path(ch, seq), sync=False)
-                touched.add(self.path("channels", ch))
-        for d in sorted(touched):
-            self.fs.fsync_dir(d)
-        # No fsync of in/: an input found in both places after a power failure
-        # is one file (rename gave it its old name back); CLAIMED is gone for
-        # good, so recovery releases again, and the rename is then a no-op.
-        self._remove_task(rec)
-
-    def dead_letter(self, rec: TaskRecord, reason: str, attempts: int) -> dict:
-        """Keep a failed task's inputs and reason under failed/ (nothing is lost)."""
-        info = {
-            "task": rec.dirname,
-            "task_id": rec.task_id,
-            "process": rec.name,
-            "kind": rec.kind,
-            "inputs": rec.inputs,
-            "reason": reason,
-            "attempts": attempts,
-            "failed_at": time.time(),
-            "logs": [os.path.basename(self.log_path(rec, a)) for a in range(1, attempts + 1)],
-        }
-        self.fs.write_file(self.task_path(rec, "failure.json"), json.dumps(info).encode())
-        self.fs.rename(self.task_path(rec), self.path("failed", rec.dirname))
-        if rec.kind == "process" and not rec.inputs:
-            self.mark_fired(rec.name)
-        info["dirname"] = rec.dirname
-        return info
+    def note_done(self, process: str, task_id: str) -> None:
+        """One line in done.log (a redo may write it twice: read as a set)."""
+        try:
+            self.fs.append(self.path(DONE_LOG), f"{process}\t{task_id}\n".encode())
+        except StorageError:
+            pass  # a count, never data: the commit stands
 
 
 def _chmod_nofollow(path: str, mode: int) -> None:
@@ -452,8 +159,6 @@ def _chmod_nofollow(path: str, mode: int) -> None:
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
-
-
 
 
 def parse_log_name(name: str) -> tuple[str, str, int] | None:

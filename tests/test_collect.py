@@ -1,6 +1,6 @@
 """Collection: where a container's files become items (docs/reliability.md, "Collection").
 
-What a script leaves in /task is hostile. ``RunStore.collect`` must turn only
+What a script leaves in /task is hostile. ``TaskStore.collect`` must turn only
 the declared outputs' regular files into items, and each item must be a new
 file flowd made and owns: mode 0640, one link, no setuid, the bytes of a file
 that was in work/ (never of a file outside it), stamped with its checksum.
@@ -40,6 +40,7 @@ from flowd import checksum
 from flowd.fsops import CHUNK, Durable, SimulatedCrash
 from flowd.collect import ITEM_MODE, TaskOutputError
 from flowd.store import RunStore
+from flowd.taskstore import TaskStore
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.geteuid() == 0
@@ -77,8 +78,8 @@ def new_task(base: str, fs: Durable | None = None):
     fs = fs or Durable()
     os.makedirs(base, exist_ok=True)
     store = RunStore.layout(os.path.join(base, "run"), fs, [])
-    rec = store.claim("process", "p", "s1", [])
-    store.set_attempt(rec, 1)
+    rec = TaskStore(store).claim("process", "p", "s1", [])
+    TaskStore(store).set_attempt(rec, 1)
     return store, rec
 
 
@@ -330,7 +331,7 @@ def test_collect_makes_only_safe_new_copies_of_checked_files(tmp_path_factory, d
     race = data.draw(st.booleans(), label="race")
     base = str(tmp_path_factory.mktemp("collect"))
     store, rec = new_task(base)
-    store.max_output_bytes = cap
+    tasks = TaskStore(store, max_output_bytes=cap)
     outside, sentinel, marker = outside_files(base)
     work = store.task_path(rec, "work")
     env = {"work": work, "outside": outside, "sentinel": sentinel, "contents": [], "files": [],
@@ -359,7 +360,7 @@ def test_collect_makes_only_safe_new_copies_of_checked_files(tmp_path_factory, d
         assert ready.wait(WAIT), "the racing process did not start"
     try:
         try:
-            result = store.collect(rec, outputs)
+            result = tasks.collect(rec, outputs)
         except TaskOutputError as e:
             event(f"{'race' if race else 'still'}: TaskOutputError ({_why(str(e))})")
             result = None
@@ -423,7 +424,7 @@ def test_a_hard_link_to_a_file_outside_cannot_be_collected_by_losing_its_name(tm
 
     monkeypatch.setattr(os, "open", open_then_lose_the_name)
     try:
-        result = store.collect(rec, [("o", "out")])
+        result = TaskStore(store).collect(rec, [("o", "out")])
     except TaskOutputError:
         result = []
     monkeypatch.undo()
@@ -452,7 +453,7 @@ def test_collect_is_idempotent_after_a_crash_at_any_point(tmp_path):
     store, rec = new_task(str(tmp_path / "clean"))
     _fill(store.task_path(rec, "work"))
     points0 = store.fs.points
-    clean = store.collect(rec, OUTPUTS)
+    clean = TaskStore(store).collect(rec, OUTPUTS)
     total = store.fs.points - points0
     want = [(ch, open(store.task_path(rec, rel), "rb").read()) for ch, rel in clean]
     assert want == [("m", b"first" * 1000), ("m", b"second"), ("m", b""), ("o", b"single")]
@@ -463,11 +464,11 @@ def test_collect_is_idempotent_after_a_crash_at_any_point(tmp_path):
         _fill(store.task_path(rec, "work"))
         store.fs = Durable(crash_at=n, crash_mode="raise")  # its points count from 0
         with pytest.raises(SimulatedCrash):
-            store.collect(rec, OUTPUTS)
+            TaskStore(store).collect(rec, OUTPUTS)
         again = RunStore(store.root, Durable())  # the restarted daemon
-        rec2 = again._load_task(rec.dirname)
+        rec2 = TaskStore(again)._load_task(rec.dirname)
         assert rec2.attempt == 1
-        result = again.collect(rec2, OUTPUTS)
+        result = TaskStore(again).collect(rec2, OUTPUTS)
         got = [(ch, open(again.task_path(rec2, rel), "rb").read()) for ch, rel in result]
         assert got == want, f"crash at point {n} of {total}"
         out = again.task_path(rec2, "out")
@@ -489,7 +490,7 @@ def test_what_collect_returns_is_durable_even_after_a_crash_at_any_point(tmp_pat
     store, rec = new_task(str(tmp_path / "clean"))
     _fill(store.task_path(rec, "work"))
     points0 = store.fs.points
-    clean = store.collect(rec, OUTPUTS)
+    clean = TaskStore(store).collect(rec, OUTPUTS)
     total = store.fs.points - points0
     want = [(ch, open(store.task_path(rec, rel), "rb").read()) for ch, rel in clean]
     lost = []
@@ -503,12 +504,12 @@ def test_what_collect_returns_is_durable_even_after_a_crash_at_any_point(tmp_pat
                 store.fs = Durable(crash_at=n, crash_mode="raise")
                 store.fs.observer = model
                 with pytest.raises(SimulatedCrash):
-                    store.collect(rec, OUTPUTS)
+                    TaskStore(store).collect(rec, OUTPUTS)
             fs = Durable()
             fs.observer = model
             again = RunStore(store.root, fs)
-            rec2 = again._load_task(rec.dirname)
-            result = again.collect(rec2, OUTPUTS)
+            rec2 = TaskStore(again)._load_task(rec.dirname)
+            result = TaskStore(again).collect(rec2, OUTPUTS)
             model.crash(None)  # the power goes: every write no fsync covered is gone
             got = []
             for ch, rel in result:
@@ -576,11 +577,12 @@ def test_a_non_root_daemon_collects_its_own_unreadable_outputs_and_removes_the_t
         from flowd.fsops import Durable
         from flowd.reaper import remove_tree
         from flowd.store import RunStore
+        from flowd.taskstore import TaskStore
         from flowd import checksum
         fs = Durable()
         store = RunStore.layout(os.path.abspath("run"), fs, [])
-        rec = store.claim("process", "p", "s1", [])
-        store.set_attempt(rec, 1)
+        rec = TaskStore(store).claim("process", "p", "s1", [])
+        TaskStore(store).set_attempt(rec, 1)
         work = store.task_path(rec, "work")
         with open(os.path.join(work, "shut"), "wb") as f:
             f.write(b"mine")
@@ -597,7 +599,7 @@ def test_a_non_root_daemon_collects_its_own_unreadable_outputs_and_removes_the_t
             f.write(b"junk")
         os.chmod(os.path.join(work, "junk", "deep"), 0)
         os.chmod(os.path.join(work, "junk"), 0o500)
-        result = store.collect(rec, [("a", "shut"), ("b", "dir")])
+        result = TaskStore(store).collect(rec, [("a", "shut"), ("b", "dir")])
         items = []
         for ch, rel in result:
             p = store.task_path(rec, rel)
@@ -621,9 +623,10 @@ def test_a_non_root_daemon_collects_or_refuses_an_unsearchable_output_folder(sha
         from flowd.fsops import Durable
         from flowd.collect import TaskOutputError
         from flowd.store import RunStore
+        from flowd.taskstore import TaskStore
         store = RunStore.layout(os.path.abspath("run"), Durable(), [])
-        rec = store.claim("process", "p", "s1", [])
-        store.set_attempt(rec, 1)
+        rec = TaskStore(store).claim("process", "p", "s1", [])
+        TaskStore(store).set_attempt(rec, 1)
         work = store.task_path(rec, "work")
         os.mkdir(os.path.join(work, "out"))
         with open(os.path.join(work, "out", "f"), "wb") as f:
@@ -632,7 +635,7 @@ def test_a_non_root_daemon_collects_or_refuses_an_unsearchable_output_folder(sha
         os.chmod(os.path.join(work, "out"), 0o444)
         try:
             got = [open(store.task_path(rec, rel), "rb").read().decode()
-                   for _, rel in store.collect(rec, [("o", "out")])]
+                   for _, rel in TaskStore(store).collect(rec, [("o", "out")])]
         except TaskOutputError as e:
             got = "refused: " + str(e)
         except OSError as e:

@@ -303,10 +303,10 @@ def test_run_summary_and_detail_are_as_documented(tmp_path):
         if run.finished:
             break
     assert run.state == "succeeded"
-    detail = json.loads(json.dumps(run.detail()))
+    detail = json.loads(json.dumps(run.view.detail()))
     assert detail["failures"], "the example needs a failed task"
     assert_shape(_doc_json("status-run"), detail)
-    summary = json.loads(json.dumps(run.summary()))
+    summary = json.loads(json.dumps(run.view.summary()))
     assert_shape(_doc_json("status-list")["runs"][0], summary)
 
 

@@ -128,7 +128,7 @@ def test_exhausted_retries_keep_inputs_as_a_dead_letter_and_stop_the_run(tmp_pat
     kept = os.listdir(os.path.join(h.path, "failed", failed[0], "in"))
     assert len(kept) == 1
     assert h.items("a") == [b"two"]  # never started: still queued
-    d = h.run.detail()
+    d = h.run.view.detail()
     assert d["failures"][0]["attempts"] == 2
     assert "exit status 3" in d["failures"][0]["reason"]
     assert "fake p" in d["failures"][0]["log_tail"]
@@ -147,7 +147,7 @@ def test_continue_goes_on_and_succeeds_with_failures_counted(tmp_path):
     h = Harness(tmp_path, w, {"p": odd_fails})
     assert h.drain() == E.SUCCEEDED
     assert h.items("out") == [b"2", b"4"]
-    assert h.run.summary()["tasks_failed"] == 2
+    assert h.run.view.summary()["tasks_failed"] == 2
 
 
 def test_stop_failure_kills_other_running_tasks_and_keeps_their_inputs(tmp_path):
@@ -195,7 +195,7 @@ def test_hostile_outputs_fail_the_task_and_publish_nothing(tmp_path, make_bad):
     h = Harness(tmp_path, w, {"p": hostile})
     assert h.drain() == E.FAILED
     assert h.items("out") == []
-    assert "bad output" in h.run.detail()["failures"][0]["reason"]
+    assert "bad output" in h.run.view.detail()["failures"][0]["reason"]
     assert sentinel.read_bytes() == b"host secret"
 
 
@@ -268,13 +268,13 @@ def test_a_damaged_item_is_quarantined_never_fed_and_never_deleted(tmp_path, dam
     assert h.drain() == E.SUCCEEDED
     assert fed == [b"first item", b"third item"]  # the damaged one never reached a script
     assert h.items("out") == [b"first item", b"third item"]
-    (q,) = h.run.detail()["quarantined"]
+    (q,) = h.run.view.detail()["quarantined"]
     assert q["channel"] == "a" and q["process"] == "p"
     assert ("checksum mismatch" if damage == "flip" else "truncated") in q["reason"]
     kept = os.path.join(h.path, "quarantine", os.path.basename(victim))
     assert os.path.exists(kept) and os.path.exists(kept + ".json")  # kept, with its reason
     h.open()  # a restart still knows it
-    assert len(h.run.detail()["quarantined"]) == 1
+    assert len(h.run.view.detail()["quarantined"]) == 1
 
 
 @pytest.mark.parametrize("planted", ["no-stamp", "symlink", "setuid", "world-writable"])
@@ -306,7 +306,7 @@ def test_an_input_that_is_not_an_item_flowd_made_is_never_mounted(tmp_path, plan
         os.chmod(victim, 0o666)
     assert h.drain() == E.SUCCEEDED
     assert fed == [b"first", b"third"]  # never given to a script
-    (q,) = h.run.detail()["quarantined"]
+    (q,) = h.run.view.detail()["quarantined"]
     assert q["channel"] == "a"
     assert {"no-stamp": "no checksum stamp", "symlink": "not a regular file", "setuid": "mode 4755",
             "world-writable": "mode 666"}[planted] in q["reason"]
@@ -361,10 +361,10 @@ def test_done_counts_survive_a_restart(tmp_path):
            processes=[proc("count", "lines", "counts")])
     h = Harness(tmp_path, w, {"count": count_words})
     h.pump(limit=1)  # one task done, then the daemon stops
-    assert [p["done"] for p in h.run.detail()["processes"]] == [1]
+    assert [p["done"] for p in h.run.view.detail()["processes"]] == [1]
     h.open(containers=dict(h.ex.containers))
-    assert [p["done"] for p in h.run.detail()["processes"]] == [1]
+    assert [p["done"] for p in h.run.view.detail()["processes"]] == [1]
     assert h.drain() == E.SUCCEEDED
     h.open()
-    assert h.run.summary()["tasks_done"] == 3
-    assert [p["done"] for p in h.run.detail()["processes"]] == [3]
+    assert h.run.view.summary()["tasks_done"] == 3
+    assert [p["done"] for p in h.run.view.detail()["processes"]] == [3]

@@ -7,22 +7,22 @@ from .runs import find_run
 
 def items(d, args, payload, **kw):
     run = find_run(d, args["run"])
-    return {"run": run.id, "channel": args["channel"], "items": run.items(args["channel"])}
+    return {"run": run.id, "channel": args["channel"], "items": run.view.items(args["channel"])}
 
 
 def read(d, args, payload, **kw):
     # 1 <= length <= CHUNK and offset >= 0 (checked at the edge): never a whole item
     run = find_run(d, args["run"])
-    data = run.read(args["channel"], args["seq"], args["offset"], args["length"])
+    data = run.view.read(args["channel"], args["seq"], args["offset"], args["length"])
     return {"size": len(data)}, data
 
 
 def logs(d, args, payload, **kw):
     run = find_run(d, args["run"])
-    return {"run": run.id, "state": run.state, "logs": run.logs(args["process"], args["task"])}
+    return {"run": run.id, "state": run.state, "logs": run.view.logs(args["process"], args["task"])}
 
 
 def read_log(d, args, payload, **kw):
     run = find_run(d, args["run"])
-    data = run.read_log(args["name"], args["offset"], P.CHUNK)
+    data = run.view.read_log(args["name"], args["offset"], P.CHUNK)
     return {"size": len(data)}, data

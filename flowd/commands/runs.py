@@ -20,7 +20,7 @@ def status(d, args, payload, peer, req_id):
     ref = args.get("run")
     if not ref:
         runs = sorted(d.runs.values(), key=lambda r: r.meta.get("submitted_at", 0))
-        return {"runs": [r.summary() for r in runs], "engine_up": d.engine_up,
+        return {"runs": [r.view.summary() for r in runs], "engine_up": d.engine_up,
                 "engine_message": d.engine_message, "disk_ok": d.disk.ok,
                 "disk_free": d.disk._free()}
     run = find_run(d, ref)
@@ -30,7 +30,7 @@ def status(d, args, payload, peer, req_id):
         for w in d.waiters.add(time.monotonic() + wait, run.id, peer, req_id):
             answer_waiter(d, w)
         return None
-    return {"run": run.detail(), "engine_up": d.engine_up, "disk_ok": d.disk.ok}
+    return {"run": run.view.detail(), "engine_up": d.engine_up, "disk_ok": d.disk.ok}
 
 
 def answer_waiters(d, now: float) -> None:
@@ -41,7 +41,7 @@ def answer_waiters(d, now: float) -> None:
 
 def answer_waiter(d, w) -> None:
     run = d.runs.get(w.run_id)
-    result = {"run": run.detail() if run else None, "engine_up": d.engine_up}
+    result = {"run": run.view.detail() if run else None, "engine_up": d.engine_up}
     d.control.send(w.peer, P.encode_reply(w.req_id, result))
 
 

@@ -7,11 +7,8 @@ spool's free-space floor is checked before each begin and each chunk
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 
-from .. import checksum
 from ..errors import StorageError, UsageError
 from ..staging import PUSH_FILE
 from ..textsafe import for_log
@@ -75,20 +72,12 @@ def push_end(d, args, payload, **kw):
     if up.declared and up.received != up.size:
         raise UsageError(f"push_end: {up.received} bytes were received, {up.size} declared; "
                          "send the rest, or push again")
-    item = os.path.join(d.staging.take(up), PUSH_FILE)
     try:
-        # The checksum was computed while the chunks came in: stamped here,
-        # the item is never read whole on the loop (issue 9 #3).
-        fd = os.open(item, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-        try:
-            checksum.stamp(fd, up.summer)
-        finally:
-            os.close(fd)
-        seq = run.push(channel, item, stamped=True)
+        seq = run.push(channel, d.staging.push_item(up), stamped=True)
     except OSError as e:
         raise StorageError(f"cannot store the pushed item: {e.strerror}") from None
     finally:
-        shutil.rmtree(up.path, ignore_errors=True)
+        d.staging.discard(up)
     log.info("run %s: item %d pushed to %s by %s", run.id, seq, for_log(channel),
              args["_caller"])
     return {"run": run.id, "channel": channel, "seq": seq}
