@@ -60,7 +60,7 @@ class Daemon:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.runs: dict[str, Run] = {}
         self.waiters = Waiters(WAITERS_PER_PEER, MAX_WAITERS)  # status --wait requests
-        self.staging = Staging(self.uploads_dir, max_age=UPLOAD_MAX_AGE)  # uploads and pushes
+        self.staging = Staging(self.uploads_dir, self.fs, max_age=UPLOAD_MAX_AGE)  # uploads and pushes
         self.creating: dict[str, _Creation] = {}  # runs whose folders are being made
         self.creator = Creator(self)
         self.disk = Disk(self)
