@@ -87,22 +87,22 @@ class SimExecutor(FakeExecutor):
 
     def start(self, spec: X.TaskSpec) -> None:
         self.started.append(spec)
-        self.world.containers.pop(spec.container_name, None)  # an old attempt's goes
+        self.world.containers.pop(spec.key, None)  # an old attempt's goes
         sources = [spec.workdir, spec.script_path] + [m.source for m in spec.inputs]
         missing = [p for p in sources if not os.path.exists(p)]
         if missing or not os.path.isdir(spec.workdir):  # Docker's bind mounts refuse it
             self.report(X.TaskResult(spec.run_id, spec.task_id, spec.attempt, X.ERROR,
                                      message=f"could not start the container: no {missing}"))
             return
-        self.world.containers[spec.container_name] = Container(
+        self.world.containers[spec.key] = Container(
             spec, rounds=self.slow.get(spec.process, 0))
         self.pending.append(spec)
 
     def adopt(self, spec: X.TaskSpec) -> None:
         self.adopted.append(spec)
-        c = self.world.containers.get(spec.container_name)
+        c = self.world.containers.get(spec.key)
         if c is None or c.spec.attempt != spec.attempt:
-            self.world.containers.pop(spec.container_name, None)
+            self.world.containers.pop(spec.key, None)
             self.report(X.TaskResult(spec.run_id, spec.task_id, spec.attempt, X.MISSING))
         elif c.result is not None:
             self.report(c.result)  # it exited while the daemon was down
@@ -115,14 +115,14 @@ class SimExecutor(FakeExecutor):
             if spec.key == (run_id, task_id):
                 self.pending.remove(spec)
                 res = X.TaskResult(run_id, task_id, spec.attempt, X.KILLED, message="killed")
-                c = self.world.containers.get(spec.container_name)
+                c = self.world.containers.get(spec.key)
                 if c is not None:
                     c.result = res
                 self.report(res)
 
     def remove(self, spec: X.TaskSpec) -> None:
-        self.removed.append(spec.container_name)
-        self.world.containers.pop(spec.container_name, None)
+        self.removed.append(spec.key)
+        self.world.containers.pop(spec.key, None)
 
     def sweep(self, spool: str, keep: set[tuple[str, str]]) -> None:
         for name, c in list(self.world.containers.items()):
@@ -134,7 +134,7 @@ class SimExecutor(FakeExecutor):
         later = []  # slow containers: still running after this round
         while self.pending and (limit is None or n < limit):
             spec = self.pending.pop(0)
-            c = self.world.containers.get(spec.container_name)
+            c = self.world.containers.get(spec.key)
             if c is None or c.spec.attempt != spec.attempt:
                 continue  # removed meanwhile
             if c.result is None and c.rounds > 0:

@@ -26,6 +26,7 @@ import urllib3.exceptions  # noqa: E402
 
 from flowd.errors import EngineError, EngineUnavailable, ImageUnavailable, NotFound  # noqa: E402
 from flowd.executor import base as X  # noqa: E402
+from flowd.executor import container as C  # noqa: E402
 from flowd.executor import docker as D  # noqa: E402
 from flowd.executor.docker import DockerExecutor  # noqa: E402
 from flowd.run import container_identity  # noqa: E402
@@ -113,9 +114,9 @@ def read(path: str) -> str:
 
 def containers(client, spec_or_spool) -> list[dict]:
     if isinstance(spec_or_spool, X.TaskSpec):
-        labels = [f"{X.LABEL_RUN}={spec_or_spool.run_id}", f"{X.LABEL_TASK}={spec_or_spool.task_id}"]
+        labels = [f"{C.LABEL_RUN}={spec_or_spool.run_id}", f"{C.LABEL_TASK}={spec_or_spool.task_id}"]
     else:
-        labels = [f"{X.LABEL_SPOOL}={spec_or_spool}"]
+        labels = [f"{C.LABEL_SPOOL}={spec_or_spool}"]
     return client.api.containers(all=True, filters={"label": labels})
 
 
@@ -196,7 +197,7 @@ def test_oom_is_seen_even_when_the_engine_misses_it(run_task, docker_client):
     assert res.status == X.OOM
     assert D.OOM_MARK in read(spec.log_path)
     # And the decision without the flag:
-    info = docker_client.api.inspect_container(spec.container_name)
+    info = docker_client.api.inspect_container(C.container_name(spec))
     info["State"]["OOMKilled"] = False
     q = Reports()
     ex = DockerExecutor(q, spool=spec.spool)
@@ -295,7 +296,7 @@ def test_remove_and_start_again_under_the_same_name(executor, run_task, reports,
     res2 = reports.result(spec.key)
     assert res2.ok and res2.attempt == 2
     (c,) = containers(docker_client, spec)
-    assert c["Labels"][X.LABEL_ATTEMPT] == "2"
+    assert c["Labels"][C.LABEL_ATTEMPT] == "2"
     # remove() of the old attempt leaves the new one alone; of the new one removes it.
     spec.attempt = 1
     executor.remove(spec).result(WAIT)
@@ -378,7 +379,7 @@ def test_adopt_does_not_trust_a_container_that_ended_before_a_reboot(
         res = reports.result(spec.key)
         assert res.status == X.MISSING and "not trusted" in res.message
         assert docker_client.api.containers(
-            all=True, filters={"name": spec.container_name}) == []
+            all=True, filters={"name": C.container_name(spec)}) == []
     finally:
         second.close()
 
@@ -414,7 +415,7 @@ def test_sweep_removes_only_unkept(executor, reports, docker_tmp, docker_spool, 
     try:
         executor.sweep(docker_spool, {("rsweep", "t1")}).result(WAIT)
         left = containers(docker_client, docker_spool)
-        assert [c["Labels"][X.LABEL_TASK] for c in left] == ["t1"]
+        assert [c["Labels"][C.LABEL_TASK] for c in left] == ["t1"]
         assert len(containers(docker_client, other_spool)) == 1  # another spool's: untouched
     finally:
         executor.sweep(other_spool, set()).result(WAIT)
@@ -430,7 +431,7 @@ def test_hardening_audit(run_task, docker_client, docker_tmp, network):
     spec, res = run_task("cat in.txt\n", network=network, memory=64 * 1024 * 1024, cpus=0.5,
                          pids_limit=50, inputs=[X.Mount(data, "/task/in.txt")])
     assert res.ok, res
-    info = docker_client.api.inspect_container(spec.container_name)
+    info = docker_client.api.inspect_container(C.container_name(spec))
     hc = info["HostConfig"]
     assert hc["Privileged"] is False
     assert "no-new-privileges" in hc["SecurityOpt"]
@@ -444,12 +445,12 @@ def test_hardening_audit(run_task, docker_client, docker_tmp, network):
     assert info["Config"]["User"] == f"{os.geteuid()}:{os.getegid()}"  # flowd's (container_user)
     assert info["Config"]["WorkingDir"] == "/task"
     assert info["Config"]["Cmd"][:2] == ["/bin/sh", "-c"] and not info["Config"]["Entrypoint"]
-    assert spec.command()[2] in info["Config"]["Cmd"][2]  # wrapped with the OOM check
-    assert info["Config"]["Labels"] == {**spec.labels}
+    assert C.wrapper(spec) in info["Config"]["Cmd"][2]  # wrapped with the OOM check
+    assert info["Config"]["Labels"] == C.labels(spec, spec.spool)
     mounts = {(m["Source"], m["Destination"], m["RW"]) for m in info["Mounts"]}
     assert mounts == {
         (spec.workdir, "/task", True),
-        (spec.script_path, X.SCRIPT_PATH, False),
+        (spec.script_path, C.SCRIPT_PATH, False),
         (data, "/task/in.txt", False),
     }
 

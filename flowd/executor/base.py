@@ -5,14 +5,21 @@ and ``remove`` return at once; the executor does the slow work on threads it
 owns and reports back by calling the ``report`` callable it was built with
 (thread-safe: the daemon's implementation puts the event on a queue and
 wakes its loop). Implementations: ``flowd.executor.docker.DockerExecutor``
-(the real one; its docker* modules are the only ones that import docker) and
-``flowd.executor.fake.FakeExecutor`` (unit tests).
+(the real one: fresh containers, and warm ones through
+``flowd.executor.warm``; its docker* modules are the only ones that import
+docker) and ``flowd.executor.fake.FakeExecutor`` (unit tests). One contract
+suite (tests/test_executor_contract.py) runs against each.
 
-A container that exits non-zero is a *result*, never an exception.
+What the seam knows is what every backend does: start, adopt, kill,
+remove, sweep, reconfigure, status. Names, labels and the shell wrapper of
+a container are the Docker backends' (``flowd.executor.container``).
+
+A script that exits non-zero is a *result*, never an exception.
 """
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,23 +33,8 @@ MISSING = "missing"  # adopt found no container: never started, or removed
 ERROR = "error"  # could not start: no image, bad config, engine refused
 DAMAGED = "damaged"  # an input failed its checksum: not started (see TaskResult.damaged)
 
-LABEL_PREFIX = "io.flowd."
-LABEL_RUN = LABEL_PREFIX + "run"
-LABEL_TASK = LABEL_PREFIX + "task"
-LABEL_PROCESS = LABEL_PREFIX + "process"
-LABEL_ATTEMPT = LABEL_PREFIX + "attempt"
-LABEL_SPOOL = LABEL_PREFIX + "spool"
-
-# Where things appear inside the container.
+# Where a task's inputs and outputs are, for its script (every backend).
 TASK_DIR = "/task"
-SCRIPT_PATH = "/.flowd/script"
-
-INTERPRETERS = {
-    "sh": "sh",
-    "bash": "bash",
-    "python": "python3",
-    "node": "node",
-}
 
 
 @dataclass
@@ -87,49 +79,6 @@ class TaskSpec:
     def key(self) -> tuple[str, str]:
         return (self.run_id, self.task_id)
 
-    @property
-    def container_name(self) -> str:
-        return f"flowd-{self.run_id}-{self.process}-{self.task_id}"
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return {
-            LABEL_RUN: self.run_id,
-            LABEL_TASK: self.task_id,
-            LABEL_PROCESS: self.process,
-            LABEL_ATTEMPT: str(self.attempt),
-            LABEL_SPOOL: self.spool,
-        }
-
-    def command(self) -> list[str]:
-        """The command the container runs: a POSIX-sh wrapper around the script.
-
-        It runs the script with the process's interpreter in /task, says
-        plainly when the image lacks that interpreter, and leaves every output
-        readable and deletable by the daemon whatever uid the image uses.
-        """
-        interp = INTERPRETERS[self.lang]
-        # New files are rw for the user and flowd's group (the container's own
-        # group is flowd's, or it was added: TaskSpec.group_add); outputs a
-        # script chmod-ed shut are opened again for that group at the end.
-        # Nothing is ever world-writable. The outputs are copied, never used.
-        outs = " ".join(_sh_quote(f"{TASK_DIR}/{o}") for o in self.outputs)
-        chmod = f"chmod -R ug+rwX {outs} 2>/dev/null; " if outs else ""
-        wrapper = (
-            "umask 007; "
-            f"cd {TASK_DIR} || exit 125; "
-            f"if ! command -v {interp} >/dev/null 2>&1; then "
-            f"echo 'flowd: the image has no {interp} for lang=\"{self.lang}\"; "
-            f"use an image that has it, or another lang' >&2; exit 127; fi; "
-            f"{interp} {SCRIPT_PATH}; rc=$?; "
-            f"{chmod}exit $rc"
-        )
-        return ["/bin/sh", "-c", wrapper]
-
-
-def _sh_quote(s: str) -> str:
-    return "'" + s.replace("'", "'\"'\"'") + "'"
-
 
 @dataclass
 class TaskResult:
@@ -164,43 +113,75 @@ class EngineState:
 Report = Callable[[object], None]
 
 
+@dataclass
+class Settings:
+    """The daemon's settings an executor follows; ``reconfigure`` changes them live."""
+
+    max_containers: int = 64  # all containers at once, fresh and warm, running or idle
+    cap_add: list[str] = field(default_factory=list)  # given back after every one is dropped
+    warm_idle: float = 120.0  # seconds an idle warm container is kept
+    warm_tasks: int = 1000  # tasks one warm container runs before it is replaced (0: no limit)
+    warm_read_only: bool = True  # warm containers' root file system is read-only
+
+
+def done_future() -> concurrent.futures.Future:
+    """A future already done: what an executor that works at once returns."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_result(None)
+    return fut
+
+
 class Executor(abc.ABC):
-    """Runs task attempts; reports ``TaskResult`` and ``EngineState``."""
+    """Runs task attempts; reports ``TaskResult`` and ``EngineState``.
 
-    def __init__(self, report: Report):
+    Every call returns at once with a ``concurrent.futures.Future`` that is
+    done when the executor has done the job (not when the task ends: that is
+    the ``TaskResult`` report). The daemon ignores them; tests may wait.
+    """
+
+    def __init__(self, report: Report, settings: Settings | None = None):
         self.report = report
+        self.settings = settings or Settings()
 
     @abc.abstractmethod
-    def start(self, spec: TaskSpec) -> None:
-        """Create and start the attempt's container; report its result later.
+    def start(self, spec: TaskSpec) -> concurrent.futures.Future:
+        """Run the attempt; report its ``TaskResult`` when it ends.
 
-        A container of the same name left from an earlier attempt is removed
-        first. An image that is missing is pulled; when that fails the result
-        is ``ERROR`` with "image X is not present and could not be pulled".
+        Inputs that fail their checks are reported ``DAMAGED`` and nothing
+        runs. What the backend could not start is ``ERROR`` (``retryable``
+        when the backend itself is away: the same attempt starts again later).
         """
 
     @abc.abstractmethod
-    def adopt(self, spec: TaskSpec) -> None:
-        """After a daemon restart: find the attempt's container by label.
+    def adopt(self, spec: TaskSpec) -> concurrent.futures.Future:
+        """After a daemon restart: take the attempt back if it is still there.
 
-        Running: wait for it (the timeout counts from its start). Exited:
-        report its result. Not there: report ``MISSING``.
+        Running: follow it (its timeout counts from its start). Ended: report
+        its result. Not there, or not trusted: report ``MISSING`` (it runs again).
         """
 
     @abc.abstractmethod
-    def kill(self, run_id: str, task_id: str) -> None:
-        """Stop a task's container; its result is reported as ``KILLED``."""
+    def kill(self, run_id: str, task_id: str) -> concurrent.futures.Future:
+        """Stop the task; its result is reported as ``KILLED``."""
 
     @abc.abstractmethod
-    def remove(self, spec: TaskSpec) -> None:
-        """Remove the attempt's container (its outputs have been collected)."""
+    def remove(self, spec: TaskSpec) -> concurrent.futures.Future:
+        """Forget the attempt (its outputs have been collected): remove what it left."""
 
     @abc.abstractmethod
-    def sweep(self, spool: str, keep: set[tuple[str, str]]) -> None:
-        """Remove this spool's containers whose (run, task) is not in ``keep``."""
+    def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
+        """Remove this spool's leftovers whose (run, task) is not in ``keep``."""
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Follow new settings (config reload) from the next task on."""
+        self.settings = settings
+
+    def status(self) -> dict:
+        """What the backend holds now, for ``flowctl status`` (e.g. its warm pool)."""
+        return {}
 
     def close(self) -> None:
-        """Stop threads; running containers are left running."""
+        """Stop threads; running work is left running (``adopt`` finds it)."""
 
 
 def live_log_path(log_path: str) -> str:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -80,22 +81,22 @@ from .dockerapi import (  # noqa: F401  (_translate, _parse_time: for the tests)
 from .dockerlogs import LogCopier, _unlink
 from .dockerspec import OOM_MARK, create_args, outcome  # noqa: F401  (OOM_MARK: for the tests)
 from .lanes import Lane
+from .container import LABEL_ATTEMPT, LABEL_POOL, LABEL_RUN, LABEL_SPOOL, LABEL_TASK, container_name
 from .base import (
     DAMAGED,
     ERROR,
     KILLED,
-    LABEL_ATTEMPT,
-    LABEL_RUN,
-    LABEL_SPOOL,
-    LABEL_TASK,
     MISSING,
     Executor,
     Report,
+    Settings,
     TaskResult,
     TaskSpec,
     check_inputs,
+    done_future,
     live_log_path,
 )
+from .warm import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class DockerExecutor(Executor):
         report: Report,
         *,
         spool: str = "",
+        settings: Settings | None = None,
+        pool_dir: str | None = None,
         max_workers: int = 64,
         cap_add: list[str] | None = None,
         security_opt: list[str] | None = None,
@@ -122,9 +125,13 @@ class DockerExecutor(Executor):
     ):
         """
         ``spool``: default spool label (a ``TaskSpec`` with its own wins).
+        ``settings``: max_containers, cap_add and the warm pool's (base.Settings).
+        ``pool_dir``: where warm containers' folders go (in the spool, on its
+        file system); default ``spool``/pool when ``spool`` is a path.
         ``max_workers``: containers waited on at once (more are queued; their
         timeouts still count from their start).
-        ``cap_add``: capabilities given back after ``cap_drop=["ALL"]``.
+        ``cap_add``: capabilities given back after ``cap_drop=["ALL"]`` (when
+        no ``settings`` are given).
         ``security_opt``: extra options after ``no-new-privileges`` (e.g. a
         seccomp or AppArmor profile).
         ``log_limit``: bytes of log kept per task (the tail).
@@ -132,10 +139,13 @@ class DockerExecutor(Executor):
         default: ``docker.from_env()``, made lazily on first use so that
         building an executor never blocks or fails when the engine is down.
         """
-        super().__init__(report)
+        super().__init__(report, settings or Settings(max_containers=max_workers,
+                                                      cap_add=list(cap_add or [])))
         self.spool = spool
         self.max_workers = max_workers
-        self.cap_add = list(cap_add or [])
+        if pool_dir is None and os.path.isabs(spool):
+            pool_dir = os.path.join(spool, "pool")
+        self.pool = WarmPool(self, pool_dir or "")
         self.security_opt = ["no-new-privileges"] + list(security_opt or [])
         self.log_limit = log_limit
         self.link = EngineLink(self, client)  # the engine: calls, errors, outages
@@ -148,18 +158,27 @@ class DockerExecutor(Executor):
         self._ops = Lane("flowd-docker-ops", OPS_LANE)
         self._follows = Lane("flowd-docker-logs", max_workers)
 
+    @property
+    def cap_add(self) -> list[str]:
+        return self.settings.cap_add
+
     # -- the Executor interface ---------------------------------------------
     def start(self, spec: TaskSpec) -> concurrent.futures.Future:
         t = _Task(spec)
         with self._lock:
             self._tasks[spec.key] = t
             self._kills.discard(spec.key)
+        self.pool.forget_kill(spec.key)
+        if spec.container == "warm":
+            return self._waits.submit(self.pool.run, t)
         return self._starts.submit(self._start_job, t)
 
     def adopt(self, spec: TaskSpec) -> concurrent.futures.Future:
         t = _Task(spec)
         with self._lock:
             self._tasks[spec.key] = t
+        if spec.container == "warm":
+            return self._ops.submit(self.pool.adopt, t)
         return self._waits.submit(self._adopt_job, t)
 
     def kill(self, run_id: str, task_id: str) -> concurrent.futures.Future:
@@ -169,20 +188,45 @@ class DockerExecutor(Executor):
             t = self._tasks.get(key)
             cid = t.container_id if t is not None else None
             spool = self._spool(t.spec) if t is not None else self.spool
+            warm = t is not None and t.spec.container == "warm"
+        if warm:
+            self.pool.kill(key)  # its thread sees it within warm.POLL and retires the container
+            return done_future()
         return self._ops.submit(self._kill_job, key, cid, spool)
 
     def remove(self, spec: TaskSpec) -> concurrent.futures.Future:
         with self._lock:
             self._kills.discard(spec.key)
+        if spec.container == "warm":
+            return done_future()  # the container stays in the pool; its slot is empty already
         return self._ops.submit(self._remove_job, spec)
 
     def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
         return self._ops.submit(self._sweep_job, spool, set(keep))
 
+    def reconfigure(self, settings: Settings) -> None:
+        """New settings from the next task on; warm containers made with other
+        capabilities or root settings are no longer used (their key differs)."""
+        self.settings = settings
+        self.pool.retire_all("the configuration changed")
+        self.make_room()
+
+    def status(self) -> dict:
+        with self._lock:
+            fresh = sum(1 for t in self._tasks.values() if t.spec.container != "warm")
+        return {"fresh": fresh, "warm": self.pool.counts(), "max_containers": self.settings.max_containers}
+
+    def make_room(self) -> None:
+        """Retire idle warm containers so that every container fits in max_containers."""
+        with self._lock:
+            fresh = sum(1 for t in self._tasks.values() if t.spec.container != "warm")
+        self.pool.make_room(fresh)
+
     def close(self) -> None:
         """Stop the threads; containers keep running (``adopt`` finds them)."""
         if not self.link.close():
             return
+        self.pool.close()
         for lane in (self._starts, self._waits, self._ops, self._follows):
             lane.close()
 
@@ -197,6 +241,7 @@ class DockerExecutor(Executor):
             # No removal of a leftover container up front: create() meets a
             # name conflict only in the rare case there is one, and handles it.
             self.link.ensure_image(spec.image)
+            self.make_room()  # an idle warm container may hold the slot this one needs
             if self._kill_requested(spec):
                 self._result(t, KILLED, message="killed before it started")
                 return
@@ -240,7 +285,7 @@ class DockerExecutor(Executor):
                 # The name is still taken: a removal still in progress.
                 if n == 2 or "is already in use" not in str(e):
                     raise
-                self.link.remove_by_name(spec.container_name)
+                self.link.remove_by_name(container_name(spec))
                 self.link.stop.wait(0.2 * (n + 1))
         raise AssertionError("not reached")
 
@@ -394,10 +439,16 @@ class DockerExecutor(Executor):
         except FlowError as e:
             log.warning("sweep of spool %r failed: %s", spool, e)
             return
+        pool = self.pool.names()
         for c in found:
             labels = c.get("Labels") or {}
-            if (labels.get(LABEL_RUN), labels.get(LABEL_TASK)) not in keep:
+            if labels.get(LABEL_POOL):  # a warm container: the pool's, or an earlier daemon's
+                if not any(n.lstrip("/") in pool for n in c.get("Names") or []):
+                    self.link.quiet_remove(c["Id"])
+            elif (labels.get(LABEL_RUN), labels.get(LABEL_TASK)) not in keep:
                 self.link.quiet_remove(c["Id"])
+        if self.pool.root:
+            self.pool.leftover_slots(pool)
 
     # -- reporting ---------------------------------------------------------------------
     def _kill_requested(self, spec: TaskSpec) -> bool:

@@ -23,7 +23,8 @@ import docker.utils
 import requests.exceptions
 
 from ..errors import EngineError, EngineUnavailable, FlowError, ImageUnavailable, NotFound
-from .base import LABEL_RUN, LABEL_SPOOL, LABEL_TASK, EngineState
+from .base import EngineState
+from .container import LABEL_RUN, LABEL_SPOOL, LABEL_TASK
 
 log = logging.getLogger("flowd.executor.docker")
 

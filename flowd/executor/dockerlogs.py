@@ -99,6 +99,58 @@ class LogCopier:
             _close_quietly(stream)
 
 
+class LogSink:
+    """A task's log written as it comes, for executors that receive the bytes
+    themselves (the warm pool): the live file gets the first ``limit`` bytes,
+    each write flushed (``flowctl logs --follow``); ``finish`` writes the
+    last ``limit`` bytes as the final log (fsynced, renamed into place) and
+    removes the live file, exactly as for a fresh container's log."""
+
+    def __init__(self, path: str, limit: int):
+        self.path = path
+        self.limit = limit
+        self.live_path = live_log_path(path)
+        self.part_path = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".part")
+        self.live = open(self.live_path, "wb")
+        self.part = open(self.part_path, "w+b")
+        self.live_size = self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        if self.live is not None and self.live_size < self.limit:
+            piece = chunk[: self.limit - self.live_size]
+            self.live.write(piece)
+            self.live.flush()
+            self.live_size += len(piece)
+        self.part.write(chunk)
+        self.size += len(chunk)
+        if self.size > 2 * self.limit:
+            self.size = _keep_tail(self.part, self.size, self.limit)
+
+    def finish(self) -> str:
+        """Save the final log; "" or a note on why it could not be saved."""
+        note = ""
+        try:
+            if self.size > self.limit:
+                self.size = _keep_tail(self.part, self.size, self.limit)
+            self.part.flush()
+            os.fsync(self.part.fileno())
+            os.replace(self.part_path, self.path)
+        except OSError as e:
+            note = f" (log not saved: {e.strerror or e})"
+            _unlink(self.part_path)
+        self.close()
+        return note
+
+    def close(self) -> None:
+        for f in (self.live, self.part):
+            try:
+                f.close()
+            except OSError:
+                pass
+        _unlink(self.live_path)
+        _unlink(self.part_path)
+
+
 def _keep_tail(f, size: int, limit: int) -> int:
     """Keep only the last ``limit`` of the ``size`` bytes written to ``f``; the new size."""
     f.flush()

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import docker.types
 
 from .. import units
-from .base import ERROR, EXITED, KILLED, LABEL_SPOOL, OOM, SCRIPT_PATH, TASK_DIR, TIMEOUT, TaskSpec
+from . import container as C
+from .base import ERROR, EXITED, KILLED, OOM, TASK_DIR, TIMEOUT, TaskSpec
 
 ENGINE_LOG_FACTOR = 4  # the engine keeps this many times log_limit of JSON log (executor docstring, "Logs")
 
@@ -36,20 +37,51 @@ _OOM_CHECK = (
 
 def create_args(api, spec: TaskSpec, *, spool: str, cap_add: list[str], security_opt: list[str],
                 log_limit: int) -> dict:
-    """create_container's arguments: the hardened defaults are all here."""
+    """create_container's arguments for a fresh task: the hardened defaults are in _hardened."""
     mounts = [
         docker.types.Mount(TASK_DIR, spec.workdir, type="bind", read_only=False),
-        docker.types.Mount(SCRIPT_PATH, spec.script_path, type="bind", read_only=True),
+        docker.types.Mount(C.SCRIPT_PATH, spec.script_path, type="bind", read_only=True),
     ] + [
         docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
         for m in spec.inputs
     ]
+    return _hardened(api, spec, mounts, command(spec), C.container_name(spec), C.labels(spec, spool),
+                     cap_add=cap_add, security_opt=security_opt, log_limit=log_limit)
+
+
+def warm_create_args(api, spec: TaskSpec, *, name: str, slot, labels: dict[str, str],
+                     cap_add: list[str], security_opt: list[str], log_limit: int,
+                     read_only: bool) -> dict:
+    """create_container's arguments for a warm container (flowd.executor.warmagent):
+    the same hardening, its slot's folders as /task, /tmp and the control
+    folder, the engine's init as pid 1, and a read-only root if asked."""
+    from .warmagent import CTL_DIR, agent_command
+
+    mounts = [
+        docker.types.Mount(TASK_DIR, slot.task, type="bind", read_only=False),
+        docker.types.Mount("/tmp", slot.tmp, type="bind", read_only=False),
+        docker.types.Mount(CTL_DIR, slot.ctl, type="bind", read_only=True),
+        docker.types.Mount(C.SCRIPT_PATH, spec.script_path, type="bind", read_only=True),
+    ]
+    return _hardened(api, spec, mounts, agent_command(spec), name, labels, cap_add=cap_add,
+                     security_opt=security_opt, log_limit=log_limit, init=True, read_only=read_only,
+                     environment={"HOME": spec.env["HOME"]} if "HOME" in spec.env else {})
+
+
+def _hardened(api, spec: TaskSpec, mounts: list, cmd: list[str], name: str, labels: dict[str, str], *,
+              cap_add: list[str], security_opt: list[str], log_limit: int, init: bool = False,
+              read_only: bool = False, environment: dict[str, str] | None = None) -> dict:
+    """Every container flowd creates: the hardened settings are all here."""
     limits: dict[str, Any] = {}
     if spec.memory:
         limits["mem_limit"] = int(spec.memory)
         limits["memswap_limit"] = int(spec.memory)  # the same: no swap
     if spec.cpus:
         limits["nano_cpus"] = int(spec.cpus * 1e9)
+    if init:
+        limits["init"] = True
+    if read_only:
+        limits["read_only"] = True
     half = max(ENGINE_LOG_FACTOR * log_limit // 2, 4096)
     host_config = api.create_host_config(
         mounts=mounts,
@@ -65,16 +97,14 @@ def create_args(api, spec: TaskSpec, *, spool: str, cap_add: list[str], security
         ),
         **limits,
     )
-    labels = dict(spec.labels)
-    labels[LABEL_SPOOL] = spool
     return dict(
         image=spec.image,
-        command=command(spec),
+        command=cmd,
         entrypoint=[""],  # the image's entrypoint would wrap our command
-        name=spec.container_name,
+        name=name,
         labels=labels,
         working_dir=TASK_DIR,
-        environment=dict(spec.env),
+        environment=dict(spec.env) if environment is None else environment,
         user=spec.user or "",  # "": the image's USER
         host_config=host_config,
         use_config_proxy=False,  # no proxy variables from ~/.docker/config.json
@@ -82,11 +112,8 @@ def create_args(api, spec: TaskSpec, *, spool: str, cap_add: list[str], security
 
 
 def command(spec: TaskSpec) -> list[str]:
-    """spec.command(), run in a subshell and followed by the OOM check."""
-    cmd = spec.command()
-    if cmd[:2] != ["/bin/sh", "-c"] or len(cmd) != 3:
-        return cmd
-    return ["/bin/sh", "-c", f"( {cmd[2]} ); rc=$?; {_OOM_CHECK}exit $rc"]
+    """The wrapper (flowd.executor.container), run in a subshell and followed by the OOM check."""
+    return ["/bin/sh", "-c", f"( {C.wrapper(spec)} ); rc=$?; {_OOM_CHECK}exit $rc"]
 
 
 def outcome(spec: TaskSpec, state: dict, *, killed: bool, timed_out: bool, engine_lost: bool,

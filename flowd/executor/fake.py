@@ -7,6 +7,7 @@ a test drives a whole run step by step without Docker or sleeps.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -49,35 +50,41 @@ class FakeExecutor(X.Executor):
         self.removed: list[str] = []
         self.killed: list[tuple[str, str]] = []
         self.adopted: list[X.TaskSpec] = []
-        self.containers: dict[str, X.TaskSpec] = {}  # name -> spec, until removed
+        self.containers: dict[tuple[str, str], X.TaskSpec] = {}  # (run, task) -> spec, until removed
 
-    def start(self, spec: X.TaskSpec) -> None:
+    def start(self, spec: X.TaskSpec) -> concurrent.futures.Future:
         self.started.append(spec)
         self.pending.append(spec)
-        self.containers[spec.container_name] = spec
+        self.containers[spec.key] = spec
+        return X.done_future()
 
-    def adopt(self, spec: X.TaskSpec) -> None:
+    def adopt(self, spec: X.TaskSpec) -> concurrent.futures.Future:
         self.adopted.append(spec)
-        if spec.container_name in self.containers:
+        if spec.key in self.containers and spec.container != "warm":
             self.pending.append(spec)
-        else:
+        else:  # as the Docker executor: a warm task is never taken back after a restart
+            self.containers.pop(spec.key, None)
             self.report(X.TaskResult(spec.run_id, spec.task_id, spec.attempt, X.MISSING))
+        return X.done_future()
 
-    def kill(self, run_id: str, task_id: str) -> None:
+    def kill(self, run_id: str, task_id: str) -> concurrent.futures.Future:
         self.killed.append((run_id, task_id))
         for spec in list(self.pending):
             if spec.key == (run_id, task_id):
                 self.pending.remove(spec)
                 self.report(X.TaskResult(run_id, task_id, spec.attempt, X.KILLED, message="killed"))
+        return X.done_future()
 
-    def remove(self, spec: X.TaskSpec) -> None:
-        self.removed.append(spec.container_name)
-        self.containers.pop(spec.container_name, None)
+    def remove(self, spec: X.TaskSpec) -> concurrent.futures.Future:
+        self.removed.append(spec.key)
+        self.containers.pop(spec.key, None)
+        return X.done_future()
 
-    def sweep(self, spool: str, keep: set[tuple[str, str]]) -> None:
+    def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
         for name, spec in list(self.containers.items()):
             if spec.key not in keep:
                 del self.containers[name]
+        return X.done_future()
 
     def run_pending(self, limit: int | None = None) -> int:
         """Run queued tasks (oldest first) and report their results."""
@@ -87,7 +94,7 @@ class FakeExecutor(X.Executor):
             n += 1
             damaged = X.check_inputs(spec)
             if damaged is not None:  # as the real executor: never started
-                self.containers.pop(spec.container_name, None)
+                self.containers.pop(spec.key, None)
                 self.report(X.TaskResult(spec.run_id, spec.task_id, spec.attempt, X.DAMAGED,
                                          **damaged))
                 continue
