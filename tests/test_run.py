@@ -234,7 +234,8 @@ def test_task_spec_gives_the_script_its_inputs_env_and_limits(tmp_path):
     h = Harness(tmp_path, w, {})
     h.run.tick(8)
     (spec,) = h.ex.started
-    assert spec.container_name == f"flowd-{h.run.id}-p-1"
+    from flowd.executor.container import container_name
+    assert container_name(spec) == f"flowd-{h.run.id}-p-1"
     assert spec.env == {"K": "v", "FLOWD_RUN": h.run.id, "FLOWD_PROCESS": "p",
                         "FLOWD_TASK": "1", "FLOWD_ATTEMPT": "1", "HOME": "/tmp"}
     # by default the container runs as flowd itself, so all it writes is flowd's
@@ -242,7 +243,9 @@ def test_task_spec_gives_the_script_its_inputs_env_and_limits(tmp_path):
     assert [m.target for m in spec.inputs] == ["/task/a"] and spec.inputs[0].read_only
     assert open(spec.inputs[0].source, "rb").read() == b"1"
     assert (spec.timeout, spec.memory, spec.cpus, spec.network) == (30.0, 64 << 20, 0.5, "bridge")
-    assert spec.labels[X.LABEL_RUN] == h.run.id and spec.labels[X.LABEL_TASK] == "1"
+    from flowd.executor import container as C
+    labels = C.labels(spec, spec.spool)
+    assert labels[C.LABEL_RUN] == h.run.id and labels[C.LABEL_TASK] == "1"
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
