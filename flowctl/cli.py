@@ -309,6 +309,12 @@ def cmd_status(client: Client, args) -> int:
                          "ELAPSED"], rows))
     else:
         print("no runs")
+    pool = result.get("containers") or {}
+    if isinstance(pool.get("warm"), dict) and (pool["warm"].get("containers") or pool.get("fresh")):
+        warm = pool["warm"]
+        print(f"\ncontainers: {_n(pool.get('fresh'))} fresh, {_n(warm.get('containers'))} warm "
+              f"({_n(warm.get('busy'))} busy, {_n(warm.get('idle'))} idle), "
+              f"at most {_n(pool.get('max_containers'))}")
     if not result.get("engine_up", True):
         print(f"\nwarning: the Docker engine is unavailable ({_t(result.get('engine_message'))}); "
               "tasks wait for it")
@@ -316,6 +322,11 @@ def cmd_status(client: Client, args) -> int:
         print(f"\nwarning: the spool is below its free-space floor ({fmt.size(result['disk_free'])} "
               "free): runs are paused and submissions refused until space is freed")
     return 0
+
+
+def _n(v) -> int:
+    """A count from the daemon, as a number whatever it sent."""
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def _render_run(d: dict) -> str:

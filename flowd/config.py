@@ -93,6 +93,14 @@ class Config:
     def container_cap(self) -> int:
         return self.max_containers or (os.cpu_count() or 1)
 
+    def executor_settings(self):
+        """What the executor follows (flowd.executor.base.Settings), from this config."""
+        from .executor.base import Settings
+
+        return Settings(max_containers=self.container_cap, cap_add=list(self.cap_add),
+                        warm_idle=self.warm_idle, warm_tasks=self.warm_tasks,
+                        warm_read_only=self.warm_read_only)
+
     def socket_gid(self) -> int | None:
         if not self.socket_group:
             return None

@@ -182,7 +182,8 @@ class Daemon:
         if self._executor_factory is None:
             from .executor.docker import DockerExecutor
 
-            self.executor = DockerExecutor(self.report, spool=self.spool, cap_add=self.cfg.cap_add)
+            self.executor = DockerExecutor(self.report, spool=self.spool, settings=self.cfg.executor_settings(),
+                                           pool_dir=os.path.join(self.spool, "pool"))
         else:
             self.executor = self._executor_factory(self.report)
         t0 = time.monotonic()

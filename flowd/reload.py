@@ -59,8 +59,8 @@ def reload(d) -> None:
     d.limits.container_user = old.container_user
     d.limits.default_container = old.default_container
     d.limits.max_output_bytes = old.max_output_size
-    if d.executor is not None and hasattr(d.executor, "cap_add"):
-        d.executor.cap_add = list(old.cap_add)
+    if d.executor is not None:
+        d.executor.reconfigure(old.executor_settings())
     logging.getLogger().setLevel(getattr(logging, old.log_level.upper()))
     changed = [k for k in live if getattr(old, k) != before[k]]
     log.info("reload: configuration re-read from %s; %s", path,

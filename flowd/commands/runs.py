@@ -22,7 +22,7 @@ def status(d, args, payload, peer, req_id):
         runs = sorted(d.runs.values(), key=lambda r: r.meta.get("submitted_at", 0))
         return {"runs": [r.view.summary() for r in runs], "engine_up": d.engine_up,
                 "engine_message": d.engine_message, "disk_ok": d.disk.ok,
-                "disk_free": d.disk._free()}
+                "disk_free": d.disk._free(), "containers": d.executor.status()}
     run = find_run(d, ref)
     wait = args["wait"]  # finite, 0 to P.MAX_WAIT (checked at the edge)
     if wait and not run.finished:
