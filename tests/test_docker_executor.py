@@ -28,6 +28,8 @@ from flowd.errors import EngineError, EngineUnavailable, ImageUnavailable, NotFo
 from flowd.executor import base as X  # noqa: E402
 from flowd.executor import container as C  # noqa: E402
 from flowd.executor import docker as D  # noqa: E402
+from flowd.executor import dockerapi as DA  # noqa: E402
+from flowd.executor import dockerspec as DS  # noqa: E402
 from flowd.executor.docker import DockerExecutor  # noqa: E402
 from flowd.run import container_identity  # noqa: E402
 
@@ -195,7 +197,7 @@ def test_oom_is_seen_even_when_the_engine_misses_it(run_task, docker_client):
     that the shell that says it is never a second victim: see below.)"""
     spec, res = run_task("dd if=/dev/zero of=/dev/null bs=64M count=1\n", memory=8 * 1024 * 1024)
     assert res.status == X.OOM
-    assert D.OOM_MARK in read(spec.log_path)
+    assert DS.OOM_MARK in read(spec.log_path)
     # And the decision without the flag:
     info = docker_client.api.inspect_container(C.container_name(spec))
     info["State"]["OOMKilled"] = False
@@ -220,7 +222,7 @@ def test_oom_flag_alone_is_not_oom(run_task):
     assert (res.status, res.exit_code) == (X.EXITED, 0), res
     log = read(spec.log_path)
     assert "survived rc=137" in log  # the child really was killed
-    assert D.OOM_MARK in log
+    assert DS.OOM_MARK in log
 
 
 @pytest.mark.docker
@@ -795,7 +797,7 @@ def test_mock_no_sdk_error_escapes(reports):
     (ValueError("odd"), EngineError, "ValueError: odd"),
 ])
 def test_translate(exc, cls, words):
-    err = D._translate(exc)
+    err = DA._translate(exc)
     assert type(err) is cls and words in str(err)
 
 
@@ -806,15 +808,15 @@ def test_translate_client_construction_failure():
         except requests.exceptions.ConnectionError as e:
             raise docker.errors.DockerException(f"Error while fetching server API version: {e}")
     except docker.errors.DockerException as e:
-        err = D._translate(e)
+        err = DA._translate(e)
     assert isinstance(err, EngineUnavailable) and "No such file or directory" in str(err)
 
 
 def test_docker_times_are_read():
     # (sizes and durations in words: flowd.units, tests/test_units.py)
-    assert D._parse_time("0001-01-01T00:00:00Z") is None
-    assert D._parse_time("2024-01-02T03:04:05.123456789Z") == pytest.approx(1704164645.123456789)
-    assert D._parse_time("2024-01-02T04:04:05+01:00") == 1704164645.0
+    assert DA._parse_time("0001-01-01T00:00:00Z") is None
+    assert DA._parse_time("2024-01-02T03:04:05.123456789Z") == pytest.approx(1704164645.123456789)
+    assert DA._parse_time("2024-01-02T04:04:05+01:00") == 1704164645.0
 
 
 def test_package_does_not_import_docker():

@@ -71,15 +71,9 @@ from ..errors import (
     ImageUnavailable,
     NotFound,
 )
-from .dockerapi import (  # noqa: F401  (_translate, _parse_time: for the tests)
-    EngineLink,
-    _WaitTimedOut,
-    _boot_time,
-    _parse_time,
-    _translate,
-)
+from .dockerapi import EngineLink, _WaitTimedOut, _boot_time, _parse_time
 from .dockerlogs import LogCopier, _unlink
-from .dockerspec import OOM_MARK, create_args, outcome  # noqa: F401  (OOM_MARK: for the tests)
+from .dockerspec import create_args, outcome
 from .lanes import Lane
 from .container import LABEL_ATTEMPT, LABEL_POOL, LABEL_RUN, LABEL_SPOOL, LABEL_TASK, container_name
 from .base import (
