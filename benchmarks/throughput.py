@@ -1,172 +1,578 @@
 #!/usr/bin/env python3
-"""Throughput: N items through a trivial process, flowd against a plain docker SDK loop.
+"""Throughput: N items through a one-line script: plain docker SDK loops, flowd fresh, flowd warm.
 
-Both sides run the same container work at the same concurrency C: a
-container of flowd/busybox that copies a small input file to an output file
-in a bind-mounted folder. The baseline is the least a tool must do: create,
-start, wait, remove, in C threads. flowd adds its durable protocol (claim,
-collect, commit, apply, each fsynced), log capture and its control loop.
-Both are measured in the same run, on the same machine, so the ratio is
-meaningful even on a noisy, shared machine; the absolute rates are not.
+Everything runs in one process and one run of this script, on the same
+machine, so the ratios mean something even on a noisy, shared machine (the
+absolute rates do not). Each task copies a small input file to an output
+file (``cat in > out``) in flowd/busybox. What is measured:
 
-    python benchmarks/throughput.py [--items 200] [--concurrency 4] [--rounds 1]
+``baseline``  the best plain way to run the same containers: C threads
+              (C = flowd's ``max_containers``), each its own loop of
+              create, start, wait, logs, remove through the low-level
+              ``APIClient`` (as flowd's executor), with exactly flowd's
+              container: the arguments come from flowd's own
+              ``dockerspec.create_args`` (task folder, input and script
+              bind-mounted, read-only where flowd makes them so, every
+              capability dropped, no-new-privileges, pids and memory
+              limits, labels, network none, json-file log limits, the
+              daemon's uid:gid, the wrapper command). No sleeps, no polling.
+``bare``      the same loop with no settings at all (root in the container,
+              the two bind mounts it needs, the engine's defaults): what the
+              hardening costs.
+``fresh``     flowd, ``container="fresh"``: the run's own clock, from its
+              first claim to its last commit.
+``warm``      flowd, ``container="warm"``: the same. It counts as warm only
+              if the engine created far fewer containers than tasks (engine
+              events); otherwise, or if the run does not finish, it prints
+              ``warm: not available (...)`` and goes on.
+``latency``   a ``mode="service"`` run of the same process with
+              ``container="warm"``: items pushed one at a time (flowctl's
+              client library, as ``flowctl push``, in this process), each
+              timed from the push's answer (the item is durable) to its
+              output item appearing in the result channel's folder (seen
+              with inotify). flowd moves an output into its channel only
+              after the task's COMMIT is written and fsynced, so that is the
+              commit, seen without asking the daemon (a poll over the socket
+              would add its own turns of flowd's loop). p50 and p99 after
+              one warm-up push. ``fresh`` is measured too (fewer pushes),
+              for comparison.
 
-Prints the two rates (items/s) and flowd/plain. Goal: 0.9 or better.
+flowd runs as the tests run it (tests/daemon_fixtures.py): as the non-root
+system user ``flowd-test`` in the docker group, umask 0027, made on first
+use; its containers run as that uid:gid. The baseline's containers run as
+the same uid:gid. ``--daemon-user ""`` runs flowd as the caller instead (as
+root, permission bits are not checked: not what a real flowd meets).
+
+    sudo .venv/bin/python benchmarks/throughput.py [--items 200] [--concurrency N]
+        [--rounds 2] [--modes baseline,bare,fresh,warm,latency] [--pushes 200]
+
+Rates are items/s, the best of ``--rounds`` rounds (the spread is printed
+too); the rounds alternate the order of the modes. Env: FLOWD_BENCH_DIR (a
+folder the engine sees as this host does; default REPO/.bench-tmp),
+FLOWD_BENCH_DAEMON (a script run instead of ``-m flowd``, with the same
+arguments: a profiling wrapper).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import ctypes
+import grp
+import io
+import itertools
 import os
+import pwd
+import select
 import shutil
 import signal
+import socket
+import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-import docker
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import docker  # noqa: E402
+
+from flowctl.client import Client  # noqa: E402
+from flowd.config import load as load_config  # noqa: E402
+from flowd.executor.base import Mount, TaskSpec  # noqa: E402
+from flowd.executor.dockerspec import create_args  # noqa: E402
+
 IMAGE = "flowd/busybox:latest"
-SCRIPT = "cat /task/in > /task/out"
+SCRIPT = "cat in > out"
+MODES = ("baseline", "bare", "fresh", "warm", "latency")
+LOG_LIMIT = 10 * 1024 * 1024  # DockerExecutor's default log_limit
+DAEMON_UMASK = 0o027  # systemd/flowd.service
+PREFIX = f"flowd-bench-{os.getpid()}"
 
 
-def plain_loop(client, items: int, concurrency: int, root: str) -> float:
-    """items/s of create+start+wait+remove with the same mounts and command, C threads."""
-    todo = list(range(items))
-    lock = threading.Lock()
+class NotAvailable(Exception):
+    """A warm run that did not finish, or did not run warm."""
+
+
+# -- the plain loops -----------------------------------------------------------------
+class Identity:
+    """Who flowd (and so its containers) runs as: uid, gid, supplementary groups."""
+
+    def __init__(self, name: str):
+        self.name = name
+        if name:
+            pw = pwd.getpwnam(name)
+            self.uid, self.gid, self.home = pw.pw_uid, pw.pw_gid, pw.pw_dir
+            self.groups = os.getgrouplist(name, pw.pw_gid)
+        else:
+            self.uid, self.gid, self.home = os.geteuid(), os.getegid(), os.environ.get("HOME", "/")
+            self.groups = os.getgroups()
+
+
+def _prepare(root: str, i: int, who: Identity) -> dict:
+    """A task's files as flowd lays them out: work/ (0700, the daemon's), the input
+    item and the script (read-only mounts)."""
+    task = os.path.join(root, f"t{i}")
+    work = os.path.join(task, "work")
+    os.makedirs(work, mode=0o700)
+    inp = os.path.join(task, "in")
+    with open(inp, "w") as f:
+        f.write(f"item {i}\n")
+    os.chmod(inp, 0o440)
+    for p in (task, work, inp):
+        os.chown(p, who.uid, who.gid)
+    return {"task": task, "work": work, "in": inp, "log": os.path.join(task, "log")}
+
+
+def _spec(root: str, i: int, paths: dict, script: str, who: Identity, cfg) -> TaskSpec:
+    """The TaskSpec flowd's Run._spec makes for this task (same fields, same defaults)."""
+    run_id = f"bench{os.getpid()}"
+    return TaskSpec(
+        run_id=run_id, process="copy", task_id=str(i), attempt=1, image=IMAGE, lang="sh",
+        script_path=script, workdir=paths["work"],
+        inputs=[Mount(paths["in"], "/task/in", True)], outputs=["out"],
+        env={"HOME": "/tmp", "FLOWD_RUN": run_id, "FLOWD_PROCESS": "copy",
+             "FLOWD_TASK": str(i), "FLOWD_ATTEMPT": "1"},
+        log_path=paths["log"], timeout=cfg.max_timeout, memory=cfg.memory_for_unset,
+        cpus=None, pids_limit=cfg.pids_limit, network="none", spool=root,
+        user=f"{who.uid}:{who.gid}", group_add=[])
+
+
+def engine_loop(kind: str, items: int, concurrency: int, root: str, who: Identity) -> float:
+    """items/s of ``concurrency`` threads, each its own create/start/wait/logs/remove loop."""
+    cfg = load_config(None)
+    script = os.path.join(root, "script")
+    with open(script, "w") as f:
+        f.write(SCRIPT + "\n")
+    os.chmod(script, 0o444)
+    numbers = itertools.count()  # next() is atomic under the GIL: no lock needed
     errors: list[str] = []
 
-    def worker():
-        while True:
-            with lock:
-                if not todo:
+    def worker() -> None:
+        api = None
+        try:
+            api = docker.from_env().api  # a client (and connection) of its own per thread
+            while True:
+                i = next(numbers)
+                if i >= items or errors:
                     return
-                i = todo.pop()
-            work = os.path.join(root, f"t{i}")
-            os.makedirs(work)
-            os.chmod(work, 0o777)
-            src = os.path.join(root, f"in{i}")
-            with open(src, "w") as f:
-                f.write(f"item {i}\n")
-            c = client.containers.create(
-                IMAGE, ["/bin/sh", "-c", SCRIPT], name=f"flowd-bench-{os.getpid()}-{i}",
-                working_dir="/task", network_mode="none",
-                mounts=[docker.types.Mount("/task", work, type="bind"),
-                        docker.types.Mount("/task/in", src, type="bind", read_only=True)],
-                labels={"io.flowd.bench": "1"}, security_opt=["no-new-privileges"],
-                cap_drop=["ALL"], pids_limit=256)
-            c.start()
-            rc = c.wait()["StatusCode"]
-            c.remove(force=True)
-            if rc != 0 or not os.path.exists(os.path.join(work, "out")):
-                errors.append(f"task {i}: exit {rc}")
+                paths = _prepare(root, i, who)
+                if kind == "baseline":
+                    spec = _spec(root, i, paths, script, who, cfg)
+                    kwargs = create_args(api, spec, spool=root, cap_add=[],
+                                         security_opt=["no-new-privileges"], log_limit=LOG_LIMIT)
+                    kwargs["name"] = f"{PREFIX}-{i}"
+                    timeout = spec.timeout
+                else:  # bare: what the copy needs and nothing else
+                    kwargs = dict(image=IMAGE, command=["/bin/sh", "-c", "cd /task && " + SCRIPT],
+                                  name=f"{PREFIX}-{i}", host_config=api.create_host_config(
+                                      binds={paths["work"]: {"bind": "/task", "mode": "rw"},
+                                             paths["in"]: {"bind": "/task/in", "mode": "ro"}}))
+                    timeout = None
+                cid = api.create_container(**kwargs)["Id"]
+                api.start(cid)
+                code = api.wait(cid, timeout=timeout)["StatusCode"]
+                with open(paths["log"], "wb") as f:
+                    f.write(api.logs(cid, stdout=True, stderr=True))
+                api.remove_container(cid, v=True, force=True)
+                if code != 0 or not os.path.exists(os.path.join(paths["work"], "out")):
+                    errors.append(f"task {i}: exit status {code}")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{type(e).__name__}: {e}")
+        finally:
+            if api is not None:
+                api.close()
 
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
     if errors:
-        raise SystemExit(f"baseline failed: {errors[:3]}")
+        raise SystemExit(f"{kind} loop failed: {errors[:3]}")
     return items / elapsed
 
 
-def flowd_run(items: int, concurrency: int, root: str) -> tuple[float, dict]:
-    spool = os.path.join(root, "spool")
-    sockdir = tempfile.mkdtemp(prefix="flowd-bench-")
-    sock = os.path.join(sockdir, "flowd.sock")
-    cfg = os.path.join(root, "flowd.toml")
-    with open(cfg, "w") as f:
-        f.write(f"max_containers = {concurrency}\n")
-    wfdir = os.path.join(root, "wf")
-    os.makedirs(wfdir)
-    lines = [f"    <item>item {i}\n</item>" for i in range(items)]
-    with open(os.path.join(wfdir, "workflow.xml"), "w") as f:
-        f.write(f"""<workflow name="throughput">
+# -- flowd ---------------------------------------------------------------------------
+def workflow(items: int, concurrency: int, container: str, service: bool) -> str:
+    lines = "" if service else "\n".join(f"    <item>item {i}\n</item>" for i in range(items))
+    mode = ' mode="service"' if service else ""
+    return f"""<workflow name="throughput"{mode}>
   <channel name="in">
-{chr(10).join(lines)}
+{lines}
   </channel>
   <channel name="out"/>
-  <process name="copy" image="{IMAGE}" parallel="{concurrency}">
+  <process name="copy" image="{IMAGE}" parallel="{concurrency}" container="{container}">
     <input channel="in"/><output channel="out"/>
-    <script>cat in > out</script>
+    <script>{SCRIPT}</script>
   </process>
 </workflow>
-""")
-    env = dict(os.environ, PYTHONPATH=REPO, FLOWD_SOCKET=sock)
-    log = open(os.path.join(root, "flowd.log"), "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "flowd", "--config", cfg, "--spool", spool,
-                               "--socket", sock, "--log-level", "warning"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+"""
+
+
+class Flowd:
+    """One flowd daemon on its own spool and socket, started as ``who`` (as the tests do)."""
+
+    def __init__(self, root: str, concurrency: int, who: Identity, log_level: str):
+        self.root, self.who = root, who
+        self.spool = os.path.join(root, "spool")
+        self.sockdir = tempfile.mkdtemp(prefix="flowd-bench-")  # short: socket paths are limited
+        self.sock = os.path.join(self.sockdir, "flowd.sock")
+        cfg = os.path.join(root, "flowd.toml")
+        with open(cfg, "w") as f:
+            f.write(f'max_containers = {concurrency}\nmin_free_space = "0"\n')
+        os.makedirs(self.spool, mode=0o750)
+        for d in (self.spool, self.sockdir):
+            os.chown(d, who.uid, who.gid)
+        os.chmod(self.sockdir, 0o750)
+        notify = os.path.join(self.sockdir, "notify")
+        self.nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.nsock.bind(notify)
+        os.chmod(notify, 0o777)
+        env = dict(os.environ, PYTHONPATH=REPO, NOTIFY_SOCKET=notify)
+        extra: dict = {}
+        if who.name:
+            env.update(HOME=who.home, USER=who.name, LOGNAME=who.name)
+            extra = dict(user=who.uid, group=who.gid, extra_groups=who.groups, umask=DAEMON_UMASK)
+        self.log_path = os.path.join(root, "flowd.log")
+        self.log = open(self.log_path, "ab")
+        program = os.environ.get("FLOWD_BENCH_DAEMON")
+        cmd = [sys.executable] + ([program] if program else ["-m", "flowd"])
+        self.proc = subprocess.Popen(
+            cmd + ["--config", cfg, "--spool", self.spool, "--socket", self.sock,
+                   "--log-level", log_level],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, **extra)
+        self._ready()
+        self.client = Client(self.sock, timeout=60)
+
+    def _ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            self.nsock.settimeout(1.0)
+            try:
+                if b"READY=1" in self.nsock.recv(4096):
+                    return
+            except socket.timeout:
+                pass
+        raise SystemExit(f"flowd did not start (exit {self.proc.poll()}); see {self.log_path}")
+
+    def submit(self, xml: str) -> str:
+        path = os.path.join(self.root, "workflow.xml")
+        with open(path, "w") as f:
+            f.write(xml)
+        up = self.client.upload([("workflow.xml", path)])
+        return self.client.call_patiently("submit", {"upload": up, "name": "workflow.xml"},
+                                          600)["run"]
+
+    def wait_end(self, run: str, deadline: float) -> dict:
+        while True:
+            left = deadline - time.monotonic()
+            detail = self.client.call("status", {"run": run, "wait": max(0.1, min(left, 60))},
+                                      timeout=max(0.1, min(left, 60)) + 30)[0]["run"]
+            if detail["state"] in ("succeeded", "failed", "cancelled") or left <= 0:
+                return detail
+
+    def run_dir(self, run: str) -> str:
+        return os.path.join(self.spool, "runs", run)
+
+    def stop(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001
+            pass
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        self.nsock.close()
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+        remove_containers({"label": f"io.flowd.spool={os.path.realpath(self.spool)}"})
+
+
+def remove_containers(filters: dict) -> None:
+    api = docker.from_env().api
+    for c in api.containers(all=True, filters=filters):
+        try:
+            api.remove_container(c["Id"], force=True, v=True)
+        except docker.errors.APIError:
+            pass
+
+
+class Creates:
+    """Counts the containers the engine creates for one spool, live (its event stream).
+
+    ``broken`` is set when the stream ends early (the engine restarted)."""
+
+    def __init__(self, spool: str):
+        self.count = 0
+        self.broken = False
+        self._api = docker.from_env().api
+        self._events = self._api.events(decode=True, filters={
+            "type": "container", "event": "create",
+            "label": f"io.flowd.spool={os.path.realpath(spool)}"})
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for _ in self._events:
+                self.count += 1
+        except Exception:  # noqa: BLE001 - the stream broke
+            pass
+        self.broken = not self._closed
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._events.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def too_many(self, tasks: int, concurrency: int) -> bool:
+        """More than a pool would make: one per task, not a warm pool."""
+        return self.count > max(2 * concurrency, 10) + tasks // 10
+
+
+def flowd_batch(container: str, items: int, concurrency: int, root: str, who: Identity,
+                log_level: str, limit: float) -> tuple[float, dict]:
+    """items/s of a batch run (the run's clock), and its detail."""
+    d = Flowd(root, concurrency, who, log_level)
+    creates = Creates(d.spool)
     try:
-        flowctl = [sys.executable, "-m", "flowctl", "--timeout", "60"]
-        deadline = time.monotonic() + 30
-        while subprocess.run(flowctl + ["status"], env=env, capture_output=True).returncode:
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise SystemExit("flowd did not start; see " + log.name)
-            time.sleep(0.1)
-        run = subprocess.run(flowctl + ["submit", os.path.join(wfdir, "workflow.xml")], env=env,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        res = subprocess.run(flowctl + ["watch", run, "--json"], env=env, capture_output=True,
-                             text=True)
-        detail = json.loads(res.stdout)
-        if detail["state"] != "succeeded" or detail["channels"][1]["depth"] != items:
-            raise SystemExit(f"flowd run did not deliver every item: {detail['state']}")
-        # the run's own clock: from its first claim to its last commit
+        run = d.submit(workflow(items, concurrency, container, service=False))
+        deadline = time.monotonic() + limit
+        while True:  # a second at a time: a warm run that is not warm stops early
+            detail = d.wait_end(run, min(deadline, time.monotonic() + 1))
+            if detail["state"] != "running" or time.monotonic() >= deadline:
+                break
+            if container == "warm" and creates.too_many(items, concurrency):
+                raise NotAvailable(f"{creates.count} containers made for the first "
+                                   f"{detail['tasks_done'] + detail['tasks_running']} tasks: "
+                                   "they ran in fresh containers")
+        if detail["state"] != "succeeded":
+            why = detail.get("message") or detail["state"]
+            if detail["state"] == "running":
+                why = f"did not finish within {limit:.0f}s ({detail['tasks_done']} of {items} done)"
+            if container == "warm":
+                raise NotAvailable(why)
+            raise SystemExit(f"flowd {container}: {why}; see {d.log_path}")
+        depth = {c["name"]: c["depth"] for c in detail["channels"]}
+        if depth.get("out") != items:
+            raise SystemExit(f"flowd {container}: {depth.get('out')} items out of {items}")
+        detail["containers_created"] = creates.count
+        if container == "warm" and creates.broken:
+            raise NotAvailable("the engine's event stream broke (an engine restart?): "
+                               "cannot tell whether the run was warm; run again")
+        if container == "warm" and creates.too_many(items, concurrency):
+            raise NotAvailable(f"{creates.count} containers made for {items} tasks: "
+                               "they ran in fresh containers")
         return items / detail["elapsed"], detail
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
-        shutil.rmtree(sockdir, ignore_errors=True)
+        creates.close()
+        d.stop()
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+# -- latency in service mode ------------------------------------------------------------
+_IN_CREATE, _IN_MOVED_TO = 0x100, 0x80
 
 
+class Inotify:
+    """New names in one folder (Linux inotify through libc)."""
+
+    def __init__(self, folder: str):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0 or libc.inotify_add_watch(self.fd, folder.encode(),
+                                                 _IN_CREATE | _IN_MOVED_TO) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify on {folder}")
+
+    def names(self, timeout: float) -> list[str]:
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return []
+        data, out, pos = os.read(self.fd, 65536), [], 0
+        while pos < len(data):
+            _, _, _, length = struct.unpack_from("iIII", data, pos)
+            out.append(data[pos + 16:pos + 16 + length].rstrip(b"\0").decode())
+            pos += 16 + length
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def service_latency(container: str, pushes: int, root: str, who: Identity,
+                    log_level: str) -> list[float]:
+    """Seconds from each push's answer to its output in the result channel (after one
+    warm-up push). NotAvailable if a push's output does not come within 60 s."""
+    d = Flowd(root, 1, who, log_level)
+    try:
+        run = d.submit(workflow(0, 1, container, service=True))
+        out_dir = os.path.join(d.run_dir(run), "channels", "out")
+        deadline = time.monotonic() + 60
+        while not os.path.isdir(out_dir):  # the run's folder is renamed into place on submit
+            if time.monotonic() > deadline:
+                raise SystemExit(f"run {run} has no channel folder {out_dir}")
+            time.sleep(0.01)
+        watch = Inotify(out_dir)
+        creates = Creates(d.spool)
+        times = []
+        try:
+            for k in range(pushes + 1):
+                d.client.push(run, "in", io.BytesIO(f"push {k}\n".encode()))
+                t0 = time.perf_counter()
+                limit = t0 + 60
+                while not any(n.isdigit() for n in watch.names(max(0.0, limit - time.perf_counter()))):
+                    if time.perf_counter() >= limit:
+                        raise NotAvailable(f"push {k}: no output within 60 s")
+                if k:
+                    times.append(time.perf_counter() - t0)
+                if container == "warm" and k == 5 and creates.count > 3:
+                    raise NotAvailable(f"{creates.count} containers made for 6 pushes: "
+                                       "they ran in fresh containers")
+        finally:
+            creates.close()
+            watch.close()
+        return times
+    finally:
+        d.stop()
+
+
+def percentile(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+# -- main ---------------------------------------------------------------------------
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--items", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--rounds", type=int, default=1, help="alternate the two sides this many times")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=200, help="items per batch run (default 200)")
+    ap.add_argument("--concurrency", type=int, default=os.cpu_count() or 2,
+                    help="containers at once: flowd's max_containers and the loops' threads "
+                         "(default: the number of cores)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds; each rate is the best (default 2)")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"comma-separated, of {','.join(MODES)} (default: all)")
+    ap.add_argument("--pushes", type=int, default=200, help="warm pushes for latency (default 200)")
+    ap.add_argument("--fresh-pushes", type=int, default=20,
+                    help="fresh pushes for latency, for comparison (default 20; 0: none)")
+    ap.add_argument("--daemon-user", default="flowd-test" if os.geteuid() == 0 else "",
+                    help='user flowd runs as (default flowd-test when run as root; "": this user)')
+    ap.add_argument("--log-level", default="warning", help="flowd's --log-level (default warning)")
+    ap.add_argument("--keep", action="store_true", help="keep the runs' folders (spools, logs)")
     args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or args.items < 1 or args.concurrency < 1 or args.rounds < 1 or args.pushes < 1:
+        ap.error(f"unknown mode {bad[0]!r} (modes: {', '.join(MODES)})" if bad else
+                 "--items, --concurrency, --rounds and --pushes must be at least 1")
+    if args.daemon_user:
+        if os.geteuid() != 0:
+            ap.error("--daemon-user needs root (run with sudo, or --daemon-user '')")
+        try:
+            pw = pwd.getpwnam(args.daemon_user)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                            "--groups", "docker", args.daemon_user], check=True)
+            pw = pwd.getpwnam(args.daemon_user)
+        if grp.getgrnam("docker").gr_gid not in os.getgrouplist(pw.pw_name, pw.pw_gid):
+            ap.error(f"user {args.daemon_user} is not in the docker group (usermod -aG docker ...)")
+    who = Identity(args.daemon_user)
     subprocess.run(["bash", os.path.join(REPO, "examples", "build-images")], check=True,
                    stdout=subprocess.DEVNULL)
-    client = docker.from_env()
     base = os.environ.get("FLOWD_BENCH_DIR") or os.path.join(REPO, ".bench-tmp")
     os.makedirs(base, exist_ok=True)
-    plain_rates, flowd_rates = [], []
+    os.chmod(base, 0o755)  # the daemon's user goes through it to its spool
+    rates: dict[str, list[float]] = {m: [] for m in ("baseline", "bare", "fresh", "warm")}
+    details: dict[str, dict] = {}
+    warm_missing = ""
+    t_start = time.monotonic()
+    order = [m for m in ("baseline", "bare", "fresh", "warm") if m in modes]
     try:
         for r in range(args.rounds):
-            for side in ("plain", "flowd") if r % 2 == 0 else ("flowd", "plain"):
-                root = tempfile.mkdtemp(prefix=f"{side}-", dir=base)
+            for mode in order if r % 2 == 0 else order[::-1]:
+                if mode == "warm" and warm_missing:
+                    continue
+                root = tempfile.mkdtemp(prefix=f"{mode}-", dir=base)
+                os.chmod(root, 0o755)
                 try:
-                    if side == "plain":
-                        plain_rates.append(plain_loop(client, args.items, args.concurrency, root))
+                    if mode in ("baseline", "bare"):
+                        rates[mode].append(engine_loop(mode, args.items, args.concurrency, root, who))
                     else:
-                        flowd_rates.append(flowd_run(args.items, args.concurrency, root)[0])
+                        fresh = max(rates["fresh"], default=0.0)
+                        limit = 60 + (2 * args.items / fresh if fresh else args.items)
+                        try:
+                            rate, details[mode] = flowd_batch(mode, args.items, args.concurrency,
+                                                              root, who, args.log_level, limit)
+                            rates[mode].append(rate)
+                        except NotAvailable as e:
+                            warm_missing = str(e)
+                            print(f"round {r + 1} warm: not available ({e})", file=sys.stderr)
+                            continue
                 finally:
-                    shutil.rmtree(root, ignore_errors=True)
-                print(f"round {r + 1} {side}: {(plain_rates if side == 'plain' else flowd_rates)[-1]:.2f} items/s",
-                      file=sys.stderr)
+                    if not args.keep:
+                        shutil.rmtree(root, ignore_errors=True)
+                print(f"round {r + 1} {mode}: {rates[mode][-1]:.2f} items/s", file=sys.stderr)
+        latency: dict[str, list[float] | str] = {}
+        if "latency" in modes:
+            for container, n in (("warm", args.pushes), ("fresh", args.fresh_pushes)):
+                if n < 1:
+                    continue
+                if container == "warm" and warm_missing:
+                    latency["warm"] = warm_missing
+                    continue
+                root = tempfile.mkdtemp(prefix=f"latency-{container}-", dir=base)
+                os.chmod(root, 0o755)
+                try:
+                    latency[container] = service_latency(container, n, root, who, args.log_level)
+                except NotAvailable as e:
+                    latency[container] = str(e)
+                finally:
+                    if not args.keep:
+                        shutil.rmtree(root, ignore_errors=True)
     finally:
-        for c in client.containers.list(all=True, filters={"label": "io.flowd.bench=1"}):
-            c.remove(force=True)
-    plain = sorted(plain_rates)[len(plain_rates) // 2]
-    flowd = sorted(flowd_rates)[len(flowd_rates) // 2]
-    print(f"items={args.items} concurrency={args.concurrency} rounds={args.rounds}")
-    print(f"plain docker SDK loop: {plain:.2f} items/s")
-    print(f"flowd:                 {flowd:.2f} items/s")
-    print(f"ratio flowd/plain:     {flowd / plain:.2f}")
+        remove_containers({"name": PREFIX})
+
+    print(f"items={args.items} concurrency={args.concurrency} rounds={args.rounds} "
+          f"daemon user={who.name or 'this user'} cores={os.cpu_count()} "
+          f"({time.monotonic() - t_start:.0f}s)")
+
+    def show(name: str, label: str) -> float | None:
+        if not rates[name]:
+            return None
+        vals = ", ".join(f"{v:.2f}" for v in rates[name])
+        print(f"{label:<38} {max(rates[name]):7.2f} items/s   (rounds: {vals})")
+        return max(rates[name])
+
+    base_rate = show("baseline", "baseline (SDK loop, flowd's settings):")
+    bare_rate = show("bare", "bare SDK loop (no settings):")
+    fresh_rate = show("fresh", 'flowd container="fresh":')
+    warm_rate = show("warm", 'flowd container="warm":')
+    if "warm" in modes and warm_rate is None:
+        print(f"warm: not available ({warm_missing})")
+    if base_rate and bare_rate:
+        print(f"ratio baseline/bare (hardening):        {base_rate / bare_rate:.2f}")
+    if base_rate and fresh_rate:
+        print(f"ratio fresh/baseline:                   {fresh_rate / base_rate:.2f}   (goal >= 0.9)")
+    if warm_rate and fresh_rate:
+        print(f"ratio warm/fresh:                       {warm_rate / fresh_rate:.2f}   (goal >= 10)")
+    if "latency" in modes:
+        for container in ("warm", "fresh"):
+            got = latency.get(container)
+            if isinstance(got, str):
+                print(f"latency {container}: not available ({got})")
+            elif got:
+                print(f"latency {container} (push answered -> output committed, {len(got)} pushes): "
+                      f"p50 {statistics.median(got) * 1000:.1f} ms, "
+                      f"p99 {percentile(got, 99) * 1000:.1f} ms, max {max(got) * 1000:.1f} ms")
     return 0
 
 
