@@ -27,7 +27,6 @@ import urllib3.exceptions  # noqa: E402
 from flowd.errors import EngineError, EngineUnavailable, ImageUnavailable, NotFound  # noqa: E402
 from flowd.executor import base as X  # noqa: E402
 from flowd.executor import container as C  # noqa: E402
-from flowd.executor import docker as D  # noqa: E402
 from flowd.executor import dockerapi as DA  # noqa: E402
 from flowd.executor import dockerspec as DS  # noqa: E402
 from flowd.executor.docker import DockerExecutor  # noqa: E402
@@ -204,7 +203,7 @@ def test_oom_is_seen_even_when_the_engine_misses_it(run_task, docker_client):
     q = Reports()
     ex = DockerExecutor(q, spool=spec.spool)
     try:
-        ex._finish(D._Task(spec), info)
+        ex.fresh._finish(C.Task(spec), info)
         assert q.result(spec.key).status == X.OOM
     finally:
         ex.close()
@@ -372,9 +371,9 @@ def test_adopt_does_not_trust_a_container_that_ended_before_a_reboot(
     first.start(spec)
     assert reports.result(spec.key).exit_code == 0
     first.close()
-    import flowd.executor.docker as D
+    import flowd.executor.fresh as F
 
-    monkeypatch.setattr(D, "_boot_time", lambda: time.time() + 1)  # "the machine rebooted since"
+    monkeypatch.setattr(F, "_boot_time", lambda: time.time() + 1)  # "the machine rebooted since"
     second = DockerExecutor(reports, spool=docker_spool)
     try:
         second.adopt(spec).result(WAIT)

@@ -6,6 +6,8 @@ name and label its work differently.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .base import TASK_DIR, TaskSpec
 
 LABEL_PREFIX = "io.flowd."
@@ -71,3 +73,15 @@ def wrapper(spec: TaskSpec) -> str:
 def sh_quote(s: str) -> str:
     """``s`` as one word for a POSIX shell (single quotes; no NUL in ``s``)."""
     return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+@dataclass(eq=False)
+class Task:
+    """A Docker backend's record of one attempt it runs (fresh or warm)."""
+
+    spec: TaskSpec
+    container_id: str | None = None
+    timed_out: bool = False
+    reported: bool = False
+    engine_lost: bool = False  # the engine went away while we waited
+    finished: bool = False  # _finish began: the live log is done with

@@ -59,37 +59,15 @@ import concurrent.futures
 import logging
 import os
 import threading
-import time
-from dataclasses import dataclass
 from typing import Any
 
-
-from ..errors import (
-    EngineError,
-    EngineUnavailable,
-    FlowError,
-    ImageUnavailable,
-    NotFound,
-)
-from .dockerapi import EngineLink, _WaitTimedOut, _boot_time, _parse_time
-from .dockerlogs import LogCopier, _unlink
-from .dockerspec import create_args, outcome
+from ..errors import FlowError
+from .base import Executor, Report, Settings, TaskResult, TaskSpec, done_future
+from .container import LABEL_POOL, LABEL_RUN, LABEL_SPOOL, LABEL_TASK, Task
+from .dockerapi import EngineLink
+from .dockerlogs import LogCopier
+from .fresh import FreshContainers
 from .lanes import Lane
-from .container import LABEL_ATTEMPT, LABEL_POOL, LABEL_RUN, LABEL_SPOOL, LABEL_TASK, container_name
-from .base import (
-    DAMAGED,
-    ERROR,
-    KILLED,
-    MISSING,
-    Executor,
-    Report,
-    Settings,
-    TaskResult,
-    TaskSpec,
-    check_inputs,
-    done_future,
-    live_log_path,
-)
 from .warm import WarmPool
 
 log = logging.getLogger(__name__)
@@ -97,7 +75,6 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 STARTS_LANE = 4
 OPS_LANE = 2
-_RUNNING_STATES = ("running", "paused", "restarting")
 
 
 
@@ -139,13 +116,14 @@ class DockerExecutor(Executor):
         self.max_workers = max_workers
         if pool_dir is None and os.path.isabs(spool):
             pool_dir = os.path.join(spool, "pool")
-        self.pool = WarmPool(self, pool_dir or "")
+        self.fresh = FreshContainers(self)  # the jobs of fresh tasks
+        self.pool = WarmPool(self, pool_dir or "")  # warm tasks
         self.security_opt = ["no-new-privileges"] + list(security_opt or [])
         self.log_limit = log_limit
         self.link = EngineLink(self, client)  # the engine: calls, errors, outages
         self.logs = LogCopier(self)
         self._lock = threading.Lock()  # guards the fields below
-        self._tasks: dict[tuple[str, str], _Task] = {}
+        self._tasks: dict[tuple[str, str], Task] = {}
         self._kills: set[tuple[str, str]] = set()
         self._starts = Lane("flowd-docker-start", STARTS_LANE)
         self._waits = Lane("flowd-docker-wait", max_workers)
@@ -158,22 +136,22 @@ class DockerExecutor(Executor):
 
     # -- the Executor interface ---------------------------------------------
     def start(self, spec: TaskSpec) -> concurrent.futures.Future:
-        t = _Task(spec)
+        t = Task(spec)
         with self._lock:
             self._tasks[spec.key] = t
             self._kills.discard(spec.key)
         self.pool.forget_kill(spec.key)
         if spec.container == "warm":
             return self._waits.submit(self.pool.run, t)
-        return self._starts.submit(self._start_job, t)
+        return self._starts.submit(self.fresh._start_job, t)
 
     def adopt(self, spec: TaskSpec) -> concurrent.futures.Future:
-        t = _Task(spec)
+        t = Task(spec)
         with self._lock:
             self._tasks[spec.key] = t
         if spec.container == "warm":
             return self._ops.submit(self.pool.adopt, t)
-        return self._waits.submit(self._adopt_job, t)
+        return self._waits.submit(self.fresh._adopt_job, t)
 
     def kill(self, run_id: str, task_id: str) -> concurrent.futures.Future:
         key = (run_id, task_id)
@@ -186,14 +164,14 @@ class DockerExecutor(Executor):
         if warm:
             self.pool.kill(key)  # its thread sees it within warm.POLL and retires the container
             return done_future()
-        return self._ops.submit(self._kill_job, key, cid, spool)
+        return self._ops.submit(self.fresh._kill_job, key, cid, spool)
 
     def remove(self, spec: TaskSpec) -> concurrent.futures.Future:
         with self._lock:
             self._kills.discard(spec.key)
         if spec.container == "warm":
             return done_future()  # the container stays in the pool; its slot is empty already
-        return self._ops.submit(self._remove_job, spec)
+        return self._ops.submit(self.fresh._remove_job, spec)
 
     def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
         return self._ops.submit(self._sweep_job, spool, set(keep))
@@ -224,208 +202,6 @@ class DockerExecutor(Executor):
         for lane in (self._starts, self._waits, self._ops, self._follows):
             lane.close()
 
-    # -- jobs: start --------------------------------------------------------
-    def _start_job(self, t: _Task) -> None:
-        spec = t.spec
-        damaged = check_inputs(spec)  # here, not in the loop: it reads every input whole
-        if damaged is not None:
-            self._result(t, DAMAGED, **damaged)
-            return
-        try:
-            # No removal of a leftover container up front: create() meets a
-            # name conflict only in the rare case there is one, and handles it.
-            self.link.ensure_image(spec.image)
-            self.make_room()  # an idle warm container may hold the slot this one needs
-            if self._kill_requested(spec):
-                self._result(t, KILLED, message="killed before it started")
-                return
-            try:
-                t.container_id = self._create(spec)
-            except ImageUnavailable:  # removed since we last looked: pull it again
-                self.link.image_seen.pop(spec.image, None)
-                self.link.ensure_image(spec.image)
-                t.container_id = self._create(spec)
-            try:
-                self.link.call(self.link.api.start, t.container_id)
-            except EngineUnavailable:
-                raise
-            except FlowError:
-                self.link.quiet_remove(t.container_id)
-                raise
-            deadline = None if spec.timeout is None else time.time() + spec.timeout
-        except EngineUnavailable as e:
-            self._result(t, ERROR, message=f"engine unavailable: {e}", retryable=True)
-            return
-        except ImageUnavailable as e:
-            self._result(t, ERROR, message=str(e))
-            return
-        except FlowError as e:
-            self._result(t, ERROR, message=f"could not start the container: {e}")
-            return
-        if self._kill_requested(spec):  # a kill that came in while we started it
-            try:
-                self.link.kill_container(t.container_id)
-            except FlowError:
-                pass  # the wait below meets the same trouble and handles it
-        self._follow(t)
-        self._waits.submit(self._wait_job, t, deadline)
-
-    def _create(self, spec: TaskSpec) -> str:
-        kwargs = self.link.call(self._create_args, spec)
-        for n in range(3):
-            try:
-                return self.link.call(self.link.api.create_container, **kwargs)["Id"]
-            except EngineError as e:
-                # The name is still taken: a removal still in progress.
-                if n == 2 or "is already in use" not in str(e):
-                    raise
-                self.link.remove_by_name(container_name(spec))
-                self.link.stop.wait(0.2 * (n + 1))
-        raise AssertionError("not reached")
-
-    def _create_args(self, spec: TaskSpec) -> dict:
-        """create_container's arguments (flowd.executor.dockerspec: the hardening)."""
-        return create_args(self.link.api, spec, spool=self._spool(spec), cap_add=self.cap_add,
-                           security_opt=self.security_opt, log_limit=self.log_limit)
-
-    # -- jobs: wait and finish -----------------------------------------------
-    def _wait_job(self, t: _Task, deadline: float | None) -> None:
-        cid = t.container_id
-        while not self.link.closed:
-            try:
-                if deadline is not None and time.time() >= deadline:
-                    state = self.link.state(cid)
-                    if state.get("Status") in _RUNNING_STATES:
-                        t.timed_out = True
-                        self.link.kill_container(cid)
-                        self.link.call(self.link.api.wait, cid, timeout=60, expect_timeout=True)
-                else:
-                    remaining = None if deadline is None else max(deadline - time.time(), 0.05)
-                    self.link.call(self.link.api.wait, cid, timeout=remaining, expect_timeout=True)
-                info = self.link.call(self.link.api.inspect_container, cid)
-                if info["State"].get("Status") in _RUNNING_STATES:
-                    continue  # restarted under us (should not happen): wait again
-                self._finish(t, info)
-                return
-            except _WaitTimedOut:
-                continue  # the deadline check above decides
-            except EngineUnavailable:
-                t.engine_lost = True
-                if not self.link.wait_up():
-                    return
-            except NotFound:
-                self._result(t, MISSING, message="the container was removed while it ran")
-                return
-            except FlowError as e:
-                self._result(t, ERROR, message=f"lost the container: {e}")
-                return
-
-    def _finish(self, t: _Task, info: dict) -> None:
-        spec = t.spec
-        state = info.get("State") or {}
-        code = state.get("ExitCode")
-        started = _parse_time(state.get("StartedAt"))
-        finished = _parse_time(state.get("FinishedAt"))
-        if started is not None and finished is not None and finished < started:
-            # dockerd stamps StartedAt after runc has started the process; a
-            # process that exits at once can have a FinishedAt a bit earlier.
-            started = finished
-        note = ""
-        t.finished = True  # before the live log goes: see _follow_job
-        if spec.log_path:
-            try:
-                self.logs.save(info["Id"], spec.log_path)
-            except OSError as e:
-                note = f" (log not saved: {e.strerror or e})"
-            _unlink(live_log_path(spec.log_path))
-        status, message, retryable = outcome(
-            spec, state, killed=self._kill_requested(spec), timed_out=t.timed_out,
-            engine_lost=t.engine_lost, oom_marked=lambda: self.link.oom_marked(info["Id"]))
-        if retryable:
-            self._result(t, status, exit_code=code, retryable=True, message=message)
-            return
-        self._result(t, status, exit_code=code, message=message + note,
-                     started_at=started, finished_at=finished)
-
-    # -- the live log ---------------------------------------------------------------
-    def _follow(self, t: _Task) -> None:
-        if t.spec.log_path and t.container_id is not None:
-            self._follows.submit(self.logs.follow, t)
-
-    # -- jobs: adopt ------------------------------------------------------------
-    def _adopt_job(self, t: _Task) -> None:
-        spec = t.spec
-        while True:
-            try:
-                found = self.link.find(spec.run_id, spec.task_id, self._spool(spec))
-                break
-            except EngineUnavailable:
-                if not self.link.wait_up():
-                    return
-            except FlowError as e:
-                self._result(t, ERROR, message=str(e))
-                return
-        mine = None
-        for c in found:
-            if mine is None and (c.get("Labels") or {}).get(LABEL_ATTEMPT) == str(spec.attempt):
-                mine = c
-            else:
-                self.link.quiet_remove(c["Id"])  # another attempt's: not ours
-        if mine is None:
-            self._result(t, MISSING, message=f"no container for attempt {spec.attempt}")
-            return
-        t.container_id = mine["Id"]
-        deadline = None
-        if mine.get("State") == "created":  # made but never started: it did not run
-            self.link.quiet_remove(t.container_id)
-            self._result(t, MISSING, message="the container was created but never started")
-            return
-        if mine.get("State") == "exited" and _boot_time() is not None:
-            try:
-                finished = _parse_time(self.link.state(t.container_id).get("FinishedAt"))
-            except FlowError:
-                finished = None
-            if finished is not None and finished < _boot_time():
-                # It ended before this machine booted: what it wrote may never have
-                # reached the disk. Do not trust it: run the attempt again.
-                self.link.quiet_remove(t.container_id)
-                self._result(t, MISSING, message="the container ended before the machine "
-                                                 "restarted; its outputs are not trusted")
-                return
-        if mine.get("State") in _RUNNING_STATES:
-            if spec.timeout is not None:
-                try:
-                    state = self.link.state(t.container_id)
-                except FlowError:
-                    state = {}  # _wait_job meets the same trouble and handles it
-                started = _parse_time(state.get("StartedAt")) or time.time()
-                deadline = started + spec.timeout
-            if self._kill_requested(spec):
-                self._ops.submit(self._kill_job, spec.key, t.container_id, self._spool(spec))
-            self._follow(t)
-        # An exited container's wait returns at once; _wait_job then reports it.
-        self._wait_job(t, deadline)
-
-    # -- jobs: kill, remove, sweep ---------------------------------------------
-    def _kill_job(self, key: tuple[str, str], cid: str | None, spool: str) -> None:
-        try:
-            if cid is not None:
-                self.link.kill_container(cid)
-            else:  # not started by us yet, or never adopted: find it
-                for c in self.link.find(key[0], key[1], spool):
-                    if c.get("State") in _RUNNING_STATES:
-                        self.link.kill_container(c["Id"])
-        except FlowError as e:
-            log.warning("could not kill task %s/%s: %s", key[0], key[1], e)
-
-    def _remove_job(self, spec: TaskSpec) -> None:
-        try:
-            for c in self.link.find(spec.run_id, spec.task_id, self._spool(spec)):
-                if (c.get("Labels") or {}).get(LABEL_ATTEMPT) == str(spec.attempt):
-                    self.link.quiet_remove(c["Id"])
-        except FlowError as e:
-            log.warning("could not remove the container of %s/%s: %s", spec.run_id, spec.task_id, e)
-
     def _sweep_job(self, spool: str, keep: set[tuple[str, str]]) -> None:
         try:
             found = self.link.call(self.link.api.containers, all=True,
@@ -452,7 +228,7 @@ class DockerExecutor(Executor):
     def _spool(self, spec: TaskSpec) -> str:
         return spec.spool or self.spool
 
-    def _result(self, t: _Task, status: str, **fields) -> None:
+    def _result(self, t: Task, status: str, **fields) -> None:
         with self._lock:
             if t.reported:
                 return
@@ -469,15 +245,3 @@ class DockerExecutor(Executor):
             self.report(event)
         except Exception:  # noqa: BLE001 - a broken callback must not kill our threads
             log.exception("report callback failed for %r", event)
-
-
-@dataclass(eq=False)
-class _Task:
-    spec: TaskSpec
-    container_id: str | None = None
-    timed_out: bool = False
-    reported: bool = False
-    engine_lost: bool = False  # the engine went away while we waited
-    finished: bool = False  # _finish began: the live log is done with
-
-
