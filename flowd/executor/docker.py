@@ -162,7 +162,7 @@ class DockerExecutor(Executor):
             spool = self._spool(t.spec) if t is not None else self.spool
             warm = t is not None and t.spec.container == "warm"
         if warm:
-            self.pool.kill(key)  # its thread sees it within warm.POLL and retires the container
+            self.pool.kill(key)  # its thread sees it within warmtask.POLL and retires the container
             return done_future()
         return self._ops.submit(self.fresh._kill_job, key, cid, spool)
 
