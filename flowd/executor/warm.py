@@ -212,12 +212,18 @@ class WarmPool:
     # -- containers -----------------------------------------------------------------------------
     def _acquire(self, spec: TaskSpec) -> WarmContainer:
         key = self.key_of(spec)
-        with self._lock:
-            idle = [c for c in self._containers.values() if c.key == key and not c.busy]
-            if idle:
+        while True:
+            with self._lock:
+                idle = [c for c in self._containers.values() if c.key == key and not c.busy]
+                if not idle:
+                    break
                 c = max(idle, key=lambda c: c.idle_since)  # the warmest
-                c.busy = True
-                return c
+                if not c.slot.agent_gone():
+                    c.busy = True
+                    return c
+                del self._containers[c.name]  # it stopped while idle (a dockerd restart, say)
+            self._remove(c, "it stopped while idle")
+        with self._lock:
             name = f"flowd-warm-{spec.run_id}-{spec.process}-{secrets.token_hex(4)}"
             self._creating.add(name)
         try:
@@ -329,7 +335,8 @@ class WarmPool:
     def retire_idle(self, now: float) -> None:
         limit = self.owner.settings.warm_idle
         with self._lock:
-            victims = [c for c in self._containers.values() if not c.busy and now - c.idle_since >= limit]
+            victims = [c for c in self._containers.values()
+                       if not c.busy and (now - c.idle_since >= limit or c.slot.agent_gone())]
             for c in victims:
                 del self._containers[c.name]
         for c in victims:

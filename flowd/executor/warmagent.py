@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import select
 import stat
 
 from ..reaper import remove_tree
@@ -205,6 +206,14 @@ class WarmSlot:
         old, self.log_r = self.log_r, fd
         if old >= 0:
             os.close(old)
+
+    def agent_gone(self) -> bool:
+        """The agent has ended (its container stopped: a dockerd restart, an
+        OOM while idle, a ``docker kill``): its end of ``out`` is closed."""
+        p = select.poll()
+        p.register(self.out_r, select.POLLIN)
+        events = p.poll(0)
+        return bool(events) and bool(events[0][1] & select.POLLHUP) and not events[0][1] & select.POLLIN
 
     def wake(self) -> None:
         os.write(self.in_w, b"go\n")
