@@ -58,6 +58,34 @@ def summary(lat: list[float]) -> tuple[float, float, float]:
     return (statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))], lat[-1])
 
 
+def idle_then_busy(sock: str, count: int, work, command: str = "ping"):
+    """``command``'s latency idle (``count`` calls, after 20 to warm up), then from a
+    second client while ``work(client)`` runs: (idle, busy, what ``work`` returned)."""
+    client = Client(sock, timeout=120)
+    pings(client, count=20, command=command)  # warm up
+    idle = pings(client, count=count, command=command)
+    stop = threading.Event()
+    busy: list[float] = []
+    pinger = threading.Thread(target=lambda: busy.extend(
+        pings(Client(sock, timeout=120), stop, command=command)))
+    pinger.start()
+    try:
+        result = work(client)
+    finally:
+        stop.set()
+        pinger.join()
+    return idle, busy, result
+
+
+def report(idle: list[float], busy: list[float], command: str) -> None:
+    i, b = summary(idle), summary(busy)
+    ms = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
+    print(f"{command} idle: median {ms(i[0])}, p99 {ms(i[1])}, max {ms(i[2])} ({len(idle)} calls)")
+    print(f"{command} busy: median {ms(b[0])}, p99 {ms(b[1])}, max {ms(b[2])} ({len(busy)} calls)")
+    print(f"ratio busy/idle: median {b[0] / i[0]:.1f}, p99 {b[1] / i[1]:.1f}; "
+          f"worst wait {ms(b[2])}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=20_000)
@@ -90,27 +118,10 @@ def main() -> int:
   </process>
 </workflow>
 """)
-    env = dict(os.environ, PYTHONPATH=REPO, FLOWD_SOCKET=sock)
-    log = open(os.path.join(root, "flowd.log"), "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "flowd", "--spool", spool, "--socket", sock,
-                               "--log-level", "warning"], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise SystemExit("flowd did not start; see " + log.name)
-            time.sleep(0.05)
-        client = Client(sock, timeout=120)
-        pings(client, count=20)  # warm up
-        idle = pings(client, count=args.pings)
+    daemon, env, _ = start_daemon(root, sock, spool)
 
-        stop = threading.Event()
-        busy: list[float] = []
-        pinger = threading.Thread(target=lambda: busy.extend(pings(Client(sock, timeout=120),
-                                                                   stop)))
+    def submit_and_move(client: Client):
         t0 = time.monotonic()
-        pinger.start()
         run = subprocess.run([sys.executable, "-m", "flowctl", "submit",
                               os.path.join(wfdir, "workflow.xml")], env=env, capture_output=True,
                              text=True, check=True).stdout.strip()
@@ -121,25 +132,21 @@ def main() -> int:
             if depth["x"] == args.items and depth["y"] == args.items:
                 break
             time.sleep(0.2)
-        t_moved = time.monotonic()
-        stop.set()
-        pinger.join()
-        client.call("cancel", {"runs": [run]})
+        return run, t0, t_made, time.monotonic()
+
+    try:
+        idle, busy, (run, t0, t_made, t_moved) = idle_then_busy(sock, args.pings, submit_and_move)
+        Client(sock, timeout=120).call("cancel", {"runs": [run]})
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
         shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
 
-    i, b = summary(idle), summary(busy)
-    ms = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
     print(f"items: {args.items}; submit (upload + durable write) {t_made - t0:.1f} s "
           f"({args.items / (t_made - t0):.0f} items/s); mux copy to 2 channels "
           f"{t_moved - t_made:.1f} s ({args.items / (t_moved - t_made):.0f} items/s)")
-    print(f"ping idle: median {ms(i[0])}, p99 {ms(i[1])}, max {ms(i[2])} ({len(idle)} pings)")
-    print(f"ping busy: median {ms(b[0])}, p99 {ms(b[1])}, max {ms(b[2])} ({len(busy)} pings)")
-    print(f"ratio busy/idle: median {b[0] / i[0]:.1f}, p99 {b[1] / i[1]:.1f}; "
-          f"worst wait {ms(b[2])}")
+    report(idle, busy, "ping")
     return 0
 
 
@@ -185,16 +192,8 @@ def spool_mode(args) -> int:
         os.link(path, os.path.join(links, f"blob{i:02}"))  # two links: flowd must copy it
     os.sync()
     daemon, env, logname = start_daemon(root, sock, spool)
-    try:
-        client = Client(sock, timeout=120)
-        pings(client, count=20, command="status")  # warm up
-        idle = pings(client, count=args.pings, command="status")
 
-        stop = threading.Event()
-        busy: list[float] = []
-        pinger = threading.Thread(target=lambda: busy.extend(
-            pings(Client(sock, timeout=120), stop, command="status")))
-        pinger.start()
+    def drop_and_wait(client: Client):
         time.sleep(0.5)  # the pinger is going
         t0 = time.monotonic()
         os.rename(drop, os.path.join(spool, "incoming", "big"))
@@ -208,23 +207,21 @@ def spool_mode(args) -> int:
             time.sleep(0.1)
         t_taken = time.monotonic()
         time.sleep(0.5)  # and a little after
-        stop.set()
-        pinger.join()
+        return t0, t_taken
+
+    try:
+        idle, busy, (t0, t_taken) = idle_then_busy(sock, args.pings, drop_and_wait,
+                                                   command="status")
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
         shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
 
-    i, b = summary(idle), summary(busy)
-    ms = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
     print(f"spool drop: a folder of {files} files, {(per * files) / 2**30:.2f} GiB in all, "
           f"became a run in {t_taken - t0:.1f} s (copied: {per * files / 2**20 / (t_taken - t0):.0f}"
           f" MiB/s)")
-    print(f"status idle: median {ms(i[0])}, p99 {ms(i[1])}, max {ms(i[2])} ({len(idle)} calls)")
-    print(f"status busy: median {ms(b[0])}, p99 {ms(b[1])}, max {ms(b[2])} ({len(busy)} calls)")
-    print(f"ratio busy/idle: median {b[0] / i[0]:.1f}, p99 {b[1] / i[1]:.1f}; "
-          f"worst wait {ms(b[2])}")
+    report(idle, busy, "status")
     return 0
 
 

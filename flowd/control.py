@@ -99,7 +99,7 @@ class Control:
                 reply = P.encode_reply(req_id, error=e)
             except Exception:  # a bug: log it here, never send a traceback
                 log.exception("internal error serving a request")
-                reply = P.encode_reply(req_id, error=internal_error())
+                reply = P.encode_reply(req_id, error=InternalError())  # the log has the traceback
             if reply is not None:
                 self.send(peer, reply)
 
@@ -120,11 +120,6 @@ class Control:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
-
-
-def internal_error() -> FlowError:
-    """What a client is told of a bug (the log has the traceback)."""
-    return InternalError()
 
 
 class Caller:

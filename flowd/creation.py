@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import threading
 import time
@@ -16,21 +15,19 @@ from typing import Callable
 from . import protocol as P
 from . import units
 from .config import Config
-from .control import internal_error
-from .errors import FlowError, Problem, StorageError, UsageError, WorkflowError
+from .errors import FlowError, InternalError, Problem, UsageError, WorkflowError
 from .run import Run, initial_meta, unfinished_path
+from .runids import RunIds
 from .textsafe import for_log
 
 log = logging.getLogger("flowd")
-
-RUN_ID_TRIES = 64  # random ids tried for a unique 4-digit prefix before any unique id will do
-
 
 class Creator:
     """Makes the daemon's runs (``submit_bundle``); ``d`` is the Daemon."""
 
     def __init__(self, d):
         self.d = d
+        self.ids = RunIds(lambda: set(d.runs) | set(d.creating), d.runs_dir)
 
     def submit_bundle(self, bundle: str, name: str, user: str = "",
                       reply: tuple[bytes, str] | Callable[[dict | None, BaseException | None], None]
@@ -116,7 +113,7 @@ class Creator:
             error = job.error
         elif job.error is not None:
             log.error("could not create run %s", job.run_id, exc_info=job.error)
-            error = internal_error()
+            error = InternalError()  # the log has the traceback
         else:
             result = self._opened(job)
         if job.reply is None:
@@ -135,20 +132,8 @@ class Creator:
         return {"run": run.id, "name": job.wf.name, "warnings": job.warnings}
 
     def new_run_id(self) -> str:
-        """12 random hex digits, unique, and with a unique 4-digit prefix
-        while one is easily found (short prefixes name runs in flowctl).
-        Past 65,536 runs the prefixes run out: then any unique id will do."""
-        taken = set(self.d.runs) | set(self.d.creating)
-        prefixes = {r[:4] for r in taken}
-        for _ in range(RUN_ID_TRIES):
-            rid = secrets.token_hex(6)
-            if rid[:4] not in prefixes:
-                return rid
-        for _ in range(RUN_ID_TRIES):  # 2**48 ids: a clash is as good as impossible
-            rid = secrets.token_hex(6)
-            if rid not in taken and not os.path.lexists(os.path.join(self.d.runs_dir, rid)):
-                return rid
-        raise StorageError("no free run id was found; try again")
+        """A new run's id (``RunIds.new``: none a spool drop holds shares its prefix)."""
+        return self.ids.new()
 
 
 @dataclass(eq=False)

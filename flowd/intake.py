@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import secrets
 import select
 import threading
 import time
@@ -44,6 +43,7 @@ from .dropwatch import (FALLBACK_EVERY, IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN
                         InotifyUnavailable, ignored_name, parse_events)
 from .errors import StorageError
 from .fsops import Durable
+from .runids import RunIds
 
 log = logging.getLogger("flowd.intake")
 
@@ -57,20 +57,23 @@ __all__ = [  # the intake, and the names its tests read from here
 
 class Intake:
     def __init__(self, spool: str, submit: Callable[..., None], *,
-                 fs: Durable | None = None, new_run_id: Callable[[], str] | None = None,
+                 fs: Durable | None = None, run_ids: RunIds | None = None,
                  settle: float = SETTLE, rescan_every: float = RESCAN_EVERY,
                  fallback_every: float = FALLBACK_EVERY, use_inotify: bool = True,
                  max_bytes: int = MAX_DROP_BYTES, max_entries: int = MAX_DROP_ENTRIES):
         """``submit(bundle, source, user, reply=CALLBACK, run_id=RUN)`` is
         ``Creator.submit_bundle``: called on the loop, it must call
-        ``CALLBACK(result, error)`` on the loop once RUN is made (or not)."""
+        ``CALLBACK(result, error)`` on the loop once RUN is made (or not).
+        ``run_ids``: the daemon's (``Creator.ids``), so that a drop's id, picked
+        when it is taken, shares no prefix with a run submitted meanwhile; by
+        default the intake's own."""
         self.spool = spool
         self.incoming = os.path.join(spool, "incoming")
         self.rejected = os.path.join(spool, "rejected")
         self.staging = os.path.join(spool, "staging")
         self.submit = submit
         self.fs = fs if fs is not None else Durable()
-        self.new_run_id = new_run_id or (lambda: secrets.token_hex(6))
+        self.run_ids = run_ids if run_ids is not None else RunIds()
         self.fallback_every = fallback_every
         self.use_inotify = use_inotify
         self.watch = DropWatch(self.incoming, settle=settle, rescan_every=rescan_every,
@@ -86,7 +89,6 @@ class Intake:
         self._todo: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._busy: dict[str, str] = {}  # name -> its job's run id, until moved out of incoming/
-        self._reserved: set[str] = set()  # run ids picked for drops not yet submitted
         self._inflight = 0  # drops handed to the worker and not yet finished
         self._held: list[Callable[[], None]] = []  # submits waiting for free space
         self._taking = True
@@ -258,20 +260,9 @@ class Intake:
 
     def _finished(self, rid: str, name: str | None) -> None:
         self._inflight -= 1
-        self._reserved.discard(rid)
+        self.run_ids.release(rid)
         if name is not None and self._busy.get(name) == rid:
             del self._busy[name]
-
-    def _reserve(self) -> str:
-        """A run id for a drop, its 4-digit prefix unlike the other drops' waiting."""
-        prefixes = {r[:4] for r in self._reserved}
-        for _ in range(16):
-            rid = self.new_run_id()
-            if rid[:4] not in prefixes:
-                break
-        self._reserved.add(rid)
-        return rid
-
 
     # -- taking (the loop hands a drop to the worker, and hears back) --------------------
     def _take(self, name: str, now: float) -> None:
@@ -290,7 +281,7 @@ class Intake:
         key = (st.st_ino, st.st_ctime_ns)
         if self.watch.is_stuck(name, key):
             return
-        rid = self._reserve()
+        rid = self.run_ids.reserve()
         self._queue(self.boxes.take, rid, name, name, st, key, rid)
 
     def _moved(self, name: str, rid: str) -> None:
@@ -317,7 +308,7 @@ class Intake:
             self._todo.put((self.boxes.finish, rid, None, (box, name, st, user, source, result,
                                                            error)))
 
-        self._reserved.discard(rid)  # from now on the daemon knows it (Creator's creating)
+        self.run_ids.release(rid)  # from now on the daemon knows it (Creator's creating)
         try:
             self.submit(os.path.join(box, "bundle"), source, user, reply=done, run_id=rid)
         except Exception as e:  # noqa: BLE001 - rejected by the worker like any other error
@@ -331,7 +322,7 @@ class Intake:
             log.error("spool: cannot list %s: %s", self.staging, e.strerror)
             return
         for entry in entries:
-            rid = self._reserve()  # used only by a drop that has no marker yet
+            rid = self.run_ids.reserve()  # used only by a drop that has no marker yet
             self._queue(self.boxes.recover, rid, None, os.path.join(self.staging, entry), rid)
 
     # -- the worker's steps that tests watch ----------------------------------------------

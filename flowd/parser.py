@@ -51,12 +51,12 @@ from lxml import etree
 from flowd import model, rules, values
 from flowd.errors import Problem, WorkflowError
 from flowd.filerefs import FileRefs
-from flowd.limits import MAX_DEPTH, MAX_PROBLEMS, MAX_XML_BYTES  # noqa: F401 - flowd.parser.MAX_*
+from flowd.limits import MAX_DEPTH, MAX_XML_BYTES
 from flowd.model import Channel, InitialItem, Mux, Port, Process, Workflow
 from flowd.problems import Invalid, Report, closest as _closest, quote as _q
 from flowd.values import EXAMPLES, PROCESS_ATTRS, image_reference_problem  # noqa: F401
 
-__all__ = ["load_workflow", "image_reference_problem", "MAX_XML_BYTES", "MAX_DEPTH", "SCHEMA_PATH"]
+__all__ = ["load_workflow", "image_reference_problem", "SCHEMA_PATH"]
 
 log = logging.getLogger(__name__)
 

@@ -319,8 +319,8 @@ class Run:
             raise Conflict(f"run {self.id} is already {self.state}")
         self.meta["cancel_requested"] = True
         self.store.write_meta(self.meta)
-        if self.sched.cancel():
-            self.stop_all("cancelled")
+        self.sched.cancel()
+        self.stop_all("cancelled")
         self._check_end()
 
     def parked(self) -> bool:

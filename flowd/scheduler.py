@@ -214,11 +214,10 @@ class Scheduler:
             return True
         return False
 
-    def cancel(self) -> bool:
-        """The run is cancelled: True, the caller stops its tasks."""
+    def cancel(self) -> None:
+        """The run is cancelled: nothing more is claimed; the caller stops its tasks."""
         self.cancelled = True
         self.stopping = True
-        return True
 
     # -- what to do with a task (every decision on a task's life is here) ---------
     def on_resume(self, attempt: int) -> Action:

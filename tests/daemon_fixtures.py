@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import grp
 import os
+import pty
 import pwd
+import select
 import stat
 import shutil
 import signal
@@ -276,6 +278,47 @@ class Daemon:
                                  f"not {check}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}\n"
                                  f"daemon log:\n{self.log()}")
         return res
+
+
+def on_a_terminal(argv, *, timeout=120, whole=False, **popen) -> tuple[int | None, bytes]:
+    """Run ``argv`` with its stdout on a pseudo-terminal; (exit status, the bytes it
+    printed there, the tty's \\r\\n made \\n). ``whole``: its stdin and stderr are on
+    the terminal too (else stdin is empty and stderr discarded). ``popen``: more
+    ``subprocess.Popen`` arguments (``env`` defaults to ``env_for_subprocess()``)."""
+    popen.setdefault("env", env_for_subprocess())
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdout=slave,
+                                stdin=slave if whole else subprocess.DEVNULL,
+                                stderr=slave if whole else subprocess.DEVNULL, **popen)
+    finally:
+        os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            out += data
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out.replace(b"\r\n", b"\n")
 
 
 def wait_until(predicate, timeout=60.0, what="condition"):

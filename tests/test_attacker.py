@@ -11,17 +11,15 @@ from __future__ import annotations
 import grp
 import json
 import os
-import pty
-import select
 import stat
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
-from daemon_fixtures import daemon_user, env_for_subprocess, system_user, user_groups, wait_until
+from daemon_fixtures import (daemon_user, env_for_subprocess, on_a_terminal, system_user, user_groups,
+                             wait_until)
 
 pytestmark = pytest.mark.docker
 
@@ -125,37 +123,13 @@ def task_folder(docker_client, run: str) -> str:
     return wait_until(find, 120, f"a running container of run {run}")
 
 
-def on_terminal(argv, pw=None, timeout=120) -> bytes:
-    """What ``argv`` writes to a terminal (a pty), with the tty's \\r\\n made \\n."""
-    master, slave = pty.openpty()
+def on_terminal(argv, pw=None) -> bytes:
+    """What ``argv``, run as ``pw``, writes to a terminal (all of its stdio on it)."""
     who = {}
     if pw is not None:
         who = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=user_groups(pw))
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd="/",
-                            env=env_for_subprocess(TERM="xterm"), **who)
-    os.close(slave)
-    out = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1.0)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the other side closed
-                break
-            if not data:
-                break
-            out += data
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    return out.replace(b"\r\n", b"\n")
+    return on_a_terminal(argv, whole=True, cwd="/", env=env_for_subprocess(TERM="xterm"),
+                         **who)[1]
 
 
 # -- 1. root through a setuid output ----------------------------------------------------

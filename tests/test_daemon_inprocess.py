@@ -13,8 +13,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import textwrap
 import threading
 import time
@@ -24,13 +22,9 @@ import zmq
 
 from flowctl.client import Client
 from flowd import protocol as P
-from flowd.config import load
-from flowd.daemon import Daemon
 from flowd.errors import DiskFull, NotFound, UsageError, WorkflowError
-from flowd.executor.fake import FakeExecutor
 from flowd.staging import UPLOAD_MAX_AGE
-
-WAIT = 60.0  # seconds: a generous bound for a condition, never a measured duration
+from inprocess import WAIT, end, new_daemon, write_config
 
 
 def upper(t):
@@ -44,18 +38,13 @@ class Harness:
     def __init__(self, tmp_path, config: str = "", scripts: dict | None = None):
         self.conf = str(tmp_path / "flowd.toml")
         self.write_config(config)
-        cfg = load(self.conf, required=True)
-        # the socket's path must stay under 108 bytes: a short folder of its own
-        self.sockdir = tempfile.mkdtemp(prefix="fd-")
-        cfg.spool, cfg.socket = str(tmp_path / "spool"), os.path.join(self.sockdir, "s.sock")
         self.scripts = {"upper": upper, **(scripts or {})}
-        self.d = Daemon(cfg, lambda report: FakeExecutor(report, self.scripts))
+        self.d = new_daemon(self.conf, str(tmp_path / "spool"), self.scripts)
         self.d.prepare(signals=False)
         self.tmp = tmp_path
 
     def write_config(self, text: str) -> None:
-        with open(self.conf, "w") as f:
-            f.write('min_free_space = "0"\n' + textwrap.dedent(text))
+        write_config(self.conf, text)
 
     def step(self, times: int = 1, now: float | None = None) -> float:
         for _ in range(times):
@@ -111,8 +100,7 @@ class Harness:
         return self.client(lambda c: c.call("status", {"run": run}))[0]["run"]["state"]
 
     def close(self) -> None:
-        self.d.close()
-        shutil.rmtree(self.sockdir, ignore_errors=True)
+        end(self.d)
 
 
 class Raw:
@@ -400,3 +388,38 @@ def test_a_flood_of_garbage_is_served_a_turn_at_a_time(h, raw):
     assert len(got) == 600
     assert all(json.loads(f[0])["error"]["code"] == "protocol" for f in got)
     assert raw.call("ping")["ok"]
+
+
+# -- run ids: one owner for submits and drops ---------------------------------------------
+def test_a_drop_being_taken_and_a_submit_meanwhile_get_runs_of_different_prefixes(h, monkeypatch):
+    """Short prefixes name runs in flowctl. A drop's run id is picked when the drop is
+    taken, before its run is made; a submit meanwhile must not get its prefix."""
+    from flowd import runids
+
+    drawn = iter(["abcd00000001", "abcd00000002", "ef0100000003"])  # the 2nd shares the 1st's prefix
+    real = runids.secrets.token_hex
+    monkeypatch.setattr(runids.secrets, "token_hex", lambda n=None: next(drawn) if n == 6 else real(n))
+    building, gate = threading.Event(), threading.Event()
+    build = h.d.intake._build_bundle
+
+    def held_build(*args):  # the intake's worker, held while the drop's id is picked
+        building.set()
+        assert gate.wait(WAIT)
+        return build(*args)
+
+    h.d.intake._build_bundle = held_build
+    src = str(h.tmp / "job.xml")
+    with open(src, "w") as f:
+        f.write(textwrap.dedent(BATCH))
+    os.rename(src, os.path.join(h.d.spool, "incoming", "job.xml"))
+    now = time.monotonic()
+    end = now + WAIT
+    while not building.is_set():  # a stepped clock: the drop settles without sleeping
+        assert time.monotonic() < end, "the intake did not take the drop"
+        h.step(now=now)
+        now += 0.5
+        building.wait(0.05)
+    submitted = h.submit(BATCH)
+    gate.set()
+    h.until(lambda: len(h.d.runs) == 2, "the drop's run")
+    assert sorted(h.d.runs) == ["abcd00000001", "ef0100000003"] and submitted == "ef0100000003"

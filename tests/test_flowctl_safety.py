@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pty
 import select
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import threading
 import time
 
 import pytest
-from daemon_fixtures import env_for_subprocess, wait_until
+from daemon_fixtures import env_for_subprocess, on_a_terminal, wait_until
 
 from flowctl import cli
 from flowd.errors import WorkflowError
@@ -49,39 +48,6 @@ def flowctl_cmd(sock, *args):
 
 def run_containers(docker_client, run_id):
     return docker_client.api.containers(all=True, filters={"label": [f"io.flowd.run={run_id}"]})
-
-
-def on_a_terminal(cmd, timeout=120):
-    """Run ``cmd`` with its stdout on a pseudo-terminal; (exit status, bytes it printed)."""
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(cmd, env=env_for_subprocess(), stdout=slave,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    finally:
-        os.close(slave)
-    out = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1.0)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            out += data
-        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-    proc.stderr.close()
-    return proc.returncode, out.replace(b"\r\n", b"\n")
 
 
 # -- 1. escaping -----------------------------------------------------------------

@@ -20,19 +20,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
-import textwrap
 import threading
 import time
 
 import pytest
 
-from flowd.config import load
 from flowd.daemon import Daemon
-from flowd.executor.fake import FakeExecutor
 from flowd.fsops import Durable, SimulatedCrash
-
-WAIT = 60.0  # seconds: a generous bound for a condition, never a measured duration
+from inprocess import WAIT, end, new_daemon, write_config
 
 FILE_WF = '<workflow name="dropped">\n  <channel name="c"><item>x</item></channel>\n</workflow>\n'
 FOLDER_WF = ('<workflow name="dropped-folder">\n  <channel name="c"><item file="data/in.txt"/>'
@@ -80,18 +75,13 @@ class Spool:
         self.path = os.path.join(root, "spool")
         os.makedirs(os.path.join(root, "work"))
         self.conf = os.path.join(root, "flowd.toml")
-        with open(self.conf, "w") as f:
-            f.write(textwrap.dedent('min_free_space = "0"\n'))
+        write_config(self.conf)
 
     def start(self, crash_at: int | None = None, trace: str | None = None) -> Daemon:
         """A prepared daemon; a crash in its own recovery raises SimulatedCrash (after
         closing it)."""
-        cfg = load(self.conf, required=True)
-        sockdir = tempfile.mkdtemp(prefix="fdc-")
-        cfg.spool, cfg.socket = self.path, os.path.join(sockdir, "s.sock")
-        d = Daemon(cfg, lambda report: FakeExecutor(report, {}))
-        d.fs = Durable(crash_at=crash_at, crash_mode="raise", trace=trace)
-        d._test_sockdir = sockdir
+        d = new_daemon(self.conf, self.path,
+                       fs=Durable(crash_at=crash_at, crash_mode="raise", trace=trace))
         try:
             d.prepare(signals=False)
         except SimulatedCrash:
@@ -111,12 +101,11 @@ class Spool:
 
 def stop(d: Daemon) -> None:
     """What is left of a daemon that crashed (or ended): its threads end, its locks go."""
-    d.close()
-    end = time.monotonic() + WAIT
+    end(d)
+    deadline = time.monotonic() + WAIT
     while any(t.name.startswith("flowd-create-") and t.is_alive() for t in threading.enumerate()):
-        assert time.monotonic() < end, "a run's creation thread did not end"
+        assert time.monotonic() < deadline, "a run's creation thread did not end"
         time.sleep(0.01)
-    shutil.rmtree(d._test_sockdir, ignore_errors=True)
 
 
 def drive(d: Daemon, sp: Spool, crashes: Crashes) -> bool:
@@ -250,3 +239,4 @@ def test_a_second_crash_during_recovery_still_makes_one_run_or_one_rejection(
         for m in range(1, _points(rtrace) + 1):
             take(str(tmp_path / f"m{n}-{m}"), name, crashes, n, again_at=m)
             shutil.rmtree(tmp_path / f"m{n}-{m}", ignore_errors=True)
+

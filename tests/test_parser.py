@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from flowd import parser
 from flowd.errors import Problem, WorkflowError
 from flowd.model import Workflow
-from flowd.parser import MAX_XML_BYTES, load_workflow
+from flowd.limits import MAX_PROBLEMS, MAX_XML_BYTES
+from flowd.parser import load_workflow
 
 DATA = Path(__file__).parent / "data"
 VALID = DATA / "valid"
@@ -301,7 +302,7 @@ def test_the_number_of_problems_is_capped(tmp_path):
     body = "".join(f'<process name="p{i}" image="x" retries="-1"><script>x</script></process>\n'
                    for i in range(500))
     problems = problems_of(write(tmp_path, f'<workflow name="w">\n{body}</workflow>'))
-    assert len(problems) == parser.MAX_PROBLEMS + 1
+    assert len(problems) == MAX_PROBLEMS + 1
     assert problems[-1].message == "... and 300 more errors not shown"
 
 
@@ -339,9 +340,9 @@ def test_a_long_chain_loads_fast_and_a_long_cycle_is_reported_short(tmp_path):
     assert time.monotonic() - start < 5.0  # about 0.3 s
     assert len(wf.processes) == n
     # nothing feeds c0: the first process can never run, and so none can
-    assert len(warnings) == parser.MAX_PROBLEMS + 1
+    assert len(warnings) == MAX_PROBLEMS + 1
     assert warnings[0].message.startswith('process "p0" can never run: its input channel "c0" has no producer')
-    assert warnings[-1].message == f"... and {n - parser.MAX_PROBLEMS} more warnings not shown"
+    assert warnings[-1].message == f"... and {n - MAX_PROBLEMS} more warnings not shown"
     # close the chain into one loop of 3000 processes: no recursion limit hit
     path = write(tmp_path, f'<workflow name="w">\n{chans}{procs}{proc("back", [f"c{n}"], ["c0"])}</workflow>')
     cycle = [p for p in problems_of(path) if "cycle" in p.message]
@@ -774,7 +775,7 @@ def test_worst_case_files_are_checked_quickly(tmp_path, body):
     start = time.monotonic()
     problems = problems_of(path)
     assert time.monotonic() - start < 5.0  # about 0.6 s; a quadratic check would take minutes
-    assert len(problems) <= 2 * parser.MAX_PROBLEMS + 2
+    assert len(problems) <= 2 * MAX_PROBLEMS + 2
 
 
 # -- fuzzing -------------------------------------------------------------------------------------

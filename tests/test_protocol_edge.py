@@ -351,12 +351,13 @@ from flowd.cli import main; sys.exit(main())' "$@"
 # -- 4. run ids never run out (issue 9 #6) --------------------------------------------
 def test_run_ids_do_not_run_out_after_65536_runs(tmp_path, monkeypatch):
     from flowd import daemon as D
+    from flowd import runids
     from flowd.config import Config
 
     dm = D.Daemon(Config(spool=str(tmp_path / "spool"), socket=str(tmp_path / "s.sock")))
     os.makedirs(dm.runs_dir)
     dm.runs = {f"{p:04x}00000000": None for p in range(65536)}  # every 4-digit prefix taken
-    real = D.secrets.token_hex
+    real = runids.secrets.token_hex
     calls = []
 
     def counted(n):
@@ -365,10 +366,10 @@ def test_run_ids_do_not_run_out_after_65536_runs(tmp_path, monkeypatch):
             raise AssertionError("_new_run_id is still looking after 10,000 tries")
         return real(n)
 
-    monkeypatch.setattr(D.secrets, "token_hex", counted)
+    monkeypatch.setattr(runids.secrets, "token_hex", counted)
     rid = dm._new_run_id()
     assert re.fullmatch(r"[0-9a-f]{12}", rid) and rid not in dm.runs
-    assert len(calls) <= 2 * D.RUN_ID_TRIES
+    assert len(calls) <= 2 * runids.RUN_ID_TRIES
     dm.runs = {}
     calls.clear()
     assert dm._new_run_id() and len(calls) == 1  # the usual case: the first try

@@ -212,6 +212,7 @@ def test_resume_starts_never_started_claims_and_adopts_started_ones():
     eng = _one()
     assert eng.on_resume(0) == E.Action(E.START, 1)
     assert eng.on_resume(3) == E.Action(E.ADOPT, 3, kill=False)
-    assert eng.cancel() is True
+    eng.cancel()
+    assert eng.stopping  # what a cancel is to the scheduler: claim nothing more
     assert eng.on_resume(0) == E.Action(E.RELEASE)  # cancelled: never start it
     assert eng.on_resume(3) == E.Action(E.ADOPT, 3, kill=True)  # find it, and stop it

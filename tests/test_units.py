@@ -105,10 +105,45 @@ def test_spelled_values_read_back_as_written():
         assert units.parse_duration(units.spell_duration(s)) == pytest.approx(s)
 
 
-def test_the_workflow_checks_and_config_read_sizes_with_the_same_rules():
-    from flowd import config, values
-    assert values.units is units
-    assert config.parse_size is units.parse_size and config.parse_duration is units.parse_duration
+@pytest.mark.parametrize("size", ["256m", "1g", "512MiB", "1.5G", "64M"])
+def test_a_size_means_the_same_bytes_in_a_workflows_memory_and_in_the_config(tmp_path, size):
+    from flowd import config
+    from flowd.parser import load_workflow
+
+    wf, _ = load_workflow(_memory_workflow(tmp_path, size))
+    conf = tmp_path / "flowd.toml"
+    conf.write_text(f'max_memory = "{size}"\ndefault_memory = "{size}"\n')
+    cfg = config.load(str(conf), required=True)
+    assert wf.processes["p"].memory == cfg.max_memory == cfg.default_memory == units.parse_size(size)
+
+
+@pytest.mark.parametrize("size", ["12 parsecs", "lots", "-5m"])
+def test_a_bad_size_is_an_error_in_a_workflows_memory_and_in_the_config_alike(tmp_path, size):
+    from flowd import config
+    from flowd.errors import UsageError, WorkflowError
+    from flowd.parser import load_workflow
+
+    with pytest.raises(WorkflowError) as bad_wf:
+        load_workflow(_memory_workflow(tmp_path, size))
+    assert 'attribute "memory" is' in str(bad_wf.value) and size in str(bad_wf.value)
+    conf = tmp_path / "flowd.toml"
+    conf.write_text(f'max_memory = "{size}"\n')
+    with pytest.raises(UsageError) as bad_conf:
+        config.load(str(conf), required=True)
+    assert "max_memory" in str(bad_conf.value) and size in str(bad_conf.value)
+
+
+def _memory_workflow(tmp_path, size: str) -> str:
+    path = tmp_path / "workflow.xml"
+    path.write_text(f"""<workflow name="w">
+  <channel name="a"><item>x</item></channel>
+  <process name="p" image="flowd/busybox" memory="{size}">
+    <input channel="a"/>
+    <script>true</script>
+  </process>
+</workflow>
+""")
+    return str(path)
 
 
 def test_the_checksum_warning_is_logged_once(tmp_path):
