@@ -19,7 +19,6 @@ import math
 import os
 import queue
 import re
-import secrets  # noqa: F401 - tests count the run ids tried (creation.py draws them)
 import signal
 import time
 from typing import Callable
@@ -29,7 +28,7 @@ from . import commands
 from .commands import runs as run_commands
 from .config import Config
 from .control import Control
-from .creation import RUN_ID_TRIES, Creator, _Creation  # noqa: F401 - RUN_ID_TRIES: tests
+from .creation import Creator, _Creation
 from .disk import DISK_CHECK_EVERY, Disk
 from .errors import AlreadyRunning, DiskFull, StorageError, UsageError
 from .executor import base as X
@@ -189,7 +188,7 @@ class Daemon:
         t0 = time.monotonic()
         self._open_runs()
         self.intake = Intake(self.spool, self.creator.submit_bundle, fs=self.fs,
-                             new_run_id=self.creator.new_run_id)  # SPOOL/incoming/ drops
+                             run_ids=self.creator.ids)  # SPOOL/incoming/ drops
         self.control.bind(self.cfg.socket_gid())
         if signals:
             self._install_signals()
