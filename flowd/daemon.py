@@ -25,6 +25,7 @@ from typing import Callable
 
 from . import __version__
 from . import commands
+from .protocol import socket_path
 from .commands import runs as run_commands
 from .config import Config
 from .control import Control
@@ -54,7 +55,7 @@ class Daemon:
         self.spool = os.path.realpath(cfg.spool)
         self.runs_dir = os.path.join(self.spool, "runs")
         self.uploads_dir = os.path.join(self.spool, "uploads")
-        self.socket_path = os.path.abspath(cfg.socket)
+        self.socket_path = os.path.abspath(socket_path(cfg.socket))  # "ipc://PATH" is PATH too
         self.fs = Durable()
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.runs: dict[str, Run] = {}

@@ -126,10 +126,17 @@ def _num(x: float | None) -> str:
 
 
 def socket_path(explicit: str | None = None) -> str:
-    return explicit or os.environ.get("FLOWD_SOCKET") or DEFAULT_SOCKET
+    """The socket's path: ``explicit``, else $FLOWD_SOCKET, else the default.
+
+    A ZeroMQ address ``ipc:///run/flowd/flowd.sock`` is taken as its path (a
+    user who read "ipc://" in the docs may well write it)."""
+    path = explicit or os.environ.get("FLOWD_SOCKET") or DEFAULT_SOCKET
+    return path[len("ipc://"):] if path.startswith("ipc://") else path
 
 
 def endpoint(path: str) -> str:
+    if path.startswith("ipc://"):
+        path = path[len("ipc://"):]
     return "ipc://" + os.path.abspath(path)
 
 

@@ -495,3 +495,14 @@ def test_spool_folders_get_their_modes_at_start(daemon_factory, workdir):
     assert modes == {"": 0o750, "runs": 0o700, "uploads": 0o700, "incoming": 0o3770,
                      "rejected": 0o750}, {k: oct(v) for k, v in modes.items()}
     assert d.flowctl("status", check=0)
+
+
+def test_a_zeromq_address_for_the_socket_is_taken_as_its_path(monkeypatch):
+    """A user who read "ipc://" in the docs may write it: it names the same socket,
+    never a folder called "ipc:" in the current directory."""
+    from flowd import protocol as P
+
+    assert P.socket_path("ipc:///run/x/flowd.sock") == "/run/x/flowd.sock"
+    monkeypatch.setenv("FLOWD_SOCKET", "ipc:///srv/s.sock")
+    assert P.socket_path() == "/srv/s.sock"
+    assert P.endpoint("ipc:///srv/s.sock") == P.endpoint("/srv/s.sock") == "ipc:///srv/s.sock"
