@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,8 +71,8 @@ class Creator:
             job.path = Run.create(self.d.runs_dir, job.run_id, job.wf, job.bundle, self.d.fs, job.meta)
         except Exception as e:  # noqa: BLE001 - answered to the client by _created
             job.error = e
-            shutil.rmtree(unfinished_path(self.d.runs_dir, job.run_id), ignore_errors=True)
-            shutil.rmtree(job.bundle, ignore_errors=True)
+            self.d.fs.rmtree(unfinished_path(self.d.runs_dir, job.run_id))
+            self.d.fs.rmtree(job.bundle)
         if job.reply is not None:
             self.d.report(job)
 

@@ -55,7 +55,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import stat
 import time
 from typing import Callable
@@ -154,7 +153,7 @@ class Staging:
         user = user_name(st.st_uid)
         source = f"{name}/workflow.xml" if stat.S_ISDIR(st.st_mode) else name
         bundle = os.path.join(box, "bundle")
-        shutil.rmtree(bundle, ignore_errors=True)  # a half-built one, from before a crash
+        self.fs.rmtree(bundle)  # a half-built one, from before a crash
         try:
             self._build(staged, st, bundle, name)
         except Refused as r:
@@ -169,7 +168,7 @@ class Staging:
         except StorageError as e:  # e.g. the spool is full: taken again at the next start
             log.error("spool: cannot write the marker in %s: %s; %s stays there and is taken "
                       "again when flowd restarts", box, e, show_name(name))
-            shutil.rmtree(bundle, ignore_errors=True)
+            self.fs.rmtree(bundle)
             return False
         self._post(lambda: self._on_ready(box, name, st, user, source, rid))
         return True
@@ -204,7 +203,7 @@ class Staging:
     def _reject(self, box: str, name: str, st: os.stat_result, user: str,
                 lines: list[str]) -> None:
         """The marker ``rejecting`` first (so a crash rejects it once, under the same name)."""
-        shutil.rmtree(os.path.join(box, "bundle"), ignore_errors=True)
+        self.fs.rmtree(os.path.join(box, "bundle"))
         target = self._rejected_name(name)
         text = self._error_text(name, user, lines, resubmit=True, is_dir=stat.S_ISDIR(st.st_mode))
         first = next((line for line in lines if ": error:" in line), lines[0])
