@@ -337,8 +337,9 @@ class Creates:
             pass
 
     def too_many(self, tasks: int, concurrency: int) -> bool:
-        """More than a pool would make: one per task, not a warm pool."""
-        return self.count > max(2 * concurrency, 10) + tasks // 10
+        """More than a warm pool would make for ``tasks`` tasks (about one per slot,
+        a few replaced): fresh containers. Only ever grows, so it may stop a run early."""
+        return self.count > min(tasks // 2, 2 * concurrency + tasks // 10)
 
 
 def flowd_batch(container: str, items: int, concurrency: int, root: str, who: Identity,
@@ -434,8 +435,8 @@ def service_latency(container: str, pushes: int, root: str, who: Identity,
                         raise NotAvailable(f"push {k}: no output within 60 s")
                 if k:
                     times.append(time.perf_counter() - t0)
-                if container == "warm" and k == 5 and creates.count > 3:
-                    raise NotAvailable(f"{creates.count} containers made for 6 pushes: "
+                if container == "warm" and k >= 2 and creates.too_many(k + 1, 1):
+                    raise NotAvailable(f"{creates.count} containers made for {k + 1} pushes: "
                                        "they ran in fresh containers")
         finally:
             creates.close()
