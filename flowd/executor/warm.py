@@ -158,6 +158,7 @@ class WarmPool:
             names = os.listdir(self.root)
         except OSError:
             return
+        keep = set(keep) | self.names()  # read after listdir: a container started meanwhile is kept
         for name in names:
             if name not in keep:
                 remove_tree(os.path.join(self.root, name))
