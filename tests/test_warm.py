@@ -131,19 +131,24 @@ ISOLATION = """
   <process name="iso" image="flowd/busybox" container="warm">
     <input channel="in"/><output channel="out"/>
     <script>
+count() {{  # processes whose command line is exactly "sleep TAG", by ps and by /proc
+  n=0; for p in /proc/[0-9]*; do [ "$(tr '\\0' ' ' &lt; $p/cmdline 2>/dev/null)" = "sleep {tag} " ] &amp;&amp; n=$((n+1)); done
+  echo "ps: $(ps -o args | grep -c '^[s]leep {tag}$') proc: $n"
+}}
 if [ "$(cat in)" = first ]; then
   echo planted > /task/planted; echo planted > /tmp/planted; mkdir /tmp/dir; echo x > /tmp/dir/f
   sleep {tag} &amp;
   setsid sleep {tag} &amp;
-  echo "host=$(hostname)" > out
+  i=0; while [ "$(count)" != "ps: 2 proc: 2" ] &amp;&amp; [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+  r="host=$(hostname)
+$(count)"
 else
   r="host=$(hostname)
 task: $(ls -A /task | grep -v '^out$' | tr '\\n' ' ')
 tmp: $(ls -A /tmp | tr '\\n' ' ')
-ps: $(ps -o args | grep -c 'sleep {tag}' )
-proc: $(cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' | grep -c 'sleep {tag}')"
-  echo "$r" > out
+$(count)"
 fi
+echo "$r" > out
 </script>
   </process>"""
 
@@ -158,10 +163,11 @@ def test_isolation_a_warm_task_sees_no_file_or_process_of_the_task_before(
     det = submit_wait(d, workflow(workdir, ISOLATION.format(items=items("first", "second"), tag=tag)))
     assert det["state"] == "succeeded", (det, d.log())
     first, second = pull(d, det["id"], "out", os.path.join(workdir, "out"))
+    assert first.decode().endswith("ps: 2 proc: 2\n"), first  # the check sees both sleeps
     text = second.decode()
     assert "task: in \n" in text, text  # only its own input (and the output it writes)
     assert "tmp: \n" in text, text  # /tmp empty
-    assert "ps: 0\n" in text and text.endswith("proc: 0\n"), text  # no sleep of task 1
+    assert text.endswith("ps: 0 proc: 0\n"), text  # no sleep of task 1
     assert hostnames([first]) == hostnames([second]), "task 2 ran in another container"
     assert host_processes(tag) == []  # nor on the host
 
@@ -559,3 +565,36 @@ def test_docker_ps_labels_pool_containers_and_status_shows_the_pool(daemon_facto
     assert "containers: 0 fresh, 1 warm (1 busy, 0 idle), at most 5" in d.flowctl(
         "status", check=0).stdout
     d.flowctl("cancel", run, check=0)
+
+
+def test_a_script_that_writes_junk_to_the_agent_s_pipe_fails_its_task_and_does_not_loop(
+        daemon_factory, workdir, docker_client):
+    """/.flowd/ctl/out is writable by the script (a FIFO in a read-only mount). A script
+    that writes a line there breaks the protocol: that is the script's doing, so its task
+    must fail (or be retried within retries=), not start again forever as if the engine
+    were away."""
+    d = start(daemon_factory, workdir)
+    xml = workflow(workdir, f"""
+  <channel name="in">{items("x")}</channel><channel name="out"/>
+  <process name="forger" image="flowd/busybox" container="warm" timeout="30s">
+    <input channel="in"/><output channel="out"/>
+    <script>echo started; echo "not an answer" > /.flowd/ctl/out; sleep 5; cp in out</script>
+  </process>""")
+    run = d.flowctl("submit", xml, check=0).stdout.strip()
+    made: set[str] = set()
+
+    def ended():
+        made.update(c["Id"] for c in spool_containers(docker_client, d, pool="warm", run=run))
+        return detail(d, run)["state"] in ("succeeded", "failed")
+    try:
+        try:
+            wait_until(ended, 60, "the run to end")
+        except AssertionError:
+            det = detail(d, run)
+            raise AssertionError(f"the run is still {det['state']!r} after 60s; warm containers "
+                                 f"seen: {len(made)}; processes: {det['processes']}") from None
+        det = detail(d, run)
+        assert det["state"] == "failed", det
+        assert "answer was not the one expected" in reasons(det)["forger"], det["failures"]
+    finally:
+        d.flowctl("cancel", run)
