@@ -598,3 +598,47 @@ def test_a_script_that_writes_junk_to_the_agent_s_pipe_fails_its_task_and_does_n
         assert "answer was not the one expected" in reasons(det)["forger"], det["failures"]
     finally:
         d.flowctl("cancel", run)
+
+
+# -- the pool, with the executor driven directly ---------------------------------------------------
+
+@pytest.fixture
+def warm_backend(docker_client, docker_spool, docker_tmp):
+    from test_executor_contract import Backend
+
+    b = Backend("warm", docker_tmp, docker_spool, docker_client)
+    yield b
+    b.ex.close()
+
+
+def test_a_sweep_keeps_the_folder_of_a_container_started_while_it_ran(warm_backend):
+    """A restart's sweep lists the pool's containers, removes the others (slow), then
+    deletes slot folders it was not told of. A container the new daemon started
+    meanwhile must keep its folder (it lost it: 'bind source path does not exist' and the
+    task failed; test_kill_9_with_warm_tasks_running_loses_and_duplicates_nothing met it)."""
+    from test_executor_contract import Case
+
+    b = warm_backend
+    ok = Case(sh="echo \"host=$(hostname)\" > out\n", fake=lambda t: 0)
+    spec, res = b.run(ok, outputs=["out"])
+    assert res.ok, res
+    before = os.listdir(os.path.join(b.tmp, "pool"))
+    assert len(before) == 1
+    b.ex.pool.leftover_slots(set())  # what the sweep does with the names it read before
+    assert os.listdir(os.path.join(b.tmp, "pool")) == before
+    spec2, res = b.run(ok, outputs=["out"])  # and the kept container still serves
+    assert res.ok, res
+    first, second = hostnames([open(os.path.join(s.workdir, "out"), "rb").read() for s in (spec, spec2)])
+    assert first == second
+
+
+def test_a_warm_root_is_read_only_by_default_and_home_is_tmp(warm_backend):
+    """warm_read_only (default true): nothing written outside /task and /tmp can carry
+    over to the next task."""
+    from test_executor_contract import Case
+
+    sh = ("{ touch /planted 2>/dev/null && echo root-writable || echo root-read-only; "
+          "touch /tmp/t && echo tmp-writable; echo \"home=$HOME\"; } > out\n")
+    spec, res = warm_backend.run(Case(sh=sh, fake=lambda t: 0), outputs=["out"], env={"HOME": "/tmp"})
+    assert res.ok, res
+    assert open(os.path.join(spec.workdir, "out")).read() == "root-read-only\ntmp-writable\nhome=/tmp\n"
