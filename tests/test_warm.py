@@ -11,7 +11,6 @@ import json
 import os
 import re
 import select
-import signal
 import stat
 import subprocess
 import sys
