@@ -18,7 +18,9 @@ file (``cat in > out``) in flowd/busybox. What is measured:
               daemon's uid:gid, the wrapper command). No sleeps, no polling.
 ``bare``      the same loop with no settings at all (root in the container,
               the two bind mounts it needs, the engine's defaults): what the
-              hardening costs.
+              hardening costs. The defaults include a bridged network (a
+              veth pair per container), which costs more than flowd's
+              ``network none``: bare is usually the slower of the two.
 ``fresh``     flowd, ``container="fresh"``: the run's own clock, from its
               first claim to its last commit.
 ``warm``      flowd, ``container="warm"``: the same. It counts as warm only
