@@ -594,7 +594,7 @@ def test_a_script_that_writes_junk_to_the_agent_s_pipe_fails_its_task_and_does_n
                                  f"seen: {len(made)}; processes: {det['processes']}") from None
         det = detail(d, run)
         assert det["state"] == "failed", det
-        assert "answer was not the one expected" in reasons(det)["forger"], det["failures"]
+        assert "wrote to flowd's control pipe" in reasons(det)["forger"], det["failures"]
     finally:
         d.flowctl("cancel", run)
 

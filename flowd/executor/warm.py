@@ -187,9 +187,8 @@ class WarmPool:
         started = time.time()
         try:
             out = WarmTaskRun(self).run_on(c, spec)
-        except OSError as e:
-            out = Outcome(ERROR, message=f"warm container: {e.strerror or e}", retire="host error",
-                           retryable=True)
+        except OSError as e:  # flowd's side (its disk): the task fails and counts a retry
+            out = Outcome(ERROR, message=f"warm container: {e.strerror or e}", retire="host error")
         finished = time.time()
         with self._lock:
             c.task = None
@@ -219,11 +218,11 @@ class WarmPool:
                 if not idle:
                     break
                 c = max(idle, key=lambda c: c.idle_since)  # the warmest
-                if not c.slot.agent_gone():
+                if c.slot.usable():
                     c.busy = True
                     return c
                 del self._containers[c.name]  # it stopped while idle (a dockerd restart, say)
-            self._remove(c, "it stopped while idle")
+            self._remove(c, "it stopped, or its pipe holds words nobody asked for")
         with self._lock:
             name = f"flowd-warm-{spec.run_id}-{spec.process}-{secrets.token_hex(4)}"
             self._creating.add(name)
@@ -337,7 +336,7 @@ class WarmPool:
         limit = self.owner.settings.warm_idle
         with self._lock:
             victims = [c for c in self._containers.values()
-                       if not c.busy and (now - c.idle_since >= limit or c.slot.agent_gone())]
+                       if not c.busy and (now - c.idle_since >= limit or not c.slot.usable())]
             for c in victims:
                 del self._containers[c.name]
         for c in victims:

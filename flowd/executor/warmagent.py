@@ -159,19 +159,22 @@ class WarmSlot:
                 os.close(src)
 
     def take_outputs(self, spec: TaskSpec) -> None:
-        """Move the declared outputs into the task's work/ folder, where
-        flowd.collect checks and copies them exactly as a fresh task's.
+        """Move all the task left in task/ into its work/ folder, where
+        flowd.collect checks and copies the declared outputs exactly as a
+        fresh task's (a fresh task's work/ is its /task too).
 
-        A rename never follows a link: a link stays a link, and collect
-        refuses it. Nothing of the container is still running (the agent
-        killed it all and flowd counted), so nothing writes behind it.
+        Everything, not just the outputs: a hard link to another file the
+        task made then still shows two links, and collect refuses it as it
+        does for fresh. A rename never follows a link: a symbolic link stays
+        one, and collect refuses it. Nothing of the container is still
+        running (the agent killed it all and flowd counted), so nothing
+        writes behind it.
         """
-        for name in spec.outputs:
-            src = os.path.join(self.task, name)
+        for name in os.listdir(self.task):
             try:
-                os.rename(src, os.path.join(spec.workdir, name))
+                os.rename(os.path.join(self.task, name), os.path.join(spec.workdir, name))
             except FileNotFoundError:
-                continue  # not written: collect says so
+                continue
 
     def empty(self) -> list[str]:
         """Empty task/ and tmp/ in place; what could not be deleted (then retire)."""
@@ -207,13 +210,13 @@ class WarmSlot:
         if old >= 0:
             os.close(old)
 
-    def agent_gone(self) -> bool:
-        """The agent has ended (its container stopped: a dockerd restart, an
-        OOM while idle, a ``docker kill``): its end of ``out`` is closed."""
+    def usable(self) -> bool:
+        """An idle container can take a task: its agent is there (its end of
+        ``out`` is open: not after a dockerd restart, an OOM while idle, a
+        ``docker kill``) and ``out`` holds nothing nobody asked for."""
         p = select.poll()
         p.register(self.out_r, select.POLLIN)
-        events = p.poll(0)
-        return bool(events) and bool(events[0][1] & select.POLLHUP) and not events[0][1] & select.POLLIN
+        return not p.poll(0)  # POLLHUP: the agent is gone; POLLIN: stray words
 
     def wake(self) -> None:
         os.write(self.in_w, b"go\n")

@@ -48,9 +48,6 @@ class WarmTaskRun:
 
     def run_on(self, c: WarmContainer, spec: TaskSpec) -> Outcome:
         slot = c.slot
-        if slot.read(slot.out_r, MAX_LINE) is not None:  # words nobody asked for: a forger's
-            return Outcome(ERROR, message="the warm container said something out of turn; "
-                                           "it was retired", retire="protocol", retryable=True)
         slot.put_inputs(spec)
         c.seq += 1
         slot.write_ctl("env", env_file(spec.env))
@@ -100,13 +97,18 @@ class WarmTaskRun:
             line, _, rest = answer.partition(b"\n")
             done = parse_done(line.decode("ascii", "replace"), c.seq)
             if done is None or rest:
-                log.warning("warm container %s: answer %r for task %d is not the one expected", c.name, answer[:MAX_LINE], c.seq)
+                # Only the task's own processes could have written it (the agent
+                # answers once): the script's doing, so the task fails, and counts
+                # against its retries (never the same attempt again and again).
+                log.warning("warm container %s: answer %r for task %d is not the one expected",
+                            c.name, answer[:MAX_LINE], c.seq)
                 self.pool._kill_now(c)
                 note = sink.finish() if sink is not None else ""
                 sink = None
-                return Outcome(ERROR, message="the warm container's answer was not the one "
-                                               "expected; it was retired" + note, retire="protocol",
-                                retryable=True)
+                return Outcome(ERROR, message="the task wrote to flowd's control pipe "
+                                              "(/.flowd/ctl/out) and broke the warm container's "
+                                              "protocol; the container was retired" + note,
+                               retire="protocol")
             code, _killed, oom = done
             left = self._left_behind(slot)
             if left:
@@ -117,7 +119,7 @@ class WarmTaskRun:
                 message += sink.finish()
                 sink = None
             if status == EXITED and code == 0:
-                slot.take_outputs(spec)
+                slot.take_outputs(spec)  # all it left: a hard link is then seen as one, as for fresh
                 problems = slot.empty()
                 retire = (f"{left} process(es) of the task were left behind" if left
                           else "its folders could not be emptied: " + "; ".join(problems[:3]) if problems
