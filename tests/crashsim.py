@@ -101,7 +101,9 @@ class SimExecutor(FakeExecutor):
     def adopt(self, spec: X.TaskSpec) -> None:
         self.adopted.append(spec)
         c = self.world.containers.get(spec.key)
-        if c is None or c.spec.attempt != spec.attempt:
+        if spec.container == "warm" or c is None or c.spec.attempt != spec.attempt:
+            # As the Docker executor: a warm task is never taken back after a
+            # restart (its container is swept; it may still be running now).
             self.world.containers.pop(spec.key, None)
             self.report(X.TaskResult(spec.run_id, spec.task_id, spec.attempt, X.MISSING))
         elif c.result is not None:
@@ -590,9 +592,20 @@ def flow_sources() -> Flow:
                 fired={"sa", "sb", "sc"}, slow={"sa": 1})
 
 
+def flow_warm() -> Flow:
+    """Warm processes (container="warm"), slow enough that crashes find tasks in flight:
+    after a restart such a task is MISSING (never taken back) and runs again; its
+    effect must still count once. A folder output and a 2-stage pipeline."""
+    w = wf(channels={"a": ["w1", "w2", "w3"], "mid": [], "out": []},
+           processes=[_proc("p", "a", "mid", container="warm", parallel=2),
+                      _proc("q", "mid", "out", container="warm")])
+    return Flow("warm", w, {"p": _f("p"), "q": _f("q")},
+                {"out": [b"q(p(w1))", b"q(p(w2))", b"q(p(w3))"]}, set(), slow={"p": 1, "q": 1})
+
+
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
          "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch,
-         "sources": flow_sources}
+         "sources": flow_sources, "warm": flow_warm}
 
 
 class Sim:
