@@ -313,12 +313,13 @@ class Daemon:
         if not self.disk.ok:
             return False  # nothing new is claimed until space is freed
         more = False
+        active = sorted((r for r in self.runs.values() if not r.finished),
+                        key=lambda r: r.meta.get("submitted_at", 0))
+        # (a cancelled run is finished while its containers are still being stopped: they count)
         capacity = self.cfg.container_cap - sum(r.running_containers() for r in self.runs.values())
         if not self.engine_up:
             capacity = 0
-        for run in sorted(self.runs.values(), key=lambda r: r.meta.get("submitted_at", 0)):
-            if run.finished:
-                continue
+        for run in active:
             if self.engine_up and run.parked():
                 run.engine_back()  # a start refused during an outage that is over
             try:

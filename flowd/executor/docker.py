@@ -125,6 +125,7 @@ class DockerExecutor(Executor):
         self._lock = threading.Lock()  # guards the fields below
         self._tasks: dict[tuple[str, str], Task] = {}
         self._kills: set[tuple[str, str]] = set()
+        self._ended: dict[tuple[tuple[str, str], int], str] = {}  # (key, attempt) -> container id
         self._starts = Lane("flowd-docker-start", STARTS_LANE)
         self._waits = Lane("flowd-docker-wait", max_workers)
         self._ops = Lane("flowd-docker-ops", OPS_LANE)
@@ -171,9 +172,13 @@ class DockerExecutor(Executor):
             self._kills.discard(spec.key)
         if spec.container == "warm":
             return done_future()  # the container stays in the pool; its slot is empty already
-        return self._ops.submit(self.fresh._remove_job, spec)
+        with self._lock:
+            cid = self._ended.pop((spec.key, spec.attempt), None)
+        return self._ops.submit(self.fresh._remove_job, spec, cid)
 
     def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
+        with self._lock:  # ended attempts nobody removes any more (their containers go below)
+            self._ended = {k: v for k, v in self._ended.items() if k[0] in keep}
         return self._ops.submit(self._sweep_job, spool, set(keep))
 
     def reconfigure(self, settings: Settings) -> None:
@@ -236,6 +241,9 @@ class DockerExecutor(Executor):
             if self._tasks.get(t.spec.key) is t:
                 del self._tasks[t.spec.key]
                 self._kills.discard(t.spec.key)
+            if t.container_id is not None and t.spec.container != "warm":
+                # remove() needs no search of the engine's containers for it
+                self._ended[(t.spec.key, t.spec.attempt)] = t.container_id
         self._report(TaskResult(t.spec.run_id, t.spec.task_id, t.spec.attempt, status, **fields))
 
     def _report(self, event: object) -> None:

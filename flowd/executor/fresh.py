@@ -227,7 +227,12 @@ class FreshContainers:
         except FlowError as e:
             log.warning("could not kill task %s/%s: %s", key[0], key[1], e)
 
-    def _remove_job(self, spec: TaskSpec) -> None:
+    def _remove_job(self, spec: TaskSpec, cid: str | None = None) -> None:
+        """Remove the attempt's container: by its id when this executor ran it
+        (one engine call), else found by its labels (after a restart)."""
+        if cid is not None:
+            self.link.quiet_remove(cid)
+            return
         try:
             for c in self.link.find(spec.run_id, spec.task_id, self.owner._spool(spec)):
                 if (c.get("Labels") or {}).get(LABEL_ATTEMPT) == str(spec.attempt):
