@@ -275,24 +275,16 @@ class Daemon:
             os.close(fd)
 
     def _drain_events(self) -> None:
+        results: dict[str, list[X.TaskResult]] = {}  # run -> its results, in order
         while True:
             try:
                 ev = self.events.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(ev, _Creation):
                 self.creator._created(ev)
             elif isinstance(ev, X.TaskResult):
-                run = self.runs.get(ev.run_id)
-                if run is None:
-                    continue
-                try:
-                    run.on_result(ev)
-                except DiskFull as e:
-                    # keep the result; it is committed once space is freed (Disk.set)
-                    log.error("run %s: %s; the task's result waits for free space", run.id,
-                              for_log(e))
-                    self.disk.defer(ev)
+                results.setdefault(ev.run_id, []).append(ev)
             elif isinstance(ev, X.EngineState):
                 was = self.engine_up
                 self.engine_up = ev.up
@@ -305,6 +297,19 @@ class Daemon:
                 elif not ev.up and was:
                     log.warning("container engine unavailable: %s", for_log(ev.message))
                 self.notifier.status(self.status_line())
+        # A run's results that came in together are committed together (group commit).
+        for run_id, batch in results.items():
+            run = self.runs.get(run_id)
+            if run is None:
+                continue
+            try:
+                run.on_results(batch)
+            except DiskFull as e:
+                # keep the results; they are committed once space is freed (Disk.set)
+                log.error("run %s: %s; %d task result(s) wait for free space", run.id,
+                          for_log(e), len(e.left))
+                for ev in e.left:
+                    self.disk.defer(ev)
 
     def _tick_runs(self) -> bool:
         """Let the runs claim and start what is ready; True if one ran out of

@@ -47,6 +47,7 @@ class TaskRecord:
     attempt: int = 0
     claimed: bool = False
     committed: bool = False
+    commit: dict | None = None  # what COMMIT holds, once written or read (not read again)
 
 
 def task_dirname(kind: str, name: str, task_id: str) -> str:
@@ -124,36 +125,49 @@ class TaskStore:
 
     # -- 1. claim --------------------------------------------------------------
     def claim(self, kind: str, name: str, task_id: str, inputs: list[tuple[str, int]]) -> TaskRecord:
-        rec = TaskRecord(task_dirname(kind, name, task_id), kind, name, task_id, list(inputs))
+        return self.claim_many([(kind, name, task_id, inputs)])[0]
+
+    def claim_many(self, claims: list[tuple[str, str, str, list[tuple[str, int]]]]) -> list[TaskRecord]:
+        """Step 1 for the tasks a tick claims together: each goes through the
+        same steps in the same order as alone, and each step's fsyncs are one
+        round for all of them (``Durable.sync_many``: group commit)."""
+        recs = [TaskRecord(task_dirname(kind, name, task_id), kind, name, task_id, list(inputs))
+                for kind, name, task_id, inputs in claims]
         tasks = self.store.path("tasks")
-        hidden = os.path.join(tasks, f".{rec.dirname}.new")
         fs = self.fs
-        fs.rmtree(hidden)
-        fs.mkdir(hidden, sync_parent=False)
-        fs.mkdir(os.path.join(hidden, "in"), sync_parent=False)
-        if kind == "process":
-            fs.mkdir(os.path.join(hidden, "work"), mode=self.work_mode, sync_parent=False)
-            fs.mkdir(os.path.join(hidden, "out"), sync_parent=False)
-        meta = {"kind": kind, "name": name, "task_id": task_id, "inputs": rec.inputs,
-                "claimed_at": time.time()}
-        fs.write_file(os.path.join(hidden, "task.json"), json.dumps(meta).encode(), sync_dir=False)
-        fs.fsync_dir(hidden)
-        fs.rename(hidden, self.store.task_path(rec))
-        into = self.store.task_path(rec, "in")
-        touched = set()
-        for ch, seq in rec.inputs:
-            fs.rename(self.store.item_path(ch, seq), os.path.join(into, seq_name(seq)), sync=False)
-            touched.add(self.store.path("channels", ch))
-        fs.fsync_dir(into)
-        for d in sorted(touched):
-            fs.fsync_dir(d)
-        # No fsync: a mark lost in a power failure makes recovery release the
-        # claim, which is safe (the machine's containers died with it). It
-        # becomes durable with COMMIT, the next fsync of the task folder; keep
-        # it so (release relies on it: see there).
-        fs.write_file(self.store.task_path(rec, "CLAIMED"), b"", sync=False)
-        rec.claimed = True
-        return rec
+        hidden = [os.path.join(tasks, f".{rec.dirname}.new") for rec in recs]
+        for rec, h in zip(recs, hidden):
+            fs.rmtree(h)
+            fs.mkdir(h, sync_parent=False)
+            fs.mkdir(os.path.join(h, "in"), sync_parent=False)
+            if rec.kind == "process":
+                fs.mkdir(os.path.join(h, "work"), mode=self.work_mode, sync_parent=False)
+                fs.mkdir(os.path.join(h, "out"), sync_parent=False)
+            meta = {"kind": rec.kind, "name": rec.name, "task_id": rec.task_id, "inputs": rec.inputs,
+                    "claimed_at": time.time()}
+            # renamed into place unsynced; its data and its folder are the round below
+            fs.write_file(os.path.join(h, "task.json"), json.dumps(meta).encode(), sync=False)
+        # Each folder whole on disk before it takes its live name.
+        fs.sync_many(files=[os.path.join(h, "task.json") for h in hidden], dirs=hidden)
+        for rec, h in zip(recs, hidden):
+            fs.rename(h, self.store.task_path(rec), sync=False)
+        fs.fsync_dir(tasks)
+        touched: list[str] = []
+        for rec in recs:
+            into = self.store.task_path(rec, "in")
+            for ch, seq in rec.inputs:
+                fs.rename(self.store.item_path(ch, seq), os.path.join(into, seq_name(seq)), sync=False)
+                touched.append(self.store.path("channels", ch))
+            touched.insert(0, into)
+        fs.sync_many(dirs=touched)
+        for rec in recs:
+            # No fsync: a mark lost in a power failure makes recovery release the
+            # claim, which is safe (the machine's containers died with it). It
+            # becomes durable with COMMIT, the next fsync of the task folder; keep
+            # it so (release relies on it: see there).
+            fs.write_file(self.store.task_path(rec, "CLAIMED"), b"", sync=False)
+            rec.claimed = True
+        return recs
 
     # -- 2. attempts -----------------------------------------------------------
     def set_attempt(self, rec: TaskRecord, attempt: int) -> None:
@@ -193,14 +207,15 @@ class TaskStore:
 
     # -- 4. commit and 5. apply -----------------------------------------------
     def commit(self, rec: TaskRecord, outputs: list[tuple[str, str]]) -> list[tuple[str, int]]:
-        """Record the task's outputs durably, then apply. Returns (channel, seq)."""
+        """Record the task's outputs durably (the caller then applies: ``apply_many``,
+        for all the tasks committed together). Returns (channel, seq)."""
         entries = []
         for channel, rel in outputs:
             entries.append([rel, channel, self.store.alloc()])
         data = {"outputs": entries, "inputs": rec.inputs}
         self.fs.write_file(self.store.task_path(rec, "COMMIT"), json.dumps(data).encode())
         rec.committed = True
-        self.apply(rec)
+        rec.commit = data
         return [(channel, seq) for _, channel, seq in entries]
 
     def commit_mux(self, rec: TaskRecord, targets: list[str]) -> list[tuple[str, int]]:
@@ -210,55 +225,68 @@ class TaskStore:
                                  for t in targets])
 
     def _read_commit(self, rec: TaskRecord) -> dict:
-        with open(self.store.task_path(rec, "COMMIT"), "rb") as f:
-            return json.load(f)
+        if rec.commit is None:
+            with open(self.store.task_path(rec, "COMMIT"), "rb") as f:
+                rec.commit = json.load(f)
+        return rec.commit
 
     def apply(self, rec: TaskRecord) -> None:
-        """Idempotent redo of a committed task; then retire it."""
-        commit = self._read_commit(rec)
+        self.apply_many([rec])
+
+    def apply_many(self, recs: list[TaskRecord]) -> None:
+        """Idempotent redo of committed tasks; then retire them. Several at once
+        share each step's fsyncs (the channels' folders once, tasks/ twice)."""
         fs = self.fs
-        if rec.kind == "process":
-            self.store.note_done(rec.name, rec.task_id)
-        touched = set()
-        for rel, channel, seq in commit["outputs"]:
-            src = self.store.task_path(rec, rel)
-            dst = self.store.item_path(channel, seq)
-            if os.path.lexists(dst):
-                continue
-            if rel.startswith("in/"):
-                fs.link(src, dst)  # a mux: every target shares the one file
-            else:
-                fs.rename(src, dst, sync=False)
-            touched.add(os.path.dirname(dst))
-        for d in sorted(touched):
-            fs.fsync_dir(d)
-        for rel, channel, seq in commit["outputs"]:
-            if not os.path.lexists(self.store.item_path(channel, seq)):
-                raise StorageError(f"task {rec.dirname}: output {rel} did not reach channel {channel}")
-        indir = self.store.task_path(rec, "in")
-        for _, seq in rec.inputs:
-            fs.unlink(os.path.join(indir, seq_name(seq)))
+        touched: list[str] = []
+        for rec in recs:
+            commit = self._read_commit(rec)
+            if rec.kind == "process":
+                self.store.note_done(rec.name, rec.task_id)
+            for rel, channel, seq in commit["outputs"]:
+                src = self.store.task_path(rec, rel)
+                dst = self.store.item_path(channel, seq)
+                if os.path.lexists(dst):
+                    continue
+                if rel.startswith("in/"):
+                    fs.link(src, dst)  # a mux: every target shares the one file
+                else:
+                    fs.rename(src, dst, sync=False)
+                touched.append(os.path.dirname(dst))
+        fs.sync_many(dirs=touched)
+        for rec in recs:
+            for rel, channel, seq in rec.commit["outputs"]:
+                if not os.path.lexists(self.store.item_path(channel, seq)):
+                    raise StorageError(f"task {rec.dirname}: output {rel} did not reach channel {channel}")
+            indir = self.store.task_path(rec, "in")
+            for _, seq in rec.inputs:
+                fs.unlink(os.path.join(indir, seq_name(seq)))
         # No fsync of in/: if the unlinks are lost, COMMIT is still there and
         # recovery redoes them, or retire's durable rename hid the folder.
-        self.retire(rec)
-
-    def retire(self, rec: TaskRecord) -> None:
-        if rec.kind == "process" and not rec.inputs:
-            self.store.mark_fired(rec.name)
-        self._remove_task(rec)
+        for rec in recs:
+            if rec.kind == "process" and not rec.inputs:
+                self.store.mark_fired(rec.name)
+        self._remove_tasks(recs)
 
     def _remove_task(self, rec: TaskRecord) -> None:
-        """Take the task folder out of the protocol, then delete it, durably.
+        self._remove_tasks([rec])
 
-        The rename to a hidden name is fsynced before the delete starts, so a
-        crash half-way through leaves a hidden folder (which recovery deletes),
-        never a live task short of files. The fsync after the delete makes the
+    def _remove_tasks(self, recs: list[TaskRecord]) -> None:
+        """Take task folders out of the protocol, then delete them, durably.
+
+        The renames to hidden names are fsynced before any delete starts, so a
+        crash half-way through leaves hidden folders (which recovery deletes),
+        never a live task short of files. The fsync after the deletes makes the
         removal durable too: recovery does not run on a finished run, so a
         folder that came back after a power loss would stay forever.
         """
-        hidden = self.store.path("tasks", f".{rec.dirname}.done")
-        self.fs.rename(self.store.task_path(rec), hidden)
-        self.fs.rmtree(hidden)
+        if not recs:
+            return
+        hidden = [self.store.path("tasks", f".{rec.dirname}.done") for rec in recs]
+        for rec, h in zip(recs, hidden):
+            self.fs.rename(self.store.task_path(rec), h, sync=False)
+        self.fs.fsync_dir(self.store.path("tasks"))
+        for h in hidden:
+            self.fs.rmtree(h)
         self.fs.fsync_dir(self.store.path("tasks"))
 
     # -- release and dead letters ---------------------------------------------

@@ -700,8 +700,9 @@ class Sim:
             if not events and not ex.pending and not run.finished and not run.more:
                 raise AssertionError(f"run stalled in state {run.state}: active "
                                      f"{sorted(run.active)}, queues {run.sched.queues}")
-            while events:
-                run.on_result(events.pop(0))
+            if events:  # all that came in this round, together: the daemon's group commit
+                batch, events[:] = list(events), []
+                run.on_results(batch)
         raise AssertionError("run did not end")
 
     def power_loss(self, rng: random.Random | None) -> None:

@@ -331,15 +331,17 @@ def test_a_result_that_cannot_be_committed_waits_for_space(h, monkeypatch):
     run = h.submit(BATCH)
     h.step()
     r = h.d.runs[run]
-    real = r.on_result
+    real = r.on_results
     full = [True]
 
-    def on_result(ev):
+    def on_results(evs):
         if full[0]:
-            raise DiskFull("no space left on the spool")
-        return real(ev)
+            e = DiskFull("no space left on the spool")
+            e.left = list(evs)  # as Run.on_results says: none of them was taken
+            raise e
+        return real(evs)
 
-    monkeypatch.setattr(r, "on_result", on_result)
+    monkeypatch.setattr(r, "on_results", on_results)
     h.d.disk._free = lambda: 0  # and the spool reports no free space
     h.d.cfg.min_free_space = 1 << 20
     h.d.executor.run_pending()
