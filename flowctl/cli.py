@@ -453,7 +453,7 @@ def cmd_logs(client: Client, args) -> int:
     try:
         while True:
             result, _ = client.call("logs", {"run": args.run, "process": args.process,
-                                             "task": args.task})
+                                             "task": args.task, "follow": int(bool(args.follow))})
             for entry in result["logs"]:
                 name = entry["name"]
                 done = seen.get(name, 0)

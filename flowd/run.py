@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import scheduler as S
-from .errors import Conflict, NotFound
+from .errors import Conflict, DiskFull, NotFound
 from .executor import base as X
 from .fsops import Durable
 from .model import Workflow
@@ -76,6 +76,7 @@ class Run:
                                work_mode=work_mode)
         self.sched = S.Scheduler(wf)
         self.active: dict[str, Active] = {}  # task dirname -> Active
+        self._committed: list[tuple[TaskRecord, list]] = []  # committed, not yet applied
         self.failures = Failures(self)  # dead letters and quarantine
         self.view = RunView(self)  # what flowctl reads: summary, detail, items, logs
         self.more = False  # the last tick ran out of time with work still ready
@@ -150,6 +151,7 @@ class Run:
                 self._commit_mux(rec)  # a mux claim is finished the same way every time
                 continue
             self._carry_out(act, self.sched.on_resume(rec.attempt))
+        self._apply_committed()
         self._check_end()
 
     # -- properties ------------------------------------------------------
@@ -163,6 +165,12 @@ class Run:
 
     def running_containers(self) -> int:
         return sum(1 for a in self.active.values() if a.rec.kind == S.PROCESS and not a.parked)
+
+    def running_tasks(self, process: str | None = None, task: str | None = None) -> list[str]:
+        """Task ids of the run's process tasks now running (optionally of one process or task)."""
+        return [a.rec.task_id for a in self.active.values()
+                if a.rec.kind == S.PROCESS and not a.parked and a.spec is not None
+                and process in (None, a.rec.name) and task in (None, a.rec.task_id)]
 
     def keep(self) -> set[tuple[str, str]]:
         return {(self.id, a.rec.task_id) for a in self.active.values() if a.rec.kind == S.PROCESS}
@@ -181,9 +189,9 @@ class Run:
             claims = self.sched.step(capacity, moves=MOVE_SLICE)
             if not claims:
                 break
-            for claim in claims:
-                rec = self.tasks.claim(claim.kind, claim.name, claim.task_id, list(claim.inputs))
-                if claim.kind == S.MUX:
+            recs = self.tasks.claim_many([(c.kind, c.name, c.task_id, list(c.inputs)) for c in claims])
+            for rec in recs:
+                if rec.kind == S.MUX:
                     self._commit_mux(rec)
                     continue
                 act = Active(rec)
@@ -192,6 +200,7 @@ class Run:
                 started += 1
                 if capacity is not None:
                     capacity -= 1
+            self._apply_committed()  # the moves' outputs, before the next step looks for work
             if time.monotonic() >= deadline:
                 self.more = True  # the daemon's loop serves its socket, then ticks again
                 break
@@ -203,7 +212,18 @@ class Run:
         mux = self.sched._mux_by_name[rec.name]
         outputs = self.tasks.commit_mux(rec, mux.targets)
         self.active.pop(rec.dirname, None)
-        self.sched.committed(S.MUX, rec.name, rec.task_id, outputs)
+        self._committed.append((rec, outputs))
+
+    def _apply_committed(self) -> None:
+        """Apply the tasks committed since the last call, together (their fsyncs
+        shared: group commit), then tell the scheduler: their outputs are in
+        their channels before anything looks for work there."""
+        if not self._committed:
+            return
+        done, self._committed = self._committed, []
+        self.tasks.apply_many([rec for rec, _ in done])
+        for rec, outputs in done:
+            self.sched.committed(rec.kind, rec.name, rec.task_id, outputs)
 
     def _spec(self, rec: TaskRecord) -> X.TaskSpec:
         proc = self.wf.processes[rec.name]
@@ -240,13 +260,31 @@ class Run:
         self.executor.start(act.spec)
 
     def on_result(self, res: X.TaskResult) -> None:
-        act = self._active_for(res.task_id)
-        if act is None or act.rec.attempt != res.attempt:
-            log.debug("run %s: dropping stale result %s", self.id, res)
-            return
-        action = self.sched.on_result(act.rec.name, act.rec.attempt, _outcome(res),
-                                       stopping=act.stopping)
-        self._carry_out(act, action, res)
+        self.on_results([res])
+
+    def on_results(self, results: list[X.TaskResult]) -> None:
+        """Results that came in together: each is carried out in order; the
+        successes among them are applied together at the end (group commit).
+
+        A full disk (DiskFull) stops it at the result that met it; the error's
+        ``left`` holds that result and those after it, for the caller to keep
+        and give again once space is freed (what was done before stays done).
+        """
+        i = 0
+        try:
+            for i, res in enumerate(results):
+                act = self._active_for(res.task_id)
+                if act is None or act.rec.attempt != res.attempt:
+                    log.debug("run %s: dropping stale result %s", self.id, res)
+                    continue
+                action = self.sched.on_result(act.rec.name, act.rec.attempt, _outcome(res),
+                                               stopping=act.stopping)
+                self._carry_out(act, action, res)
+        except DiskFull as e:
+            e.left = list(results[i:])
+            self._apply_committed()
+            raise
+        self._apply_committed()
         self._check_end()
 
     def _carry_out(self, act: Active, action: S.Action, res: X.TaskResult | None = None) -> None:
@@ -293,7 +331,7 @@ class Run:
         outputs = self.tasks.commit(rec, outs)
         self.executor.remove(act.spec)
         del self.active[rec.dirname]
-        self.sched.committed(S.PROCESS, rec.name, rec.task_id, outputs)
+        self._committed.append((rec, outputs))  # applied with the others of this batch
 
     def _release(self, act: Active) -> None:
         rec = act.rec

@@ -138,12 +138,14 @@ class Backend:
         return spec, self.result(spec)
 
     def wait_started(self, spec: X.TaskSpec) -> None:
-        """Until the script has printed "started" (the live log): it is running."""
+        """Until the script has printed "started" (the live log, followed as
+        ``flowctl logs --follow`` follows it: ``follow`` asked again and again): it is running."""
         if self.name == "fake":
             return
         from daemon_fixtures import wait_until
 
         def printed():
+            self.ex.follow(spec.run_id, spec.task_id)
             for path in (X.live_log_path(spec.log_path), spec.log_path):
                 try:
                     with open(path, "rb") as f:

@@ -19,6 +19,9 @@ def read(d, args, payload, **kw):
 
 def logs(d, args, payload, **kw):
     run = find_run(d, args["run"])
+    if args["follow"]:  # someone watches: the running tasks' logs are to grow as they run
+        for task_id in run.running_tasks(args["process"], args["task"]):
+            d.executor.follow(run.id, task_id)
     return {"run": run.id, "state": run.state, "logs": run.view.logs(args["process"], args["task"])}
 
 

@@ -172,6 +172,10 @@ class Executor(abc.ABC):
     def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
         """Remove this spool's leftovers whose (run, task) is not in ``keep``."""
 
+    def follow(self, run_id: str, task_id: str) -> None:
+        """Someone follows the task's log: from now on it grows as the task runs
+        (``live_log_path``). A backend whose logs are always live does nothing."""
+
     def reconfigure(self, settings: Settings) -> None:
         """Follow new settings (config reload) from the next task on."""
         self.settings = settings

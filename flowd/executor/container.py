@@ -85,3 +85,4 @@ class Task:
     reported: bool = False
     engine_lost: bool = False  # the engine went away while we waited
     finished: bool = False  # _finish began: the live log is done with
+    following: bool = False  # its live log is being copied (someone follows it)

@@ -42,11 +42,12 @@ line on top of the output, so it keeps ``ENGINE_LOG_FACTOR`` times the room
 flowd promises. The log written to ``spec.log_path`` is the *tail* of
 stdout+stderr (interleaved as written): the last ``log_limit`` bytes of what
 the engine kept (all of them unless the output is mostly lines of under ~25
-bytes), streamed in chunks; it is fsynced and renamed into place. While the
-container runs, one thread per task follows its log into
-``live_log_path(spec.log_path)`` (the first ``log_limit`` bytes), for
-``flowctl logs --follow``; the final log starts with the same bytes unless
-the output was over ``log_limit``.
+bytes), streamed in chunks; it is fsynced and renamed into place. While a
+fresh container runs and someone follows its task's log (``follow``, from
+``flowctl logs --follow``), a thread copies its log into
+``live_log_path(spec.log_path)`` (the first ``log_limit`` bytes, from the
+start); the final log starts with the same bytes unless the output was over
+``log_limit``. Nobody following: no log stream and no thread per task.
 
 OOM. A task is ``OOM`` only on exit 137 with the engine's OOMKilled flag (it
 is container-wide and sticky) or, since that flag is lost now and then on
@@ -180,6 +181,14 @@ class DockerExecutor(Executor):
         with self._lock:  # ended attempts nobody removes any more (their containers go below)
             self._ended = {k: v for k, v in self._ended.items() if k[0] in keep}
         return self._ops.submit(self._sweep_job, spool, set(keep))
+
+    def follow(self, run_id: str, task_id: str) -> None:
+        """A fresh task's live log is copied from the engine only while someone
+        follows it; a warm task's is always written as it comes."""
+        with self._lock:
+            t = self._tasks.get((run_id, task_id))
+        if t is not None and t.spec.container != "warm":
+            self.fresh.follow(t)
 
     def reconfigure(self, settings: Settings) -> None:
         """New settings from the next task on; warm containers made with other

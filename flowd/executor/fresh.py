@@ -76,7 +76,6 @@ class FreshContainers:
                 self.link.kill_container(t.container_id)
             except FlowError:
                 pass  # the wait below meets the same trouble and handles it
-        self._follow(t)
         self.owner._waits.submit(self._wait_job, t, deadline)
 
     def _create(self, spec: TaskSpec) -> str:
@@ -157,8 +156,11 @@ class FreshContainers:
                      started_at=started, finished_at=finished)
 
     # -- the live log ---------------------------------------------------------------
-    def _follow(self, t: Task) -> None:
-        if t.spec.log_path and t.container_id is not None:
+    def follow(self, t: Task) -> None:
+        """Copy the running container's log into its live file, once per task
+        (asked by ``flowctl logs --follow``: no stream or thread per task otherwise)."""
+        if t.spec.log_path and t.container_id is not None and not t.following and not t.finished:
+            t.following = True
             self.owner._follows.submit(self.owner.logs.follow, t)
 
     # -- jobs: adopt ------------------------------------------------------------
@@ -211,7 +213,6 @@ class FreshContainers:
                 deadline = started + spec.timeout
             if self.owner._kill_requested(spec):
                 self.owner._ops.submit(self._kill_job, spec.key, t.container_id, self.owner._spool(spec))
-            self._follow(t)
         # An exited container's wait returns at once; _wait_job then reports it.
         self._wait_job(t, deadline)
 
