@@ -44,7 +44,7 @@ Script = Callable[[FakeTask], "int | str"]
 class FakeExecutor(X.Executor):
     def __init__(self, report: X.Report, scripts: dict[str, Script] | None = None):
         super().__init__(report)
-        self.scripts = scripts or {}
+        self.scripts = scripts if scripts is not None else {}  # the caller may fill its dict later
         self.pending: list[X.TaskSpec] = []
         self.started: list[X.TaskSpec] = []
         self.removed: list[str] = []
