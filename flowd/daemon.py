@@ -38,7 +38,8 @@ from .reaper import Reaper
 from .intake import Intake
 from .notify import Notifier
 from .reload import reload
-from .run import UNFINISHED, Limits, Run
+from .run import UNFINISHED, Run
+from .taskspec import Limits
 from .staging import UPLOAD_MAX_AGE, Staging
 from .textsafe import for_log
 from .waiters import MAX_WAITERS, WAITERS_PER_PEER, Waiters

@@ -22,6 +22,7 @@ from .runview import RunView
 from .store import RunStore, read_meta
 from .storescan import Scan
 from .taskstore import TaskRecord, TaskStore
+from .taskspec import Limits, container_identity, task_spec
 from .textsafe import for_log
 
 log = logging.getLogger("flowd.run")
@@ -29,21 +30,6 @@ log = logging.getLogger("flowd.run")
 # A tick checks the clock (Run.tick_budget) after each scheduler step of at most
 # this many items moved by muxes: one mux task's worth.
 MOVE_SLICE = S.MUX_BATCH
-
-
-@dataclass
-class Limits:
-    """Daemon-wide settings a run needs (from the config)."""
-
-    pids_limit: int = 256
-    max_output_bytes: int | None = None
-    default_memory: int | None = None
-    default_timeout: float | None = None  # for processes that set none (config max_timeout)
-    # Who a task's container runs as (config container_user): "daemon" (flowd's
-    # own uid:gid), "image" (the image's USER) or "UID[:GID]".
-    container_user: str = "daemon"
-    default_container: str = "fresh"  # for processes that set no container= (config)
-    spool: str = ""
 
 
 @dataclass
@@ -225,36 +211,11 @@ class Run:
         for rec, outputs in done:
             self.sched.committed(rec.kind, rec.name, rec.task_id, outputs)
 
-    def _spec(self, rec: TaskRecord) -> X.TaskSpec:
-        proc = self.wf.processes[rec.name]
-        inputs = [
-            X.Mount(self.store.input_path(rec, seq), f"{X.TASK_DIR}/{port.as_name}", True)
-            for port, (_, seq) in zip(proc.inputs, rec.inputs)
-        ]
-        env = dict(proc.env)
-        if self.user is not None:
-            env.setdefault("HOME", "/tmp")  # a uid the image's passwd may not know: HOME=/ is not writable
-        env.update(FLOWD_RUN=self.id, FLOWD_PROCESS=proc.name, FLOWD_TASK=rec.task_id,
-                   FLOWD_ATTEMPT=str(rec.attempt))
-        return X.TaskSpec(
-            run_id=self.id, process=proc.name, task_id=rec.task_id, attempt=rec.attempt,
-            image=proc.image, lang=proc.lang, script_path=self.store.path("scripts", proc.name),
-            workdir=self.store.task_path(rec, "work"), inputs=inputs,
-            outputs=[p.as_name for p in proc.outputs], env=env,
-            log_path=self.store.log_path(rec, rec.attempt), timeout=proc.timeout or self.limits.default_timeout,
-            memory=proc.memory or self.limits.default_memory, cpus=proc.cpus,
-            user=self.user, group_add=list(self.group_add),
-            pids_limit=self.limits.pids_limit, network=proc.network, spool=self.limits.spool,
-            container=proc.container or self.limits.default_container,
-            # never feed a damaged item to a script (checked by the executor, off the loop)
-            verify=[(ch, seq, self.store.input_path(rec, seq)) for ch, seq in rec.inputs],
-        )
-
     def start(self, act: Active, attempt: int) -> None:
         rec = act.rec
         if rec.attempt != attempt:
             self.tasks.set_attempt(rec, attempt)
-        act.spec = self._spec(rec)
+        act.spec = task_spec(self, rec)
         act.parked = False
         act.started_at = time.time()
         self.executor.start(act.spec)
@@ -295,7 +256,7 @@ class Run:
                 log.info("run %s: task %s had no container; starting it again", self.id, rec.dirname)
             self.start(act, action.attempt)
         elif kind == S.ADOPT:
-            act.spec = self._spec(rec)
+            act.spec = task_spec(self, rec)
             act.stopping = action.kill
             self.executor.adopt(act.spec)
             if action.kill:
@@ -422,28 +383,3 @@ def _outcome(res: X.TaskResult) -> str:
     if res.status == X.MISSING:
         return S.NO_CONTAINER
     return S.OK if res.ok else S.FAILED_ATTEMPT
-
-
-def container_identity(setting: str) -> tuple[str | None, list[str], int]:
-    """Config ``container_user`` -> (user for the container, extra groups, work/ mode).
-
-    - ``daemon`` (the default): flowd's own uid and gid. Whatever a script
-      writes in /task is flowd's, so flowd can always read and delete it, and
-      its task folder is 0700.
-    - ``image``: the image's USER (root for most images; with every capability
-      dropped it cannot pass file permissions). The container also gets
-      flowd's group, and work/ is 02770 (setgid: new files stay in that group),
-      so flowd can read and delete what it writes.
-    - ``UID[:GID]``: that user; as for ``image`` unless it is flowd's own uid.
-    Either way the run's folders are 0700 and flowd's alone, and every item is
-    a copy flowd made (TaskStore.collect), never the container's file.
-    """
-    me, my_gid = os.geteuid(), os.getegid()
-    if setting in ("", "daemon"):
-        return f"{me}:{my_gid}", [], 0o700
-    if setting == "image":
-        return None, [str(my_gid)], 0o2770
-    uid, _, gid = setting.partition(":")
-    if int(uid) == me:
-        return setting if gid else f"{uid}:{my_gid}", [], 0o700
-    return setting, [str(my_gid)], 0o2770

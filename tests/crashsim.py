@@ -57,7 +57,8 @@ from flowd.executor import base as X  # noqa: E402
 from flowd.executor.fake import FakeExecutor, FakeTask  # noqa: E402
 from flowd.fsops import Durable, SimulatedCrash  # noqa: E402
 from flowd.model import InitialItem, Workflow  # noqa: E402
-from flowd.run import Limits, Run  # noqa: E402
+from flowd.run import Run  # noqa: E402
+from flowd.taskspec import Limits  # noqa: E402
 
 RUN_ID = "c0ffee000001"
 CAPACITY = 8

@@ -30,7 +30,7 @@ from flowd.executor import container as C  # noqa: E402
 from flowd.executor import dockerapi as DA  # noqa: E402
 from flowd.executor import dockerspec as DS  # noqa: E402
 from flowd.executor.docker import DockerExecutor  # noqa: E402
-from flowd.run import container_identity  # noqa: E402
+from flowd.taskspec import container_identity  # noqa: E402
 
 IMAGE = "flowd/busybox:latest"
 WAIT = 30  # seconds: upper bound on any single result
@@ -85,7 +85,7 @@ class Reports:
 
 def make_spec(tmp: str, spool: str, script: str, *, task: str = "t1", run: str | None = None,
               image: str = IMAGE, **kw) -> X.TaskSpec:
-    """A task folder like the daemon makes (flowd.run.container_identity): by
+    """A task folder like the daemon makes (flowd.taskspec.container_identity): by
     default the container runs as this process's uid:gid and work/ is 0700;
     with ``user=None`` (config container_user="image") it runs as the image's
     user with this process's group added, and work/ is 02770."""

@@ -273,7 +273,8 @@ def test_run_summary_and_detail_are_as_documented(tmp_path):
 
     from flowd.executor.fake import FakeExecutor
     from flowd.fsops import Durable
-    from flowd.run import Limits, Run
+    from flowd.run import Run
+    from flowd.taskspec import Limits
 
     def double(t):
         n = t.read("numbers").decode()

@@ -24,7 +24,7 @@ import pytest
 from flowd import checksum
 from flowd.executor import base as X
 from flowd.executor.fake import FakeExecutor, FakeTask
-from flowd.run import container_identity
+from flowd.taskspec import container_identity
 
 IMAGE = "flowd/busybox:latest"
 WAIT = 60  # seconds: upper bound on any single result (a warm container's start included)

@@ -7,10 +7,10 @@ import pytest
 from helpers import proc, wf
 
 from flowd import scheduler as E
-from flowd.executor import base as X
 from flowd.executor.fake import FakeExecutor
 from flowd.fsops import Durable
-from flowd.run import Limits, Run
+from flowd.run import Run
+from flowd.taskspec import Limits
 
 
 class Harness:
