@@ -20,6 +20,12 @@ DOCKER_IMAGE = "flowd/busybox:latest"
 DOCKER_IMAGE_NOBODY = "flowd/busybox-nobody:latest"  # same, with USER 65534
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "swarm: needs a one-node Docker Swarm (inits one on the engine and leaves it "
+                   "again, or uses the swarm the engine is in); select with -m swarm")
+
+
 def docker_test_root() -> str:
     """Where Docker tests make their folders: $FLOWD_TEST_DIR or <repo>/.test-tmp."""
     root = os.environ.get("FLOWD_TEST_DIR") or os.path.join(REPO_ROOT, ".test-tmp")

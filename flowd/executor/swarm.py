@@ -1,0 +1,489 @@
+"""Run task attempts as one-shot Docker Swarm jobs (``executor = "swarm"``).
+
+Each attempt is a new service in job mode (``flowd.executor.swarmspec``: the
+name, the labels, the hardened spec and what Swarm cannot carry of it), made
+on the Swarm manager this daemon's engine is; Swarm places it on a node with
+room for its memory and cpus (reservations) and the process's constraints.
+The spool must be on storage every node mounts at the same path: the task's
+folder, script and inputs are bind-mounted from it, as for a local fresh
+container. A ``container="warm"`` task also runs as a job here (Swarm has no
+warm pool).
+
+Threads and errors as in ``flowd.executor.docker``: the caller's thread
+never talks to the engine; jobs run on lanes (``starts``, ``waits``,
+``ops``, ``follows``); every SDK call goes through ``EngineLink.call``
+(``flowd.executor.dockerapi``), the one error boundary, which also reports
+the engine's outages.
+
+The end of a job is read by polling its service's tasks
+(``APIClient.tasks``) every ``POLL_MIN`` to ``POLL_MAX`` seconds for
+``Status.State`` (complete, failed, rejected, ...) and
+``Status.ContainerStatus.ExitCode``. A timeout or a kill saves the log and
+removes the service (its container gets SIGKILL): ``TIMEOUT``/``KILLED``.
+``OOM``: exit 137 with the container's OOMKilled flag when it ran on this
+node, or the OOM mark line the wrapper prints (``dockerspec``). A rejected
+task (the node lacks the image, a mount source is missing) is ``ERROR``
+naming the image and the node. The final log is the service's log
+(``service_logs``): its tail, fsynced and renamed into ``spec.log_path``;
+``follow`` copies it live. ``adopt`` finds a service by its labels;
+``remove`` removes the service and the container it left (job tasks can
+outlive ``service rm``: Moby #42789), ``sweep`` the spool's services and
+job containers by label.
+
+Works with docker-py 5.0.3 and 7.x: only ``APIClient`` calls both have, and
+the service spec as the engine API's JSON.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import EngineError, EngineUnavailable, FlowError, NotFound
+from .base import (DAMAGED, ERROR, KILLED, MISSING, Executor, Report, Settings, TaskResult, TaskSpec,
+                   check_inputs, done_future, live_log_path)
+from .container import LABEL_ATTEMPT, LABEL_RUN, LABEL_SPOOL, LABEL_TASK
+from .dockerapi import EngineLink, _boot_time, _parse_time
+from .dockerlogs import LogCopier, _close_quietly, _unlink
+from .dockerspec import OOM_MARK, outcome
+from .lanes import Lane
+from . import swarmspec as S
+
+log = logging.getLogger("flowd.executor.swarm")
+
+MiB = 1024 * 1024
+POLL_MIN = 0.05  # seconds between two looks at a job's tasks, at first
+POLL_MAX = 1.0  # ... growing to this
+ERR_MAX = 300  # characters of an engine's error kept in a message
+SERVICE_LABEL = "com.docker.swarm.service.id"  # on the containers Swarm makes
+
+
+@dataclass(eq=False)
+class Job:
+    """The record of one attempt this executor runs as a Swarm job."""
+
+    spec: TaskSpec
+    service_id: str | None = None
+    started_at: float | None = None
+    timed_out: bool = False
+    engine_lost: bool = False
+    reported: bool = False
+    finished: bool = False  # its end is being read: the live log is done with
+    following: bool = False
+
+
+class SwarmExecutor(Executor):
+    ping_interval = 2.0  # seconds between pings while the engine is down
+
+    def __init__(self, report: Report, *, spool: str = "", settings: Settings | None = None,
+                 max_workers: int = 64, log_limit: int = 10 * MiB, client: Any = None):
+        """As ``DockerExecutor``: ``spool`` the default spool label, ``settings``
+        (max_containers, cap_add; the warm ones do not apply), ``log_limit``
+        bytes of log kept per task, ``client`` a docker client (default: made
+        lazily from the environment) on a Swarm manager."""
+        super().__init__(report, settings or Settings(max_containers=max_workers))
+        self.spool = spool
+        self.max_workers = max_workers
+        self.log_limit = log_limit
+        self.link = EngineLink(self, client)
+        self.logs = LogCopier(self)
+        self.jobs = SwarmJobs(self)
+        self._lock = threading.Lock()  # guards the fields below
+        self._tasks: dict[tuple[str, str], Job] = {}
+        self._kills: set[tuple[str, str]] = set()
+        self._ended: dict[tuple[tuple[str, str], int], str] = {}  # (key, attempt) -> service id
+        self._starts = Lane("flowd-swarm-start", 4)
+        self._waits = Lane("flowd-swarm-wait", max_workers)
+        self._ops = Lane("flowd-swarm-ops", 2)
+        self._follows = Lane("flowd-swarm-logs", max_workers)
+
+    # -- the Executor interface ---------------------------------------------
+    def start(self, spec: TaskSpec) -> concurrent.futures.Future:
+        j = Job(spec)
+        with self._lock:
+            self._tasks[spec.key] = j
+            self._kills.discard(spec.key)
+        return self._starts.submit(self.jobs.start_job, j)
+
+    def adopt(self, spec: TaskSpec) -> concurrent.futures.Future:
+        j = Job(spec)
+        with self._lock:
+            self._tasks[spec.key] = j
+        return self._waits.submit(self.jobs.adopt_job, j)
+
+    def kill(self, run_id: str, task_id: str) -> concurrent.futures.Future:
+        key = (run_id, task_id)
+        with self._lock:
+            self._kills.add(key)
+            tracked = key in self._tasks
+        if tracked:  # its wait job sees the kill within POLL_MAX and stops the job
+            return done_future()
+        return self._ops.submit(self.jobs.kill_job, key, self.spool)
+
+    def remove(self, spec: TaskSpec) -> concurrent.futures.Future:
+        with self._lock:
+            self._kills.discard(spec.key)
+            sid = self._ended.pop((spec.key, spec.attempt), None)
+        return self._ops.submit(self.jobs.remove_job, spec, sid)
+
+    def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
+        with self._lock:
+            self._ended = {k: v for k, v in self._ended.items() if k[0] in keep}
+            running = set(self._tasks)
+        return self._ops.submit(self.jobs.sweep_job, spool, set(keep) | running)
+
+    def follow(self, run_id: str, task_id: str) -> None:
+        with self._lock:
+            j = self._tasks.get((run_id, task_id))
+        if (j is not None and j.spec.log_path and j.service_id is not None
+                and not j.following and not j.finished):
+            j.following = True
+            self._follows.submit(self.jobs.follow_job, j)
+
+    def status(self) -> dict:
+        with self._lock:
+            jobs = len(self._tasks)
+        return {"swarm": jobs, "max_containers": self.settings.max_containers}
+
+    def close(self) -> None:
+        """Stop the threads; the jobs keep running (``adopt`` finds them)."""
+        if not self.link.close():
+            return
+        for lane in (self._starts, self._waits, self._ops, self._follows):
+            lane.close()
+
+    # -- for the jobs ---------------------------------------------------------------
+    def _kill_requested(self, spec: TaskSpec) -> bool:
+        with self._lock:
+            return spec.key in self._kills
+
+    def _spool(self, spec: TaskSpec) -> str:
+        return spec.spool or self.spool
+
+    def _result(self, j: Job, status: str, **fields) -> None:
+        with self._lock:
+            if j.reported:
+                return
+            j.reported = True
+            if self._tasks.get(j.spec.key) is j:
+                del self._tasks[j.spec.key]
+                self._kills.discard(j.spec.key)
+            if j.service_id is not None:
+                self._ended[(j.spec.key, j.spec.attempt)] = j.service_id
+        self._report(TaskResult(j.spec.run_id, j.spec.task_id, j.spec.attempt, status, **fields))
+
+    def _report(self, event: object) -> None:
+        if self.link.closed:
+            return
+        try:
+            self.report(event)
+        except Exception:  # noqa: BLE001 - a broken callback must not kill our threads
+            log.exception("report callback failed for %r", event)
+
+
+class SwarmJobs:
+    """The jobs the Swarm executor runs on its lanes; ``owner`` is the SwarmExecutor."""
+
+    def __init__(self, owner: SwarmExecutor):
+        self.owner = owner
+
+    @property
+    def link(self) -> EngineLink:
+        return self.owner.link
+
+    # -- start ------------------------------------------------------------------
+    def start_job(self, j: Job) -> None:
+        spec = j.spec
+        damaged = check_inputs(spec)
+        if damaged is not None:
+            self.owner._result(j, DAMAGED, **damaged)
+            return
+        if self.owner._kill_requested(spec):
+            self.owner._result(j, KILLED, message="killed before it started")
+            return
+        try:
+            j.service_id = self._create(spec)
+        except EngineUnavailable as e:
+            self.owner._result(j, ERROR, message=f"engine unavailable: {e}", retryable=True)
+            return
+        except FlowError as e:
+            self.owner._result(j, ERROR, message=_start_error(e))
+            return
+        self.owner._waits.submit(self.wait_job, j)
+
+    def _create(self, spec: TaskSpec) -> str:
+        args = S.service_args(spec, spool=self.owner._spool(spec), cap_add=self.owner.settings.cap_add,
+                              log_limit=self.owner.log_limit)
+        for n in range(3):
+            try:
+                return self.link.call(self.link.api.create_service, **args)["ID"]
+            except EngineError as e:
+                # A service of this attempt is there (a start asked again): never
+                # reuse a job (Moby #44312); remove it and make a new one.
+                if n == 2 or "already exists" not in str(e).lower() and "in use" not in str(e):
+                    raise
+                self._remove_service(args["name"])
+                self.link.stop.wait(0.2 * (n + 1))
+        raise AssertionError("not reached")
+
+    # -- wait and finish -----------------------------------------------------------
+    def wait_job(self, j: Job) -> None:
+        spec, pause = j.spec, POLL_MIN
+        while not self.link.closed:
+            try:
+                task = S.latest_task(self.link.call(self.link.api.tasks, filters={"service": j.service_id}))
+                state = S.task_status(task)[0] if task else ""
+                if state in S.ENDED:
+                    self._finish(j, task)
+                    return
+                if task is None and not self._service_exists(j.service_id):
+                    self.owner._result(j, MISSING, message="the Swarm job was removed while it ran")
+                    return
+                if state == "running" and j.started_at is None:
+                    j.started_at = _parse_time((task.get("Status") or {}).get("Timestamp")) or time.time()
+                if self.owner._kill_requested(spec):
+                    self._stop(j)
+                    return
+                if (spec.timeout is not None and j.started_at is not None
+                        and time.time() >= j.started_at + spec.timeout):
+                    j.timed_out = True
+                    self._stop(j)
+                    return
+            except EngineUnavailable:
+                j.engine_lost = True
+                if not self.link.wait_up():
+                    return
+                continue
+            except FlowError as e:
+                self.owner._result(j, ERROR, message=f"lost the Swarm job: {e}")
+                return
+            self.link.stop.wait(pause)
+            pause = min(pause * 1.5, POLL_MAX)
+
+    def _stop(self, j: Job) -> None:
+        """Kill or timeout: keep the log, remove the service (SIGKILL), report."""
+        j.finished = True
+        note = self._save_log(j)
+        self._remove_service(j.service_id)
+        status, message, _ = outcome(j.spec, {"ExitCode": 137}, killed=self.owner._kill_requested(j.spec),
+                                     timed_out=j.timed_out, engine_lost=False, oom_marked=lambda: False)
+        self.owner._result(j, status, exit_code=None, message=message + note,
+                           started_at=j.started_at, finished_at=time.time())
+
+    def _finish(self, j: Job, task: dict) -> None:
+        spec = j.spec
+        state, code, err, cid = S.task_status(task)
+        j.finished = True
+        if state == "rejected" or (state == "failed" and code is None):
+            node = self._node_name(task.get("NodeID"))
+            self._remove_service(j.service_id)
+            if spec.log_path:
+                _unlink(live_log_path(spec.log_path))
+            self.owner._result(j, ERROR, message=S.rejection(spec, err[:ERR_MAX], node))
+            return
+        if code is None:  # shut down or orphaned (its node was lost) before it ended: run it again
+            self._remove_service(j.service_id)
+            self.owner._result(j, MISSING, message=f"the Swarm task ended {state} without an exit status")
+            return
+        note = self._save_log(j)
+        local = self._container_state(cid)
+        status, message, retryable = outcome(
+            spec, {"ExitCode": code, "OOMKilled": local.get("OOMKilled")},
+            killed=self.owner._kill_requested(spec), timed_out=j.timed_out, engine_lost=j.engine_lost,
+            oom_marked=lambda: self._oom_marked(j))
+        if retryable:
+            self.owner._result(j, status, exit_code=code, retryable=True, message=message)
+            return
+        started = _parse_time(local.get("StartedAt")) or j.started_at
+        finished = _parse_time(local.get("FinishedAt")) or _parse_time((task.get("Status") or {}).get("Timestamp"))
+        if started is not None and finished is not None and finished < started:
+            started = finished
+        self.owner._result(j, status, exit_code=code, message=message + note,
+                           started_at=started, finished_at=finished)
+
+    # -- adopt, kill, remove, sweep -----------------------------------------------
+    def adopt_job(self, j: Job) -> None:
+        spec = j.spec
+        while True:
+            try:
+                found = self._find(spec.run_id, spec.task_id, self.owner._spool(spec))
+                break
+            except EngineUnavailable:
+                if not self.link.wait_up():
+                    return
+            except FlowError as e:
+                self.owner._result(j, ERROR, message=str(e))
+                return
+        mine = None
+        for svc in found:
+            labels = (svc.get("Spec") or {}).get("Labels") or {}
+            if mine is None and labels.get(LABEL_ATTEMPT) == str(spec.attempt):
+                mine = svc
+            else:
+                self._remove_service(svc["ID"])  # another attempt's: not ours
+        if mine is None:
+            self.owner._result(j, MISSING, message=f"no Swarm job for attempt {spec.attempt}")
+            return
+        j.service_id = mine["ID"]
+        try:
+            task = S.latest_task(self.link.call(self.link.api.tasks, filters={"service": j.service_id}))
+        except FlowError:
+            task = None  # wait_job meets the same trouble and handles it
+        if task is not None:
+            state = S.task_status(task)[0]
+            stamp = _parse_time((task.get("Status") or {}).get("Timestamp"))
+            boot = _boot_time()
+            if state == "complete" and stamp is not None and boot is not None and stamp < boot:
+                # Ended before this machine booted: its outputs may never have reached the disk.
+                self._remove_service(j.service_id)
+                self.owner._result(j, MISSING, message="the Swarm job ended before the machine "
+                                                       "restarted; its outputs are not trusted")
+                return
+            if state == "running":
+                j.started_at = stamp or time.time()
+        self.wait_job(j)
+
+    def kill_job(self, key: tuple[str, str], spool: str) -> None:
+        try:
+            for svc in self._find(key[0], key[1], spool):
+                self._remove_service(svc["ID"])
+        except FlowError as e:
+            log.warning("could not kill task %s/%s: %s", key[0], key[1], e)
+
+    def remove_job(self, spec: TaskSpec, sid: str | None) -> None:
+        """Remove the attempt's service (by id when this executor ran it) and
+        the container its task left here."""
+        try:
+            if sid is not None:
+                self._remove_service(sid)
+            else:
+                for svc in self._find(spec.run_id, spec.task_id, self.owner._spool(spec)):
+                    if ((svc.get("Spec") or {}).get("Labels") or {}).get(LABEL_ATTEMPT) == str(spec.attempt):
+                        self._remove_service(svc["ID"])
+            for c in self.link.find(spec.run_id, spec.task_id, self.owner._spool(spec)):
+                if (c.get("Labels") or {}).get(LABEL_ATTEMPT) == str(spec.attempt):
+                    self.link.quiet_remove(c["Id"])
+        except FlowError as e:
+            log.warning("could not remove the Swarm job of %s/%s: %s", spec.run_id, spec.task_id, e)
+
+    def sweep_job(self, spool: str, keep: set[tuple[str, str]]) -> None:
+        try:
+            services = self.link.call(self.link.api.services, filters={"label": [f"{LABEL_SPOOL}={spool}"]})
+            for svc in services:
+                labels = (svc.get("Spec") or {}).get("Labels") or {}
+                if (labels.get(LABEL_RUN), labels.get(LABEL_TASK)) not in keep:
+                    self._remove_service(svc["ID"])
+            # Job containers left after their service went (Moby #42789).
+            for c in self.link.call(self.link.api.containers, all=True,
+                                    filters={"label": [f"{LABEL_SPOOL}={spool}", SERVICE_LABEL]}):
+                labels = c.get("Labels") or {}
+                if (labels.get(LABEL_RUN), labels.get(LABEL_TASK)) not in keep:
+                    self.link.quiet_remove(c["Id"])
+        except FlowError as e:
+            log.warning("sweep of spool %r's Swarm jobs failed: %s", spool, e)
+
+    # -- logs --------------------------------------------------------------------------
+    def _save_log(self, j: Job) -> str:
+        """The service's log (its tail) into spec.log_path; "" or a note on why not."""
+        path = j.spec.log_path
+        if not path:
+            return ""
+        part = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".part")
+        try:
+            stream = self.link.call(self.link.api.service_logs, j.service_id, stdout=True, stderr=True,
+                                    follow=False, is_tty=False)
+            try:
+                with open(part, "w+b") as f:
+                    self.owner.logs.copy_tail(stream, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(part, path)
+            finally:
+                _close_quietly(stream)
+        except (OSError, FlowError) as e:
+            _unlink(part)
+            return f" (log not saved: {getattr(e, 'strerror', None) or e})"
+        finally:
+            _unlink(live_log_path(path))
+        return ""
+
+    def follow_job(self, j: Job) -> None:
+        """Copy the job's log into its live file while it runs (``flowctl logs --follow``)."""
+        live = live_log_path(j.spec.log_path)
+        try:
+            stream = self.link.call(self.link.api.service_logs, j.service_id, stdout=True, stderr=True,
+                                    follow=True, is_tty=False)
+        except FlowError:
+            return
+        try:
+            with open(live, "wb") as f:
+                if j.finished:
+                    _unlink(live)
+                    return
+                self.owner.logs.copy_log(stream, f, stop=lambda: j.finished or self.link.closed)
+        except (OSError, FlowError):
+            return
+        finally:
+            _close_quietly(stream)
+            if j.finished:
+                _unlink(live)
+
+    def _oom_marked(self, j: Job) -> bool:
+        try:
+            with open(j.spec.log_path, "rb") as f:
+                f.seek(max(os.fstat(f.fileno()).st_size - 4096, 0))
+                return OOM_MARK.encode() in f.read()
+        except OSError:
+            return False
+
+    # -- engine helpers --------------------------------------------------------------
+    def _find(self, run_id: str, task_id: str, spool: str) -> list[dict]:
+        labels = [f"{LABEL_RUN}={run_id}", f"{LABEL_TASK}={task_id}", f"{LABEL_SPOOL}={spool}"]
+        return self.link.call(self.link.api.services, filters={"label": labels})
+
+    def _service_exists(self, sid: str) -> bool:
+        try:
+            self.link.call(self.link.api.inspect_service, sid)
+            return True
+        except NotFound:
+            return False
+
+    def _remove_service(self, sid: str | None) -> None:
+        if not sid:
+            return
+        try:
+            self.link.call(self.link.api.remove_service, sid)
+        except NotFound:
+            pass
+        except FlowError as e:
+            log.warning("could not remove Swarm service %s: %s", sid[:12], e)
+
+    def _container_state(self, cid: str) -> dict:
+        """The container's State when it ran on this node; {} when elsewhere."""
+        if not cid:
+            return {}
+        try:
+            return self.link.state(cid)
+        except FlowError:
+            return {}
+
+    def _node_name(self, node_id: str | None) -> str:
+        if not node_id:
+            return ""
+        try:
+            info = self.link.call(self.link.api.inspect_node, node_id)
+        except FlowError:
+            return node_id[:12]
+        return str(((info.get("Description") or {}).get("Hostname")) or node_id[:12])[:64]
+
+
+def _start_error(e: FlowError) -> str:
+    text = str(e)
+    if "not a swarm manager" in text.lower():
+        return ("this Docker engine is not a Swarm manager (config executor = \"swarm\"): run "
+                "`docker swarm init` or join it to a swarm as a manager, or set executor = \"docker\"")
+    return f"could not create the Swarm job: {text[:ERR_MAX]}"

@@ -1,0 +1,156 @@
+"""A task attempt as a one-shot Docker Swarm job: its service's name, labels
+and hardened spec, and how a job task's end reads (no docker import here:
+the spec is the engine API's own JSON, so docker-py 5.0.3 and 7.x send it
+as it is).
+
+The job: ``mode={"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions":
+1}}`` with restart condition ``none`` (docker-py 5.0.3 has no job mode in
+``ServiceMode``; the raw mode works on both). Never updated or scaled (that
+reruns a job, Moby #44312): a new attempt is a new service.
+
+What is the same as a local container (``flowd.executor.dockerspec``): the
+command (the wrapper and the OOM check), the user, the extra groups, the
+working folder, the environment, every capability dropped and only the
+config's ``cap_add`` given back (``CapabilityDrop``/``CapabilityAdd``: engine
+API 1.41, Docker 20.10), the pids limit (``Resources.Limits.Pids``: API
+1.41), memory and cpus (as limits *and* reservations, so Swarm places a task
+only where it has room), the task's folder, script and inputs as the only
+mounts (bind mounts: the spool is at the same path on every node), the
+labels, a bounded json-file log, no privileged mode (a service cannot ask
+for it), no network (``Networks: [{"Target": "none"}]``) unless the
+workflow asks for ``bridge``, and SIGKILL as the stop signal (a kill or a
+timeout stops at once, as ``docker kill`` does locally).
+
+What Swarm cannot carry on engine API 1.41 (Docker 20.10, these machines):
+
+- ``no-new-privileges`` and extra ``security_opt`` (seccomp or AppArmor
+  profiles): ``ContainerSpec.Privileges.NoNewPrivileges``/``Seccomp``/
+  ``AppArmor`` came with API 1.44 (Docker 25). On 20.10 set
+  ``"no-new-privileges": true`` in each node's /etc/docker/daemon.json (the
+  engine then applies it to every container, Swarm's too). Without it a
+  setuid file in the image still runs with its owner's uid, but with no
+  capabilities (the bounding set is empty).
+- no swap (``memswap_limit`` = memory): a service has no swap setting; the
+  engine's default applies (as much swap as memory, where the node has swap).
+- the engine's own ``docker-init`` is not needed (a fresh task runs the
+  wrapper as pid 1, as locally).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+from ..textsafe import for_log
+from . import container as C
+from .base import TASK_DIR, TaskSpec
+from .dockerspec import ENGINE_LOG_FACTOR, command
+
+LABEL_KIND = C.LABEL_PREFIX + "kind"  # "job" on a flowd Swarm service
+NAME_MAX = 63  # Swarm service names are DNS labels
+
+# Task states (Status.State) after which nothing more happens to a job's task.
+ENDED = ("complete", "failed", "rejected", "shutdown", "orphaned", "remove")
+
+
+def service_name(spec: TaskSpec) -> str:
+    """``flowd-RUN-TASK-aN``: one service per attempt (a retry never reuses a
+    job). Anything outside [A-Za-z0-9-] becomes '-'; a name over 63 bytes
+    keeps its start and gets a hash of the whole."""
+    raw = f"flowd-{spec.run_id}-{spec.task_id}-a{spec.attempt}"
+    name = re.sub(r"[^A-Za-z0-9-]", "-", raw)
+    if len(name) > NAME_MAX:
+        digest = hashlib.sha1(raw.encode()).hexdigest()[:12]
+        name = name[: NAME_MAX - 13].rstrip("-") + "-" + digest
+    return name
+
+
+def service_labels(spec: TaskSpec, spool: str) -> dict[str, str]:
+    """The container's labels (``container.labels``) and the kind: adopt, remove
+    and sweep find a service by them."""
+    return {**C.labels(spec, spool), LABEL_KIND: "job"}
+
+
+def placement(spec: TaskSpec) -> list[str]:
+    """The attempt's Swarm constraints (``TaskSpec.placement``; none when the
+    seam has no such field yet), e.g. ``node.labels.disk==ssd``."""
+    return [c.strip() for c in (getattr(spec, "placement", None) or []) if c.strip()]
+
+
+def service_args(spec: TaskSpec, *, spool: str, cap_add: list[str], log_limit: int) -> dict:
+    """``APIClient.create_service``'s arguments for the attempt: the hardening is here."""
+    mounts = [
+        _bind(spec.workdir, TASK_DIR, read_only=False),
+        _bind(spec.script_path, C.SCRIPT_PATH, read_only=True),
+    ] + [_bind(m.source, m.target, read_only=m.read_only) for m in spec.inputs]
+    labels = service_labels(spec, spool)
+    cspec: dict = {
+        "Image": spec.image,
+        "Command": command(spec),  # Command replaces the image's entrypoint
+        "Dir": TASK_DIR,
+        "Env": [f"{k}={v}" for k, v in spec.env.items()],
+        "Labels": dict(labels),
+        "Mounts": mounts,
+        "StopSignal": "SIGKILL",
+        "StopGracePeriod": 0,
+        "CapabilityDrop": ["ALL"],
+    }
+    if cap_add:
+        cspec["CapabilityAdd"] = list(cap_add)
+    if spec.user:
+        cspec["User"] = spec.user
+    if spec.group_add:
+        cspec["Groups"] = list(spec.group_add)
+    limits: dict = {"Pids": int(spec.pids_limit)} if spec.pids_limit else {}
+    reservations: dict = {}
+    if spec.memory:
+        limits["MemoryBytes"] = reservations["MemoryBytes"] = int(spec.memory)
+    if spec.cpus:
+        limits["NanoCPUs"] = reservations["NanoCPUs"] = int(spec.cpus * 1e9)
+    half = max(ENGINE_LOG_FACTOR * log_limit // 2, 4096)
+    template: dict = {
+        "ContainerSpec": cspec,
+        "Resources": {"Limits": limits, "Reservations": reservations},
+        "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
+        "LogDriver": {"Name": "json-file", "Options": {"max-size": str(half), "max-file": "2"}},
+        "Networks": [{"Target": "bridge" if spec.network == "bridge" else "none"}],
+    }
+    constraints = placement(spec)
+    if constraints:
+        template["Placement"] = {"Constraints": constraints}
+    return dict(
+        task_template=template,
+        name=service_name(spec),
+        labels=labels,
+        mode={"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}},
+    )
+
+
+def _bind(source: str, target: str, *, read_only: bool) -> dict:
+    return {"Type": "bind", "Source": source, "Target": target, "ReadOnly": read_only}
+
+
+def latest_task(tasks: list[dict]) -> dict | None:
+    """The job's task that counts: the newest one (a job with restart ``none``
+    has one; after a node's loss Swarm may have made another)."""
+    if not tasks:
+        return None
+    return max(tasks, key=lambda t: (t.get("Version") or {}).get("Index", 0))
+
+
+def task_status(task: dict) -> tuple[str, int | None, str, str]:
+    """(state, exit code, error, container id) of a Swarm task."""
+    status = task.get("Status") or {}
+    cstatus = status.get("ContainerStatus") or {}
+    code = cstatus.get("ExitCode")
+    return (str(status.get("State") or ""), code if isinstance(code, int) else None,
+            str(status.get("Err") or ""), str(cstatus.get("ContainerID") or ""))
+
+
+def rejection(spec: TaskSpec, err: str, node: str) -> str:
+    """The words of a rejected task: it never ran (e.g. the node lacks the image)."""
+    err, node = for_log(err[:300]), for_log(node[:64])
+    where = f" on node {node}" if node else ""
+    if "no such image" in err.lower() or "pull access denied" in err.lower() or "not found" in err.lower():
+        return (f"image {spec.image} is not{where or ' on the node Swarm chose'} and could not be pulled "
+                f"({err}); load it there (docker save | docker load) or push it to a registry")
+    return f"Swarm rejected the task{where}: {err or 'no reason given'} (image {spec.image})"
