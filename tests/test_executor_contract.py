@@ -2,7 +2,9 @@
 
 Each test runs against every executor: ``fake`` (FakeExecutor: scripts are
 Python functions), ``fresh`` (DockerExecutor, a new container per task) and
-``warm`` (DockerExecutor, ``spec.container == "warm"``: kept containers).
+``warm`` (DockerExecutor, ``spec.container == "warm"``: kept containers) and
+``swarm`` (SwarmExecutor: a one-shot Swarm job per task, on a one-node swarm
+made by test_swarm's ``docker_swarm`` and left again; ``-m swarm``).
 A case gives both forms of its script: ``Case(sh=..., fake=...)``. The
 Docker backends need the real engine (a failure, not a skip, when CI=true:
 see conftest.docker_client).
@@ -25,6 +27,7 @@ from flowd import checksum
 from flowd.executor import base as X
 from flowd.executor.fake import FakeExecutor, FakeTask
 from flowd.taskspec import container_identity
+from test_swarm import docker_swarm, remove_spool_services, spool_services  # noqa: F401 - a fixture
 
 IMAGE = "flowd/busybox:latest"
 WAIT = 60  # seconds: upper bound on any single result (a warm container's start included)
@@ -86,6 +89,9 @@ class Backend:
         """A new executor on the same spool (a daemon's restart)."""
         if self.name == "fake":
             return FakeExecutor(self.reports)
+        if self.name == "swarm":
+            from flowd.executor.swarm import SwarmExecutor
+            return SwarmExecutor(self.reports, spool=self.spool, settings=X.Settings(max_containers=8))
         from flowd.executor.docker import DockerExecutor
         return DockerExecutor(self.reports, spool=self.spool, pool_dir=os.path.join(self.tmp, "pool"),
                               settings=X.Settings(max_containers=8, warm_idle=300))
@@ -163,13 +169,18 @@ class Backend:
         """Does the executor keep something of task ``key`` (a container, or the fake's record)?"""
         if self.name == "fake":
             return key in self.ex.containers
+        if self.name == "swarm":  # its Swarm job (a service)
+            return any((s["Spec"].get("Labels") or {}).get("io.flowd.task") == key[1]
+                       and (s["Spec"].get("Labels") or {}).get("io.flowd.run") == key[0]
+                       for s in spool_services(self.client, self.spool))
         return any((c.get("Labels") or {}).get("io.flowd.task") == key[1]
                    and (c.get("Labels") or {}).get("io.flowd.run") == key[0]
                    for c in self.spool_containers())
 
 
 @pytest.fixture(params=["fake", pytest.param("fresh", marks=pytest.mark.docker),
-                        pytest.param("warm", marks=pytest.mark.docker)])
+                        pytest.param("warm", marks=pytest.mark.docker),
+                        pytest.param("swarm", marks=[pytest.mark.docker, pytest.mark.swarm])])
 def backend(request, tmp_path):
     if request.param == "fake":
         b = Backend("fake", str(tmp_path), "spool-fake")
@@ -179,9 +190,13 @@ def backend(request, tmp_path):
     request.getfixturevalue("docker_images")
     spool = request.getfixturevalue("docker_spool")  # removes the spool's containers afterwards
     tmp = request.getfixturevalue("docker_tmp")
+    if request.param == "swarm":
+        request.getfixturevalue("docker_swarm")  # a one-node swarm, left again after the module
     b = Backend(request.param, tmp, spool, client)
     yield b
     b.ex.close()
+    if request.param == "swarm":
+        remove_spool_services(client, spool)
 
 
 def read(path: str) -> bytes:
@@ -336,6 +351,7 @@ def test_reconfigure_and_status(backend):
     st = backend.ex.status()
     if backend.docker:
         assert st["max_containers"] == 3
+    if backend.name in ("fresh", "warm"):
         assert st["warm"]["containers"] == 0  # kept ones were made under the old settings
     # and the executor still runs tasks under the new settings
     _, res = backend.run(Case(sh="true\n", fake=lambda t: 0), process="q")

@@ -284,3 +284,68 @@ def test_a_failing_task_is_retried_as_new_jobs_and_nothing_is_lost_or_duplicated
     finally:
         d.stop()
         remove_spool_services(docker_swarm, os.path.realpath(d.spool))
+
+
+# -- the executor on a one-node swarm (what the contract suite does not cover) --------------------
+
+@pytest.fixture
+def swarm_backend(docker_swarm, docker_spool, docker_tmp):
+    from test_executor_contract import Backend  # the contract suite's harness, backend "swarm"
+    b = Backend("swarm", docker_tmp, docker_spool, docker_swarm)
+    yield b
+    b.ex.close()
+    remove_spool_services(docker_swarm, docker_spool)
+
+
+def _case(sh: str):
+    from test_executor_contract import Case
+    return Case(sh=sh, fake=lambda t: 0)
+
+
+@pytest.mark.docker
+@pytest.mark.swarm
+def test_a_job_s_container_has_the_hardening_swarm_carries(swarm_backend):
+    b = swarm_backend
+    spec = b.spec(_case("echo started; sleep 120\n"), memory=64 * 1024 * 1024, cpus=0.5, pids_limit=99)
+    b.ex.start(spec)
+    b.wait_started(spec)
+    (c,) = b.client.api.containers(filters={"label": [f"io.flowd.spool={b.spool}",
+                                                      f"io.flowd.task={spec.task_id}"]})
+    info = b.client.api.inspect_container(c["Id"])
+    hc = info["HostConfig"]
+    assert hc["CapDrop"] == ["ALL"] and not hc.get("CapAdd") and not hc["Privileged"], hc
+    assert (hc["PidsLimit"], hc["Memory"], hc["NanoCpus"]) == (99, 64 * 1024 * 1024, 500_000_000), hc
+    assert hc["LogConfig"]["Type"] == "json-file" and hc["LogConfig"]["Config"]["max-file"] == "2"
+    assert info["Config"]["User"] == spec.user and hc["GroupAdd"] == spec.group_add
+    assert {m["Destination"] for m in info["Mounts"]} == {"/task", "/.flowd/script"}
+    (svc,) = spool_services(b.client, b.spool)
+    res = svc["Spec"]["TaskTemplate"]["Resources"]
+    assert res["Reservations"] == {"MemoryBytes": 64 * 1024 * 1024, "NanoCPUs": 500_000_000}, res
+    b.ex.kill(spec.run_id, spec.task_id).result(timeout=WAIT)
+    r = b.result(spec)
+    assert r.status == X.KILLED, r
+    b.ex.remove(spec).result(timeout=WAIT)
+    assert spool_services(b.client, b.spool) == []
+
+
+@pytest.mark.docker
+@pytest.mark.swarm
+def test_out_of_memory_is_oom(swarm_backend):
+    b = swarm_backend
+    spec, r = b.run(_case("x=$(head -c 64m /dev/zero | tr '\\0' a); echo survived\n"),
+                    memory=16 * 1024 * 1024)
+    assert (r.status, r.exit_code) == (X.OOM, 137), r
+    assert r.message == "killed: out of memory (limit 16 MiB)", r.message
+
+
+@pytest.mark.docker
+@pytest.mark.swarm
+def test_a_missing_image_is_an_error_naming_the_image_and_the_node(swarm_backend):
+    b = swarm_backend
+    spec = b.spec(_case("true\n"))
+    spec.image = "flowd/not-here-" + uuid.uuid4().hex[:8] + ":latest"
+    b.ex.start(spec)
+    r = b.result(spec)
+    assert r.status == X.ERROR and not r.retryable, r
+    host = b.client.info()["Name"]
+    assert f"image {spec.image} is not on node {host}" in r.message, r.message
