@@ -27,6 +27,8 @@ KEYS: dict[str, tuple[object, str]] = {
     "socket": (DEFAULT_SOCKET, "path of the control socket (ipc://)"),
     "socket_group": ("", "group that may use the socket (empty: the daemon's own group)"),
     "socket_mode": ("0660", "file mode of the socket"),
+    "executor": ("docker", "where tasks run: \"docker\" (the local engine) or \"swarm\" (one-shot "
+                           "jobs on the Docker Swarm this engine manages)"),
     "max_containers": (0, "containers running at once, all runs together (0: number of cores)"),
     "pids_limit": (256, "process limit of each container"),
     "default_memory": ("", "memory limit for processes that set none, e.g. \"1g\" (empty: none)"),
@@ -61,6 +63,7 @@ class Config:
     socket: str = DEFAULT_SOCKET
     socket_group: str = ""
     socket_mode: int = 0o660
+    executor: str = "docker"
     max_containers: int = 0
     pids_limit: int = 256
     default_memory: int | None = None
@@ -166,6 +169,8 @@ def load(path: str | None, *, required: bool = False) -> Config:
                 value = parse_duration(value) if value else None
             elif key == "warm_idle":
                 value = parse_duration(value)
+            elif key == "executor" and value not in ("docker", "swarm"):
+                raise ValueError('must be "docker" (the local engine) or "swarm" (Docker Swarm jobs)')
             elif key == "default_container" and value not in CONTAINERS:
                 raise ValueError(f"must be one of {', '.join(map(repr, CONTAINERS))}")
             elif key == "container_user":

@@ -180,7 +180,11 @@ class Daemon:
         # What a killed flowd wrote but never fsynced is still in the page cache:
         # make it durable before recovery trusts it (Durable.sync_all).
         self.fs.sync_all(self.spool)
-        if self._executor_factory is None:
+        if self._executor_factory is None and self.cfg.executor == "swarm":
+            from .executor.swarm import SwarmExecutor
+
+            self.executor = SwarmExecutor(self.report, spool=self.spool, settings=self.cfg.executor_settings())
+        elif self._executor_factory is None:
             from .executor.docker import DockerExecutor
 
             self.executor = DockerExecutor(self.report, spool=self.spool, settings=self.cfg.executor_settings(),
