@@ -297,7 +297,7 @@ def on_a_terminal(argv, *, timeout=120, whole=False, **popen) -> tuple[int | Non
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1.0)
+            ready = readable(master, 1.0)
             if not ready:
                 if proc.poll() is not None:
                     break
@@ -372,3 +372,12 @@ def _remove_containers(spool: str) -> None:
 @pytest.fixture
 def daemon(daemon_factory):
     return daemon_factory().start()
+
+
+def readable(f, timeout: float) -> bool:
+    """Whether ``f`` (a file object or descriptor) has something to read within
+    ``timeout`` seconds. poll(), not select(): a long test session may hold
+    descriptors past select's 1024."""
+    p = select.poll()
+    p.register(f, select.POLLIN)
+    return bool(p.poll(timeout * 1000))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import threading
 import time
 
 import pytest
-from daemon_fixtures import env_for_subprocess, on_a_terminal, wait_until
+from daemon_fixtures import env_for_subprocess, on_a_terminal, readable, wait_until
 
 from flowctl import cli
 from flowd.errors import WorkflowError
@@ -257,7 +256,7 @@ def _read_until(stream, marker: bytes, timeout=120.0) -> bytes:
     while marker not in got:
         left = deadline - time.monotonic()
         assert left > 0, f"no {marker!r} in time; got {got!r}"
-        if select.select([stream], [], [], min(left, 1.0))[0]:
+        if readable(stream, min(left, 1.0)):
             data = os.read(stream.fileno(), 65536)
             assert data, f"the stream ended without {marker!r}: {got!r}"
             got += data

@@ -59,13 +59,7 @@ def test_hostile_outputs_fail_their_task_and_nothing_outside_the_spool_is_touche
     assert pull(d, detail["id"], "ok-out", os.path.join(workdir, "ok")) == [b"fine"]
     with open(sentinel, "rb") as f:
         assert f.read() == SECRET
-    for root, _, files in os.walk(d.spool):
-        for name in files:
-            path = os.path.join(root, name)
-            if os.path.islink(path) or not os.path.isfile(path):
-                continue
-            with open(path, "rb") as f:
-                assert SECRET not in f.read(), path  # never read into the spool
+    assert_never_in_spool(d.spool, SECRET)
 
 
 def test_every_container_flowd_creates_is_hardened(daemon_factory, workdir, docker_client):
@@ -142,3 +136,14 @@ def test_a_flipped_byte_on_disk_is_quarantined_not_fed(daemon, workdir, docker_c
     text = daemon.flowctl("status", run, check=0).stdout
     assert "quarantined: item" in text and "checksum mismatch" in text
     daemon.flowctl("cancel", run, check=0)
+
+
+def assert_never_in_spool(spool: str, secret: bytes) -> None:
+    """No file of the spool holds ``secret``: a hostile output was never read into it."""
+    for root, _, files in os.walk(spool):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                assert secret not in f.read(), path

@@ -89,14 +89,18 @@ def _dockerd_cmdline():
 
 
 @pytest.mark.slow
-def test_dockerd_restarted_mid_run_completes_with_nothing_lost(daemon, workdir, docker_client):
+@pytest.mark.parametrize("container", ["fresh", "warm"])
+def test_dockerd_restarted_mid_run_completes_with_nothing_lost(daemon, workdir, docker_client, container):
+    """A dockerd restart stops every container (no live-restore): the tasks
+    wait for the engine and run again, fresh or warm (a warm container that
+    stopped is retired, never handed a task), and each item counts once."""
     pid, cmd = _dockerd_cmdline()
     if pid is None or os.path.exists("/run/systemd/system"):
         pytest.skip("dockerd is not a plain process here (systemd manages it)")
     items = "".join(f"<item>{i}</item>" for i in range(6))
     xml = write(os.path.join(workdir, "wf", "workflow.xml"), f"""<workflow name="engine-restart">
   <channel name="in">{items}</channel><channel name="out"/>
-  <process name="p" image="flowd/busybox" parallel="3">
+  <process name="p" image="flowd/busybox" parallel="3" container="{container}">
     <input channel="in"/><output channel="out"/>
     <script>sleep 3; echo "done $(cat in)" > out</script>
   </process>

@@ -142,7 +142,15 @@ class WarmPool:
                                               "restart; the task runs again")
 
     def close(self) -> None:
+        """Stop the idle thread and let go of the slots' pipes (the agents then
+        see the end of ``in`` and their containers stop; a restarted flowd
+        sweeps them: warm containers are never taken back)."""
         self._closed.set()
+        with self._lock:
+            containers = list(self._containers.values())
+        for c in containers:
+            if not c.busy:
+                c.slot.close()
 
     def retire_all(self, why: str) -> None:
         with self._lock:
