@@ -633,3 +633,24 @@ def test_a_warm_root_is_read_only_by_default_and_home_is_tmp(warm_backend):
     spec, res = warm_backend.run(Case(sh=sh, fake=lambda t: 0), outputs=["out"], env={"HOME": "/tmp"})
     assert res.ok, res
     assert open(os.path.join(spec.workdir, "out")).read() == "root-read-only\ntmp-writable\nhome=/tmp\n"
+
+
+def test_a_script_that_stops_its_warm_container_fails_its_task_and_never_succeeds(
+        daemon_factory, workdir):
+    """`kill -TERM 1` reaches the agent through the engine's init: the container
+    stops with exit status 0. That is not the task's success (its outputs were
+    never taken), nor the engine's doing (no kill event): the task fails, within
+    its retries, and nothing is published."""
+    d = start(daemon_factory, workdir)
+    xml = workflow(workdir, f"""
+  <channel name="in">{items("x")}</channel><channel name="out"/>
+  <process name="stopper" image="flowd/busybox" container="warm" retries="1" timeout="30s">
+    <input channel="in"/><output channel="out"/>
+    <script>cp in out; kill -TERM 1; sleep 5</script>
+  </process>""")
+    run = d.flowctl("submit", xml, check=0).stdout.strip()
+    wait_until(lambda: detail(d, run)["state"] in ("succeeded", "failed"), 60, "the run to end")
+    det = detail(d, run)
+    assert det["state"] == "failed", det
+    assert "the warm container stopped during the task" in reasons(det)["stopper"], det["failures"]
+    assert {c["name"]: c["depth"] for c in det["channels"]}["out"] == 0

@@ -74,6 +74,7 @@ class WarmContainer:
     slot: WarmSlot
     cid: str = ""
     seq: int = 0  # tasks sent to it so far
+    started_at: float = 0.0  # time.time() when it was created
     busy: bool = True
     idle_since: float = 0.0
     task: tuple[str, str] | None = None  # (run, task) it runs now
@@ -254,7 +255,7 @@ class WarmPool:
     def _create(self, spec: TaskSpec, key: PoolKey, name: str) -> WarmContainer:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         slot = WarmSlot(os.path.join(self.root, name), shared=bool(spec.group_add))
-        c = WarmContainer(key, name, slot)
+        c = WarmContainer(key, name, slot, started_at=time.time())
         try:
             slot.create()
             self.link.ensure_image(spec.image)

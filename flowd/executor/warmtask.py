@@ -146,14 +146,33 @@ class WarmTaskRun:
             state = {}
         if sink is not None:
             self._drain(c.slot, sink)
+        code = state.get("ExitCode", 137)
+        # Stopped by the engine (a dockerd stop or restart stops every container
+        # without live-restore; an operator's docker kill): not the script's
+        # failure, run it again. A script cannot make the engine log a kill.
+        engine_lost = (not stopped_by_us and code in (137, 143) and not state.get("OOMKilled")
+                       and self._engine_killed(c))
         status, message, retryable = outcome(
-            spec, {"ExitCode": state.get("ExitCode", 137), "OOMKilled": state.get("OOMKilled")},
-            killed=killed, timed_out=timed_out, engine_lost=False, oom_marked=lambda: False)
+            spec, {"ExitCode": code, "OOMKilled": state.get("OOMKilled")},
+            killed=killed, timed_out=timed_out, engine_lost=engine_lost, oom_marked=lambda: False)
         if not stopped_by_us and status == EXITED:
-            message = f"the warm container stopped during the task ({message})"
+            # never a success, whatever its exit status: the task did not end in it
+            status, message = ERROR, f"the warm container stopped during the task ({message})"
         note = sink.finish() if sink is not None else ""
         return Outcome(status, state.get("ExitCode"), message + note, retire="stopped",
                         retryable=retryable)
+
+    def _engine_killed(self, c: WarmContainer) -> bool:
+        """Did the engine itself kill the container (a "kill" event) since it started?"""
+        link = self.pool.link
+        try:
+            events = link.call(link.api.events, since=int(c.started_at), until=int(time.time()) + 1,
+                               filters={"container": c.cid, "event": "kill"}, decode=True)
+            return any(True for _ in link.iterate(events))
+        except EngineUnavailable:
+            return True  # the engine is going away: that is what stopped it
+        except FlowError:
+            return False
 
     def _drain(self, slot: WarmSlot, sink) -> None:
         while True:
