@@ -90,6 +90,7 @@ class WarmPool:
         self._containers: dict[str, WarmContainer] = {}
         self._creating: set[str] = set()  # names of containers being started (counted, kept by sweep)
         self._kills: set[tuple[str, str]] = set()
+        self._stops: dict[tuple[tuple[str, str], int], bool] = {}  # attempts whose container stopped once
         self._idle_thread: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -132,6 +133,16 @@ class WarmPool:
             running = any(c.task == key for c in self._containers.values())
             self._kills.add(key)
         return running
+
+    def first_unexplained_stop(self, spec: TaskSpec) -> bool:
+        """True the first time an attempt's container stops under it for no known reason."""
+        with self._lock:
+            if (spec.key, spec.attempt) in self._stops:
+                return False
+            if len(self._stops) >= 10_000:  # bounded: the oldest are forgotten
+                self._stops.pop(next(iter(self._stops)))
+            self._stops[(spec.key, spec.attempt)] = True
+            return True
 
     def forget_kill(self, key: tuple[str, str]) -> None:
         with self._lock:

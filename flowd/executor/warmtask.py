@@ -149,9 +149,13 @@ class WarmTaskRun:
         code = state.get("ExitCode", 137)
         # Stopped by the engine (a dockerd stop or restart stops every container
         # without live-restore; an operator's docker kill): not the script's
-        # failure, run it again. A script cannot make the engine log a kill.
-        engine_lost = (not stopped_by_us and code in (137, 143) and not state.get("OOMKilled")
-                       and self._engine_killed(c))
+        # failure, run it again. A script cannot make the engine log a kill; but
+        # a restarted engine has forgotten its events, and the agent may die
+        # while the old one still answers: so a first stop nothing explains is
+        # also taken as the engine's (once per attempt: a script that stops its
+        # container each time then fails, as it should, and never loops).
+        engine_lost = (not stopped_by_us and not state.get("OOMKilled")
+                       and (self._engine_killed(c) or self.pool.first_unexplained_stop(spec)))
         status, message, retryable = outcome(
             spec, {"ExitCode": code, "OOMKilled": state.get("OOMKilled")},
             killed=killed, timed_out=timed_out, engine_lost=engine_lost, oom_marked=lambda: False)
