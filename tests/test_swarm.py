@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -26,6 +27,7 @@ from flowd.executor import swarmspec as S
 
 EXAMPLES = os.path.join(REPO, "examples")
 WAIT = 120  # seconds: the bound on any one condition
+LEAVE_WAIT = 120  # tries, a second apart, to leave the swarm made here
 
 
 # -- the swarm: made and left again -------------------------------------------------------------
@@ -60,10 +62,27 @@ def docker_swarm(docker_client, docker_images):
             pytest.fail(f"docker swarm init failed: {made.stderr.strip()}", pytrace=False)
         yield docker_client
     finally:
+        _leave(networks)
+
+
+def _leave(networks: set[str]) -> None:
+    """Leave the swarm made here, also when the engine is restarting (another
+    test may restart dockerd, and a restarted engine comes back in its swarm):
+    until the engine says inactive, for up to LEAVE_WAIT seconds."""
+    left = False
+    for _ in range(LEAVE_WAIT):
         _docker("swarm", "leave", "--force")
-        for name in ("docker_gwbridge",):  # made by swarm init, kept by leave
-            if name not in networks:
-                _docker("network", "rm", name)
+        state = _docker("info", "--format", "{{.Swarm.LocalNodeState}}")
+        if state.returncode == 0 and state.stdout.strip() == "inactive":
+            left = True
+            break
+        time.sleep(1)
+    for name in ("docker_gwbridge",):  # made by swarm init, kept by leave
+        if name not in networks:
+            _docker("network", "rm", name)
+    if not left:
+        pytest.fail("could not leave the swarm the tests made: run `docker swarm leave --force`",
+                    pytrace=False)
 
 
 def spool_services(client, spool: str) -> list[dict]:
@@ -108,7 +127,7 @@ def test_a_task_is_a_one_shot_job_with_the_local_hardening():
     res = tt["Resources"]
     assert res["Limits"] == {"Pids": 99, "MemoryBytes": 64 * 1024 * 1024, "NanoCPUs": 500_000_000}
     assert res["Reservations"] == {"MemoryBytes": 64 * 1024 * 1024, "NanoCPUs": 500_000_000}
-    assert tt["Networks"] == [{"Target": "none"}]
+    assert "Networks" not in tt  # Swarm has no "none" network: the engine's default (see swarmspec)
     assert tt["Placement"] == {"Constraints": ["node.labels.disk==ssd"]}
     assert tt["LogDriver"]["Name"] == "json-file"
     want = {"io.flowd.run": "r1", "io.flowd.task": "t7", "io.flowd.process": "count",
@@ -230,9 +249,22 @@ def _pull(d, run, channel, out) -> list[bytes]:
 
 
 def _left(client, d) -> bool:
+    return _what_is_left(client, d) == ([], [])
+
+
+def _wait_all_removed(client, d) -> None:
+    try:
+        wait_until(lambda: _left(client, d), WAIT, "the run's Swarm jobs to be removed")
+    except AssertionError:
+        raise AssertionError(f"left (services, containers): {_what_is_left(client, d)}") from None
+
+
+def _what_is_left(client, d) -> tuple[list[str], list[str]]:
+    """The names of the spool's services and containers."""
     spool = os.path.realpath(d.spool)
-    return spool_services(client, spool) == [] and client.api.containers(
-        all=True, filters={"label": [f"io.flowd.spool={spool}"]}) == []
+    return ([s["Spec"]["Name"] for s in spool_services(client, spool)],
+            [f"{c['Names'][0]} {c['State']}" for c in client.api.containers(
+                all=True, filters={"label": [f"io.flowd.spool={spool}"]})])
 
 
 @pytest.mark.docker
@@ -246,7 +278,7 @@ def test_wordcount_runs_as_swarm_jobs_and_leaves_no_service(daemon_factory, work
         assert [re.sub(rb"task \w+: ", b"", r).strip() for r in report] == \
             [b"9 words", b"8 words", b"4 words", b"8 words"]
         assert len(_pull(d, det["id"], "tally", os.path.join(workdir, "tally"))) == 4
-        wait_until(lambda: _left(docker_swarm, d), WAIT, "the run's Swarm jobs to be removed")
+        _wait_all_removed(docker_swarm, d)
     finally:
         d.stop()
         remove_spool_services(docker_swarm, os.path.realpath(d.spool))
@@ -280,7 +312,7 @@ def test_a_failing_task_is_retried_as_new_jobs_and_nothing_is_lost_or_duplicated
         logs = d.flowctl("logs", det["id"], "copy", check=0).stdout  # the jobs' logs, kept
         assert "attempt 1 fails" in logs and "attempt 2 fails" in logs, logs
         assert "attempt 3 fails" not in logs
-        wait_until(lambda: _left(docker_swarm, d), WAIT, "the run's Swarm jobs to be removed")
+        _wait_all_removed(docker_swarm, d)
     finally:
         d.stop()
         remove_spool_services(docker_swarm, os.path.realpath(d.spool))
@@ -316,7 +348,7 @@ def test_a_job_s_container_has_the_hardening_swarm_carries(swarm_backend):
     assert hc["CapDrop"] == ["ALL"] and not hc.get("CapAdd") and not hc["Privileged"], hc
     assert (hc["PidsLimit"], hc["Memory"], hc["NanoCpus"]) == (99, 64 * 1024 * 1024, 500_000_000), hc
     assert hc["LogConfig"]["Type"] == "json-file" and hc["LogConfig"]["Config"]["max-file"] == "2"
-    assert info["Config"]["User"] == spec.user and hc["GroupAdd"] == spec.group_add
+    assert info["Config"]["User"] == spec.user and (hc["GroupAdd"] or []) == spec.group_add
     assert {m["Destination"] for m in info["Mounts"]} == {"/task", "/.flowd/script"}
     (svc,) = spool_services(b.client, b.spool)
     res = svc["Spec"]["TaskTemplate"]["Resources"]

@@ -107,7 +107,11 @@ class SwarmExecutor(Executor):
         with self._lock:
             self._tasks[spec.key] = j
             self._kills.discard(spec.key)
-        return self._starts.submit(self.jobs.start_job, j)
+            # A retry: the daemon removes no failed attempt it retries (a fresh
+            # container's name is the task's, so the next create replaces it).
+            earlier = [k for k in self._ended if k[0] == spec.key and k[1] != spec.attempt]
+            old = [self._ended.pop(k) for k in earlier]
+        return self._starts.submit(self.jobs.start_job, j, old)
 
     def adopt(self, spec: TaskSpec) -> concurrent.futures.Future:
         j = Job(spec)
@@ -196,8 +200,13 @@ class SwarmJobs:
         return self.owner.link
 
     # -- start ------------------------------------------------------------------
-    def start_job(self, j: Job) -> None:
+    def start_job(self, j: Job, earlier: list[str]) -> None:
+        """Remove the task's earlier attempts' jobs (``earlier``), then make this one's."""
         spec = j.spec
+        for sid in earlier:
+            self._remove_service(sid)
+        if earlier:  # and the containers their tasks leave (Moby #42789)
+            self._remove_containers(spec, lambda attempt: attempt != str(spec.attempt))
         damaged = check_inputs(spec)
         if damaged is not None:
             self.owner._result(j, DAMAGED, **damaged)
@@ -364,11 +373,18 @@ class SwarmJobs:
                 for svc in self._find(spec.run_id, spec.task_id, self.owner._spool(spec)):
                     if ((svc.get("Spec") or {}).get("Labels") or {}).get(LABEL_ATTEMPT) == str(spec.attempt):
                         self._remove_service(svc["ID"])
-            for c in self.link.find(spec.run_id, spec.task_id, self.owner._spool(spec)):
-                if (c.get("Labels") or {}).get(LABEL_ATTEMPT) == str(spec.attempt):
-                    self.link.quiet_remove(c["Id"])
         except FlowError as e:
             log.warning("could not remove the Swarm job of %s/%s: %s", spec.run_id, spec.task_id, e)
+        self._remove_containers(spec, lambda attempt: attempt == str(spec.attempt))
+
+    def _remove_containers(self, spec: TaskSpec, which) -> None:
+        """Remove the containers here of the task's attempts ``which(attempt label)`` picks."""
+        try:
+            for c in self.link.find(spec.run_id, spec.task_id, self.owner._spool(spec)):
+                if which((c.get("Labels") or {}).get(LABEL_ATTEMPT)):
+                    self.link.quiet_remove(c["Id"])
+        except FlowError as e:
+            log.warning("could not remove the containers of %s/%s: %s", spec.run_id, spec.task_id, e)
 
     def sweep_job(self, spool: str, keep: set[tuple[str, str]]) -> None:
         try:

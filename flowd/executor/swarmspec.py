@@ -17,11 +17,19 @@ API 1.41, Docker 20.10), the pids limit (``Resources.Limits.Pids``: API
 only where it has room), the task's folder, script and inputs as the only
 mounts (bind mounts: the spool is at the same path on every node), the
 labels, a bounded json-file log, no privileged mode (a service cannot ask
-for it), no network (``Networks: [{"Target": "none"}]``) unless the
-workflow asks for ``bridge``, and SIGKILL as the stop signal (a kill or a
-timeout stops at once, as ``docker kill`` does locally).
+for it), and SIGKILL as the stop signal (a kill or a timeout stops at once,
+as ``docker kill`` does locally).
 
 What Swarm cannot carry on engine API 1.41 (Docker 20.10, these machines):
+
+- **no network** (``network="none"``, the default): a service cannot use
+  the ``none`` network ("could not find the corresponding predefined swarm
+  network: network none not found", Moby #44403, #42204; checked here), and
+  a service with no network is put on the engine's default bridge. So a
+  Swarm task has the bridge network (it can reach the host and, with a
+  route out, the world), as ``network="bridge"`` does locally. An internal
+  swarm-scoped bridge network is no way out: its task still had a default
+  route and reached the host's docker0 address (checked).
 
 - ``no-new-privileges`` and extra ``security_opt`` (seccomp or AppArmor
   profiles): ``ContainerSpec.Privileges.NoNewPrivileges``/``Seccomp``/
@@ -112,8 +120,10 @@ def service_args(spec: TaskSpec, *, spool: str, cap_add: list[str], log_limit: i
         "Resources": {"Limits": limits, "Reservations": reservations},
         "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
         "LogDriver": {"Name": "json-file", "Options": {"max-size": str(half), "max-file": "2"}},
-        "Networks": [{"Target": "bridge" if spec.network == "bridge" else "none"}],
     }
+    if spec.network == "bridge":
+        template["Networks"] = [{"Target": "bridge"}]
+    # network "none": no Networks, which is the engine's default bridge (see the docstring)
     constraints = placement(spec)
     if constraints:
         template["Placement"] = {"Constraints": constraints}
