@@ -381,3 +381,26 @@ def test_a_missing_image_is_an_error_naming_the_image_and_the_node(swarm_backend
     assert r.status == X.ERROR and not r.retryable, r
     host = b.client.info()["Name"]
     assert f"image {spec.image} is not on node {host}" in r.message, r.message
+
+
+@pytest.mark.docker
+@pytest.mark.swarm
+def test_a_restarted_executor_takes_a_running_job_back_by_its_labels(swarm_backend):
+    b = swarm_backend
+    spec = b.spec(_case("echo started; while [ ! -e /task/go ]; do sleep 0.1; done; echo done > out\n"),
+                  outputs=["out"])
+    b.ex.start(spec)
+    b.wait_started(spec)
+    b.ex.close()  # the daemon goes; its job runs on
+    b.ex = b.new_executor()
+    b.ex.adopt(spec)
+    with open(os.path.join(spec.workdir, "go"), "w"):
+        pass
+    r = b.result(spec)
+    assert r.ok, r
+    with open(os.path.join(spec.workdir, "out"), "rb") as f:
+        assert f.read() == b"done\n"
+    with open(spec.log_path, "rb") as f:
+        assert b"started" in f.read()
+    b.ex.remove(spec).result(timeout=WAIT)
+    assert spool_services(b.client, b.spool) == []
