@@ -184,6 +184,10 @@ class Daemon:
             from .executor.swarm import SwarmExecutor
 
             self.executor = SwarmExecutor(self.report, spool=self.spool, settings=self.cfg.executor_settings())
+            log.warning("executor swarm: every task runs on the engine's bridge network, whatever its "
+                        "network= (a Swarm service cannot run without one), and without "
+                        "no-new-privileges unless each node's daemon.json sets it; see "
+                        "/usr/share/doc/flowd/operations.md, \"Running on a cluster\"")
         elif self._executor_factory is None:
             from .executor.docker import DockerExecutor
 

@@ -74,6 +74,7 @@ class TaskSpec:
     user: str | None = None  # "UID:GID" the container runs as; None: the image's USER
     group_add: list[str] = field(default_factory=list)  # extra gids (flowd's, for another uid)
     container: str = "fresh"  # "warm": run in a kept container of this process (process@container)
+    placement: list[str] = field(default_factory=list)  # Swarm constraints (process@placement, to come)
 
     @property
     def key(self) -> tuple[str, str]:

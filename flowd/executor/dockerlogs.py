@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..errors import FlowError
 from .base import live_log_path
+from .dockerapi import _is_read_timeout
 
 
 class LogCopier:
@@ -92,11 +93,15 @@ class LogCopier:
                 if t.finished:  # _finish ran while we opened it: leave nothing behind
                     _unlink(live)
                     return
-                self.copy_log(stream, f, stop=lambda: t.finished or self.link.closed)
+                self.copy_log(until_quiet(stream), f, stop=lambda: t.finished or self.link.closed)
         except (OSError, FlowError):
             return  # the final log still comes from the engine
         finally:
             _close_quietly(stream)
+            # A task quiet for the client's read timeout ends this copy (not an
+            # engine outage); the next `logs --follow` request starts it again
+            # and it rewrites the live file whole.
+            t.following = False
 
 
 class LogSink:
@@ -149,6 +154,23 @@ class LogSink:
                 pass
         _unlink(self.live_path)
         _unlink(self.part_path)
+
+
+def until_quiet(stream):
+    """A followed log's chunks until the task has been quiet for the client's
+    read timeout: that ends the live copy (the final log still comes), it is
+    not an engine outage."""
+    it = iter(stream)
+    while True:
+        try:
+            chunk = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - anything else goes to EngineLink.iterate
+            if _is_read_timeout(e):
+                return
+            raise
+        yield chunk
 
 
 def _keep_tail(f, size: int, limit: int) -> int:

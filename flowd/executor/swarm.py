@@ -47,8 +47,8 @@ from ..errors import EngineError, EngineUnavailable, FlowError, NotFound
 from .base import (DAMAGED, ERROR, KILLED, MISSING, Executor, Report, Settings, TaskResult, TaskSpec,
                    check_inputs, done_future, live_log_path)
 from .container import LABEL_ATTEMPT, LABEL_RUN, LABEL_SPOOL, LABEL_TASK
-from .dockerapi import EngineLink, _boot_time, _is_read_timeout, _parse_time
-from .dockerlogs import LogCopier, _close_quietly, _unlink
+from .dockerapi import EngineLink, _boot_time, _parse_time
+from .dockerlogs import LogCopier, _close_quietly, _unlink, until_quiet
 from .dockerspec import OOM_MARK, outcome
 from .lanes import Lane
 from . import swarmspec as S
@@ -440,7 +440,7 @@ class SwarmJobs:
                 if j.finished:
                     _unlink(live)
                     return
-                self.owner.logs.copy_log(_until_quiet(stream), f,
+                self.owner.logs.copy_log(until_quiet(stream), f,
                                          stop=lambda: j.finished or self.link.closed)
         except (OSError, FlowError):
             return
@@ -504,20 +504,3 @@ def _start_error(e: FlowError) -> str:
         return ("this Docker engine is not a Swarm manager (config executor = \"swarm\"): run "
                 "`docker swarm init` or join it to a swarm as a manager, or set executor = \"docker\"")
     return f"could not create the Swarm job: {text[:ERR_MAX]}"
-
-
-def _until_quiet(stream):
-    """A followed log's chunks until the task has been quiet for the client's
-    read timeout: that ends the live copy (the final log still comes), it is
-    not an engine outage."""
-    it = iter(stream)
-    while True:
-        try:
-            chunk = next(it)
-        except StopIteration:
-            return
-        except Exception as e:  # noqa: BLE001 - anything else goes to EngineLink.iterate
-            if _is_read_timeout(e):
-                return
-            raise
-        yield chunk

@@ -81,7 +81,7 @@ def service_labels(spec: TaskSpec, spool: str) -> dict[str, str]:
 def placement(spec: TaskSpec) -> list[str]:
     """The attempt's Swarm constraints (``TaskSpec.placement``; none when the
     seam has no such field yet), e.g. ``node.labels.disk==ssd``."""
-    return [c.strip() for c in (getattr(spec, "placement", None) or []) if c.strip()]
+    return [c.strip() for c in spec.placement if c.strip()]
 
 
 def service_args(spec: TaskSpec, *, spool: str, cap_add: list[str], log_limit: int) -> dict:
