@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flowd.executor.warm")
 
 POLL = 0.2  # seconds between checks for a kill while a task runs
+ENGINE_WATCH = 5.0  # seconds a container that stopped under its task waits to see the engine go
 _EXPECTED_PROCESSES = 2  # the engine's init and the agent
 
 
@@ -156,9 +157,13 @@ class WarmTaskRun:
         # container each time then fails, as it should, and never loops).
         engine_lost = (not stopped_by_us and not state.get("OOMKilled")
                        and (self._engine_killed(c) or self.pool.first_unexplained_stop(spec)))
+        if engine_lost:  # whatever its exit status (the agent may exit 0 on the engine's SIGTERM)
+            note = sink.finish() if sink is not None else ""
+            return Outcome(ERROR, code, f"engine unavailable: the engine stopped the warm container "
+                                        f"(exit status {code}){note}", retire="engine", retryable=True)
         status, message, retryable = outcome(
             spec, {"ExitCode": code, "OOMKilled": state.get("OOMKilled")},
-            killed=killed, timed_out=timed_out, engine_lost=engine_lost, oom_marked=lambda: False)
+            killed=killed, timed_out=timed_out, engine_lost=False, oom_marked=lambda: False)
         if not stopped_by_us and status == EXITED:
             # never a success, whatever its exit status: the task did not end in it
             status, message = ERROR, f"the warm container stopped during the task ({message})"
@@ -167,8 +172,19 @@ class WarmTaskRun:
                         retryable=retryable)
 
     def _engine_killed(self, c: WarmContainer) -> bool:
-        """Did the engine itself kill the container (a "kill" event) since it started?"""
+        """Did the engine itself stop the container? It is going away (a dockerd
+        stop or restart kills its containers, and may still answer a moment:
+        watched for ENGINE_WATCH seconds), or it logged a "kill" event for it."""
         link = self.pool.link
+        end = time.monotonic() + ENGINE_WATCH
+        try:
+            while time.monotonic() < end:
+                link.call(link.api.ping)
+                time.sleep(0.25)
+        except EngineUnavailable:
+            return True
+        except FlowError:
+            pass
         try:
             events = link.call(link.api.events, since=int(c.started_at), until=int(time.time()) + 1,
                                filters={"container": c.cid, "event": "kill"}, decode=True)
