@@ -67,6 +67,7 @@ class Process:
     network: str = "none"
     on_failure: str = "stop"
     container: str | None = None  # "fresh" or "warm"; None: the daemon's default_container
+    placement: list[str] = field(default_factory=list)  # Swarm constraints (executor "swarm" only)
     script_file: str | None = None  # where the script came from, for messages
     line: int | None = None
 

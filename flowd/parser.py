@@ -695,6 +695,7 @@ class _Builder:
             network=attrs.get("network", "none"),
             on_failure=attrs.get("on-failure", "stop"),
             container=attrs.get("container"),
+            placement=list(attrs.get("placement", [])),
             script_file=script_file,
             line=el.sourceline,
         )

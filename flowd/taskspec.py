@@ -45,7 +45,7 @@ def task_spec(run, rec: TaskRecord) -> X.TaskSpec:
         memory=proc.memory or run.limits.default_memory, cpus=proc.cpus,
         user=run.user, group_add=list(run.group_add),
         pids_limit=run.limits.pids_limit, network=proc.network, spool=run.limits.spool,
-        container=proc.container or run.limits.default_container,
+        container=proc.container or run.limits.default_container, placement=list(proc.placement),
         # never feed a damaged item to a script (checked by the executor, off the loop)
         verify=[(ch, seq, run.store.input_path(rec, seq)) for ch, seq in rec.inputs],
     )

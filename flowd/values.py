@@ -36,7 +36,7 @@ _IMAGE_ID_RE = re.compile(r"^[a-f0-9]{64}$")
 
 PROCESS_ATTRS = (
     "image", "lang", "retries", "timeout", "memory", "cpus", "parallel",
-    "network", "on-failure", "container",
+    "network", "on-failure", "container", "placement",
 )
 
 EXAMPLES = {  # used in "fix:" hints
@@ -50,6 +50,7 @@ EXAMPLES = {  # used in "fix:" hints
     "network": 'network="bridge"',
     "on-failure": 'on-failure="continue"',
     "container": 'container="warm"',
+    "placement": 'placement="node.labels.disk==ssd"',
     "mode": 'mode="service"',
     "as": 'as="input.txt"',
 }
@@ -182,6 +183,8 @@ def process_attr(attr: str, value: str):
         return choice(attr, value, model.ON_FAILURE)
     if attr == "container":
         return choice(attr, value, model.CONTAINERS)
+    if attr == "placement":
+        return placement(value)
     if attr == "retries":
         return count(attr, value, 0)
     if attr == "parallel":
@@ -215,6 +218,41 @@ def process_attr(attr: str, value: str):
         raise Invalid(f"attribute \"cpus\" is {_q(value)}; it must be a decimal number "
                       "more than zero, such as 0.5 or 2", f"write {EXAMPLES['cpus']}")
     raise AssertionError(attr)  # pragma: no cover
+
+
+# Swarm placement constraints (swarmkit's manager/constraint: the keys it knows,
+# == or !=, and its value pattern), checked here so a typo is a submission
+# error with a line number rather than a job the manager refuses.
+_PLACEMENT_KEY_RE = re.compile(
+    r"^(?:node\.(?:id|hostname|ip|role|platform\.os|platform\.arch)"
+    r"|(?:node|engine)\.labels\.[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})$")
+_PLACEMENT_VALUE_RE = re.compile(r"^[A-Za-z0-9:_.*()?+\[\]\\^$|/ -]{1,255}$")
+MAX_PLACEMENT = 16  # constraints on one process
+
+
+def placement(value: str) -> list[str]:
+    """``process@placement``: Swarm constraints separated by ``;``."""
+    parts = [c.strip() for c in value.split(";") if c.strip()]
+    if not parts:
+        raise Invalid("attribute \"placement\" is empty; it holds Swarm constraints such as "
+                      "node.labels.disk==ssd, separated by ;",
+                      f"write {EXAMPLES['placement']}, or leave placement out")
+    if len(parts) > MAX_PLACEMENT:
+        raise Invalid(f"attribute \"placement\" has {len(parts)} constraints; at most "
+                      f"{MAX_PLACEMENT} are allowed", "keep the ones that matter")
+    for c in parts:
+        m = re.match(r"^(.*?)(==|!=)(.*)$", c)
+        key, value_ = (m.group(1).strip(), m.group(3).strip()) if m else ("", "")
+        if m is None or not _PLACEMENT_KEY_RE.match(key):
+            raise Invalid(f"placement constraint {_q(c)} is not KEY==VALUE or KEY!=VALUE with a key "
+                          "Swarm knows (node.id, node.hostname, node.ip, node.role, node.platform.os, "
+                          "node.platform.arch, node.labels.NAME, engine.labels.NAME)",
+                          f"write {EXAMPLES['placement']}")
+        if not _PLACEMENT_VALUE_RE.match(value_):
+            raise Invalid(f"placement constraint {_q(c)} has a value Swarm refuses: use letters, "
+                          "digits and : _ . * - / (at most 255 characters)",
+                          f"write {EXAMPLES['placement']}")
+    return [re.sub(r"\s*(==|!=)\s*", r"\1", c) for c in parts]
 
 
 def as_name(value: str) -> str:

@@ -122,6 +122,20 @@ def test_defaults_apply_to_every_process_that_does_not_override():
     assert (own.image, own.lang, own.retries, own.timeout, own.memory, own.cpus, own.parallel,
             own.network, own.on_failure) == (
         "busybox:1.36", "sh", 0, 0.25, 6 * MiB, 0.25, 1, "none", "stop")
+    assert d.placement == ["node.role==worker", "node.labels.disk==ssd"]  # from <defaults>
+    assert own.placement == ["node.hostname!=old-1"]  # its own, spaces around == dropped
+
+
+def test_placement_constraints_reach_the_task_spec_for_swarm():
+    from types import SimpleNamespace
+    from flowd.taskspec import Limits, task_spec
+    from flowd.taskstore import TaskRecord
+    wf, _ = load_workflow(VALID / "defaults.xml")
+    store = SimpleNamespace(input_path=lambda rec, seq: f"/in/{seq}", path=lambda *a: "/s",
+                            task_path=lambda rec, what: "/w", log_path=lambda rec, n: "/l")
+    run = SimpleNamespace(wf=wf, store=store, user=None, id="r1", group_add=[], limits=Limits())
+    rec = TaskRecord(dirname="1", kind="process", name="own", task_id="1", inputs=[], attempt=1)
+    assert task_spec(run, rec).placement == ["node.hostname!=old-1"]
 
 
 def test_inline_items_are_kept_byte_for_byte():
