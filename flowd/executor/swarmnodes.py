@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from ..errors import EngineUnavailable, FlowError
 from ..textsafe import for_log
-from .container import LABEL_PREFIX, LABEL_SPOOL
+from .container import LABEL_SPOOL
 from .swarmspec import ENDED, LABEL_KIND, latest_task, task_status
 
 log = logging.getLogger("flowd.executor.swarm")
