@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from .errors import UsageError
 from .model import CONTAINERS, NETWORKS
 from .units import parse_duration, parse_size
+from .values import image_reference_problem
 from .protocol import DEFAULT_SOCKET
 
 DEFAULT_CONFIG = "/etc/flowd/flowd.toml"
@@ -29,6 +30,9 @@ KEYS: dict[str, tuple[object, str]] = {
     "socket_mode": ("0660", "file mode of the socket"),
     "executor": ("docker", "where tasks run: \"docker\" (the local engine) or \"swarm\" (one-shot "
                            "jobs on the Docker Swarm this engine manages)"),
+    "swarm_probe_image": ("busybox", "executor \"swarm\": the image of the job that checks each node "
+                                     "sees the spool (it runs `touch`); it must be on every node or "
+                                     "pullable there"),
     "max_containers": (0, "containers running at once, all runs together (0: number of cores)"),
     "pids_limit": (256, "process limit of each container"),
     "default_memory": ("", "memory limit for processes that set none, e.g. \"1g\" (empty: none)"),
@@ -64,6 +68,7 @@ class Config:
     socket_group: str = ""
     socket_mode: int = 0o660
     executor: str = "docker"
+    swarm_probe_image: str = "busybox"
     max_containers: int = 0
     pids_limit: int = 256
     default_memory: int | None = None
@@ -171,6 +176,8 @@ def load(path: str | None, *, required: bool = False) -> Config:
                 value = parse_duration(value)
             elif key == "executor" and value not in ("docker", "swarm"):
                 raise ValueError('must be "docker" (the local engine) or "swarm" (Docker Swarm jobs)')
+            elif key == "swarm_probe_image" and image_reference_problem(value) is not None:
+                raise ValueError(f"it is not a Docker image reference: {image_reference_problem(value)}")
             elif key == "default_container" and value not in CONTAINERS:
                 raise ValueError(f"must be one of {', '.join(map(repr, CONTAINERS))}")
             elif key == "container_user":
