@@ -11,7 +11,7 @@ docker) and ``flowd.executor.fake.FakeExecutor`` (unit tests). One contract
 suite (tests/test_executor_contract.py) runs against each.
 
 What the seam knows is what every backend does: start, adopt, kill,
-remove, sweep, reconfigure, status. Names, labels and the shell wrapper of
+remove, sweep, resize, reconfigure, status. Names, labels and the shell wrapper of
 a container are the Docker backends' (``flowd.executor.container``).
 
 A script that exits non-zero is a *result*, never an exception.
@@ -125,6 +125,16 @@ class Settings:
     warm_read_only: bool = True  # warm containers' root file system is read-only
 
 
+# Executor.resize's default: what a backend that cannot change a running task does
+KEEPS_LIMITS = "Swarm tasks keep their limits; later tasks get the new ones"
+
+
+def _resolved(value: object) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
 def done_future() -> concurrent.futures.Future:
     """A future already done: what an executor that works at once returns."""
     fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -176,6 +186,23 @@ class Executor(abc.ABC):
     def follow(self, run_id: str, task_id: str) -> None:
         """Someone follows the task's log: from now on it grows as the task runs
         (``live_log_path``). A backend whose logs are always live does nothing."""
+
+    def resize(self, run_id: str, process: str, memory: int | None,
+               cpus: float | None) -> concurrent.futures.Future:
+        """New limits for ``process`` of run ``run_id`` (``flowctl resize``):
+        ``memory`` (bytes) and ``cpus`` as its later tasks get them, None for
+        no limit. What already runs gets them live where the backend can.
+
+        The future's result is a dict: ``updated`` (running containers given
+        the new limits live), ``retired`` (kept containers that are replaced),
+        ``kept`` (running tasks that keep their old limits), ``note`` (words
+        for the user). When ``memory`` is below what a running container of
+        the process uses now, nothing is changed and the dict has ``refused``
+        instead (the message naming the container, its usage and the limit).
+
+        This default changes nothing that runs: its tasks keep their limits.
+        """
+        return _resolved({"updated": 0, "retired": 0, "kept": None, "note": KEEPS_LIMITS})
 
     def reconfigure(self, settings: Settings) -> None:
         """Follow new settings (config reload) from the next task on."""

@@ -57,12 +57,14 @@ its cgroup's ``oom_kill`` counter moved (see ``dockerspec._OOM_CHECK``).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import threading
 from typing import Any
 
-from ..errors import FlowError
+from .. import units
+from ..errors import FlowError, NotFound
 from .base import Executor, Report, Settings, TaskResult, TaskSpec, done_future
 from .container import LABEL_POOL, LABEL_RUN, LABEL_SPOOL, LABEL_TASK, Task
 from .dockerapi import EngineLink
@@ -127,6 +129,9 @@ class DockerExecutor(Executor):
         self._tasks: dict[tuple[str, str], Task] = {}
         self._kills: set[tuple[str, str]] = set()
         self._ended: dict[tuple[tuple[str, str], int], str] = {}  # (key, attempt) -> container id
+        # (run, process) -> (memory, cpus) a resize gave it: containers made from
+        # then on get them, whatever the spec handed over before said
+        self._limits: dict[tuple[str, str], tuple[int | None, float | None]] = {}
         self._starts = Lane("flowd-docker-start", STARTS_LANE)
         self._waits = Lane("flowd-docker-wait", max_workers)
         self._ops = Lane("flowd-docker-ops", OPS_LANE)
@@ -190,6 +195,22 @@ class DockerExecutor(Executor):
         if t is not None and t.spec.container != "warm":
             self.fresh.follow(t)
 
+    def resize(self, run_id: str, process: str, memory: int | None,
+               cpus: float | None) -> concurrent.futures.Future:
+        """Fresh containers of the process get the limits live (``docker update``),
+        unless one uses more memory now than asked (refused: nothing changes);
+        its warm containers are retired (idle ones now, busy ones after their
+        task) and new ones made with the new limits (the pool's key has them)."""
+        return self._ops.submit(self._resize_job, run_id, process, memory, cpus)
+
+    def with_limits(self, spec: TaskSpec) -> TaskSpec:
+        """``spec`` with the limits a resize of its process gave since it was made."""
+        with self._lock:
+            limits = self._limits.get((spec.run_id, spec.process))
+        if limits is None or limits == (spec.memory, spec.cpus):
+            return spec
+        return dataclasses.replace(spec, memory=limits[0], cpus=limits[1])
+
     def reconfigure(self, settings: Settings) -> None:
         """New settings from the next task on; warm containers made with other
         capabilities or root settings are no longer used (their key differs)."""
@@ -215,6 +236,53 @@ class DockerExecutor(Executor):
         self.pool.close()
         for lane in (self._starts, self._waits, self._ops, self._follows):
             lane.close()
+
+    def _resize_job(self, run_id: str, process: str, memory: int | None, cpus: float | None) -> dict:
+        """On the ops lane: check, then change. The check reads each running
+        fresh container's memory use; the new limits are then recorded (so a
+        container made meanwhile gets them) and every container found again is
+        updated, so none made between the two looks is missed."""
+        key = (run_id, process)
+        try:
+            if memory is not None:
+                for c in self.fresh.of_process(run_id, process, self.spool):
+                    try:
+                        used = self.fresh.memory_used(c["id"])
+                    except NotFound:
+                        continue  # gone meanwhile
+                    if used is not None and used > memory:
+                        return {"refused": (
+                            f"container {c['name']} (task {c['task']}) uses {units.size(used)} of "
+                            f"memory now, more than the {units.size(memory, trim=True)} asked; nothing "
+                            f"was changed (fix: ask for more than {units.size(used)}, or resize once "
+                            "that task has ended)")}
+            with self._lock:
+                before = self._limits.get(key)
+                self._limits[key] = (memory, cpus)
+            updated = 0
+            try:
+                for c in self.fresh.of_process(run_id, process, self.spool):
+                    try:
+                        self.fresh.update_limits(c["id"], memory, cpus)
+                    except NotFound:
+                        continue
+                    updated += 1
+            except FlowError as e:
+                with self._lock:
+                    if before is None:
+                        self._limits.pop(key, None)
+                    else:
+                        self._limits[key] = before
+                done = f"; {updated} container(s) had been given them already" if updated else ""
+                return {"refused": f"the engine did not take the new limits: {e}{done}"}
+        except FlowError as e:
+            return {"refused": f"could not reach the containers: {e}; nothing was changed (fix: try "
+                               "again once the engine answers)"}
+        idle, busy = self.pool.resize(run_id, process, memory, cpus)
+        note = []
+        if busy:
+            note.append(f"{busy} busy warm container(s) are replaced after their current task")
+        return {"updated": updated, "retired": idle + busy, "kept": 0, "note": "; ".join(note)}
 
     def _sweep_job(self, spool: str, keep: set[tuple[str, str]]) -> None:
         try:

@@ -51,6 +51,8 @@ class FakeExecutor(X.Executor):
         self.killed: list[tuple[str, str]] = []
         self.adopted: list[X.TaskSpec] = []
         self.containers: dict[tuple[str, str], X.TaskSpec] = {}  # (run, task) -> spec, until removed
+        self.usage: dict[tuple[str, str], int] = {}  # (run, task) -> bytes its "container" uses (tests set it)
+        self.resized: list[tuple[str, str, int | None, float | None]] = []  # resize calls that went through
 
     def start(self, spec: X.TaskSpec) -> concurrent.futures.Future:
         self.started.append(spec)
@@ -85,6 +87,24 @@ class FakeExecutor(X.Executor):
             if spec.key not in keep:
                 del self.containers[name]
         return X.done_future()
+
+    def resize(self, run_id: str, process: str, memory: int | None,
+               cpus: float | None) -> concurrent.futures.Future:
+        """As the Docker executor: refused if a running task uses more than
+        ``memory``; else its running fresh tasks get the limits (their specs
+        here) and its warm ones count as retired."""
+        mine = [s for s in self.containers.values() if (s.run_id, s.process) == (run_id, process)]
+        for spec in mine:
+            used = self.usage.get(spec.key)
+            if memory is not None and used is not None and used > memory:
+                return X._resolved({"refused": f"task {spec.task_id} uses {used} bytes now, more "
+                                               f"than the {memory} bytes asked"})
+        self.resized.append((run_id, process, memory, cpus))
+        fresh = [s for s in mine if s.container != "warm"]
+        for spec in fresh:
+            spec.memory, spec.cpus = memory, cpus
+        return X._resolved({"updated": len(fresh), "retired": len(mine) - len(fresh), "kept": 0,
+                            "note": ""})
 
     def run_pending(self, limit: int | None = None) -> int:
         """Run queued tasks (oldest first) and report their results."""

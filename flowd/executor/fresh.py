@@ -13,7 +13,8 @@ import time
 
 from ..errors import EngineError, EngineUnavailable, FlowError, ImageUnavailable, NotFound
 from .base import DAMAGED, ERROR, KILLED, MISSING, TaskSpec, check_inputs, live_log_path
-from .container import LABEL_ATTEMPT, Task, container_name
+from .container import (LABEL_ATTEMPT, LABEL_POOL, LABEL_PROCESS, LABEL_RUN, LABEL_SPOOL, LABEL_TASK,
+                        Task, container_name)
 from .dockerapi import _WaitTimedOut, _boot_time, _parse_time
 from .dockerlogs import _unlink
 from .dockerspec import create_args, outcome
@@ -21,6 +22,8 @@ from .dockerspec import create_args, outcome
 log = logging.getLogger("flowd.executor.docker")
 
 RUNNING_STATES = ("running", "paused", "restarting")
+# a resize changes these too: made, not yet started, it starts with what it was given
+RESIZABLE_STATES = RUNNING_STATES + ("created",)
 
 
 class FreshContainers:
@@ -92,7 +95,9 @@ class FreshContainers:
         raise AssertionError("not reached")
 
     def _create_args(self, spec: TaskSpec) -> dict:
-        """create_container's arguments (flowd.executor.dockerspec: the hardening)."""
+        """create_container's arguments (flowd.executor.dockerspec: the hardening),
+        with the limits a resize gave the process since the task was handed over."""
+        spec = self.owner.with_limits(spec)
         return create_args(self.link.api, spec, spool=self.owner._spool(spec), cap_add=self.owner.cap_add,
                            security_opt=self.owner.security_opt, log_limit=self.owner.log_limit)
 
@@ -240,3 +245,66 @@ class FreshContainers:
                     self.link.quiet_remove(c["Id"])
         except FlowError as e:
             log.warning("could not remove the container of %s/%s: %s", spec.run_id, spec.task_id, e)
+
+    # -- resize -------------------------------------------------------------------
+    def of_process(self, run_id: str, process: str, spool: str) -> list[dict]:
+        """The fresh containers of ``process`` in ``run_id`` that run now (or are
+        made and about to): {"id", "name", "task"} each."""
+        labels = [f"{LABEL_RUN}={run_id}", f"{LABEL_PROCESS}={process}"]
+        if spool:
+            labels.append(f"{LABEL_SPOOL}={spool}")
+        found = self.link.call(self.link.api.containers, all=True, filters={"label": labels})
+        return [{"id": c["Id"], "name": ((c.get("Names") or ["?"])[0]).lstrip("/"),
+                 "task": (c.get("Labels") or {}).get(LABEL_TASK, "?")}
+                for c in found if c.get("State") in RESIZABLE_STATES
+                and not (c.get("Labels") or {}).get(LABEL_POOL)]
+
+    def memory_used(self, cid: str) -> int | None:
+        """Bytes of memory the container uses now, as ``docker stats`` counts them
+        (its cgroup's usage less the page cache it can drop: inactive files,
+        cgroup v1 or v2); None when the engine has no figure (not running)."""
+        api = self.link.api
+        kwargs = {"one_shot": True} if _has_one_shot(api) else {}
+        stats = self.link.call(api.stats, cid, stream=False, **kwargs)
+        mem = (stats or {}).get("memory_stats") or {}
+        usage = mem.get("usage")
+        if not isinstance(usage, int):
+            return None
+        detail = mem.get("stats") or {}
+        cache = detail.get("total_inactive_file", detail.get("inactive_file", 0))  # v1, v2
+        if isinstance(cache, int) and 0 <= cache < usage:
+            usage -= cache
+        return usage
+
+    def update_limits(self, cid: str, memory: int | None, cpus: float | None) -> None:
+        """Give the container new limits live (``docker update``). Memory and
+        swap together (flowd gives no swap: memswap = memory), cpus as NanoCpus:
+        the SDK's ``update_container`` has no NanoCpus on 5.0.3 nor 7.x, and the
+        engine refuses a CpuQuota on a container made with NanoCpus, so the
+        engine's update endpoint is called as ``update_container`` does."""
+        body: dict = {}
+        if memory is not None:
+            body["Memory"] = int(memory)
+            body["MemorySwap"] = int(memory)
+        if cpus is not None:
+            body["NanoCpus"] = int(cpus * 1e9)
+        if body:
+            self.link.call(_update, self.link.api, cid, body)
+
+
+def _update(api, cid: str, body: dict) -> dict:
+    """POST /containers/ID/update, as the SDK's ``update_container`` does (5.0.3 and 7.x)."""
+    return api._result(api._post_json(api._url("/containers/{0}/update", cid), data=body), True)
+
+
+def _has_one_shot(api) -> bool:
+    """``stats(one_shot=True)`` (no wait for a second sample): docker-py 7.x on API 1.41 and later."""
+    import inspect
+
+    if "one_shot" not in inspect.signature(api.stats).parameters:
+        return False
+    try:
+        major, minor = (int(x) for x in str(api.api_version).split(".")[:2])
+    except (ValueError, AttributeError):
+        return False
+    return (major, minor) >= (1, 41)

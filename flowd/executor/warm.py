@@ -3,7 +3,8 @@
 A warm container serves one process of one run (as an OpenWhisk container
 serves one action), with one set of settings: the pool's key is the run,
 the process, and the image, user, memory, cpus, network, pids limit and
-capabilities of its tasks. Its resident agent and its host folder (the
+capabilities of its tasks (so a resized process gets new containers: its
+old ones are retired, idle ones at once, busy ones after their task). Its resident agent and its host folder (the
 *slot*) are in ``flowd.executor.warmagent``; the container's settings in
 ``flowd.executor.dockerspec.warm_create_args`` (the same hardening as a fresh
 container, the engine's init as pid 1, a read-only root unless the config's
@@ -78,6 +79,7 @@ class WarmContainer:
     busy: bool = True
     idle_since: float = 0.0
     task: tuple[str, str] | None = None  # (run, task) it runs now
+    retire: str = ""  # why it is to be retired once its task ends (a resize), else ""
 
 
 class WarmPool:
@@ -172,6 +174,27 @@ class WarmPool:
         for c in victims:
             self._remove(c, why)
 
+    def resize(self, run_id: str, process: str, memory: int | None,
+               cpus: float | None) -> tuple[int, int]:
+        """The process's containers made with other limits are retired: the
+        idle ones now, the busy ones after their task (``run``). Its next
+        tasks have another key, so new containers get the new limits.
+        Returns (idle retired, busy to retire)."""
+        why = "its process was resized"
+        with self._lock:
+            old = [c for c in self._containers.values()
+                   if (c.key.run_id, c.key.process) == (run_id, process)
+                   and (c.key.memory, c.key.cpus) != (memory, cpus)]
+            idle = [c for c in old if not c.busy]
+            for c in idle:
+                del self._containers[c.name]
+            for c in old:
+                if c.busy:
+                    c.retire = why
+        for c in idle:
+            self._remove(c, why)
+        return len(idle), len(old) - len(idle)
+
     def leftover_slots(self, keep: set[str]) -> None:
         """Delete slot folders of containers this pool does not know (an earlier daemon's)."""
         try:
@@ -213,10 +236,11 @@ class WarmPool:
         with self._lock:
             c.task = None
             self._kills.discard(spec.key)
-        if out.retire:
+            retire = out.retire or c.retire
+        if retire:
             with self._lock:
                 self._containers.pop(c.name, None)
-            self._remove(c, out.retire)
+            self._remove(c, retire)
         else:
             self._release(c)
         if out.retryable:
@@ -231,6 +255,7 @@ class WarmPool:
 
     # -- containers -----------------------------------------------------------------------------
     def _acquire(self, spec: TaskSpec) -> WarmContainer:
+        spec = self.owner.with_limits(spec)  # a resize since the task was handed over
         key = self.key_of(spec)
         while True:
             with self._lock:
