@@ -12,10 +12,12 @@ Waits are for conditions, never for durations.
 """
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
 import subprocess
+import threading
 import time
 import uuid
 
@@ -304,17 +306,300 @@ def test_a_failing_task_is_retried_as_new_jobs_and_nothing_is_lost_or_duplicated
   </process>
 </workflow>
 """)
+    creates = ServiceCreates(docker_swarm)
     try:
         det = _submit_wait(d, xml)
-        assert det["state"] == "succeeded", det
+        assert det["state"] == "succeeded" and det["failures"] == [], det
         got = _pull(d, det["id"], "out", os.path.join(workdir, "out"))
         assert sorted(got) == sorted(w.encode() for w in want), "lost or duplicated items"
         logs = d.flowctl("logs", det["id"], "copy", check=0).stdout  # the jobs' logs, kept
         assert "attempt 1 fails" in logs and "attempt 2 fails" in logs, logs
         assert "attempt 3 fails" not in logs
+        # one job per attempt: six first attempts, and item-3's second and third
+        made = creates.of(det["id"])
+        assert len(made) == len(set(made)) == 8, made
+        assert sorted(n.rsplit("-", 1)[1] for n in made) == ["a1"] * 6 + ["a2", "a3"], made
         _wait_all_removed(docker_swarm, d)
     finally:
+        creates.close()
         d.stop()
+        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
+
+
+# Several jobs at once: each reserves its memory limit, and a process that sets
+# none gets max_memory (8 GiB by default): a node places only as many as it has
+# room for, so these tests give them a small default.
+SMALL_JOBS = 'executor = "swarm"\nmax_containers = {n}\ndefault_memory = "64m"\n'
+
+
+class ServiceCreates:
+    """Counts the Swarm services made for one run, live (the manager's event stream).
+
+    A service is one job, one attempt (``flowd-RUN-TASK-aN``); the manager sees
+    every node's, so a task placed on another node counts too. Read as they
+    happen: the engine keeps only its last events."""
+
+    def __init__(self, client, run_prefix: str = ""):
+        self.names: list[str] = []
+        self.prefix = run_prefix
+        self._stream = client.api.events(decode=True, filters={"type": "service", "event": "create"})
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        try:
+            for ev in self._stream:
+                self.names.append(str(((ev.get("Actor") or {}).get("Attributes") or {}).get("name")))
+        except Exception:  # noqa: BLE001 - the stream is closed at the end
+            pass
+
+    def of(self, run: str) -> list[str]:
+        return sorted(n for n in self.names if n.startswith(f"flowd-{run}-"))
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _running_jobs(client, d) -> list[dict]:
+    """The spool's services whose job task runs now."""
+    out = []
+    for svc in spool_services(client, os.path.realpath(d.spool)):
+        task = S.latest_task(client.api.tasks(filters={"service": svc["ID"]}))
+        if task is not None and S.task_status(task)[0] == "running":
+            out.append(svc)
+    return out
+
+
+def _job_states(client, d) -> dict[str, str]:
+    """Each of the spool's services: its job task's state (by the service's task label)."""
+    states = {}
+    for svc in spool_services(client, os.path.realpath(d.spool)):
+        task = S.latest_task(client.api.tasks(filters={"service": svc["ID"]}))
+        states[svc["Spec"]["Labels"]["io.flowd.task"]] = S.task_status(task)[0] if task else ""
+    return states
+
+
+def _job_log(client, svc: dict) -> bytes:
+    """What a job printed so far, as the engine keeps it."""
+    return b"".join(client.api.service_logs(svc["ID"], stdout=True, stderr=True, follow=False))
+
+
+def _gate_script(body: str) -> str:
+    """A task that says it started, then waits for /task/go (a file the test makes
+    in its work folder), then does ``body``."""
+    return f'echo "started $(cat in)"; while [ ! -e /task/go ]; do sleep 0.1; done; {body}'
+
+
+def _open_gates(d, run, which=lambda item: True) -> set[str]:
+    """Make /task/go in the work folder of the run's tasks whose input ``which``
+    picks (as the daemon's user, as if the task had made it); their task ids."""
+    tasks = os.path.join(d.spool, "runs", run, "tasks")
+    opened = set()
+    for name in os.listdir(tasks):
+        folder = os.path.join(tasks, name)
+        (item,) = os.listdir(os.path.join(folder, "in"))
+        with open(os.path.join(folder, "in", item), "rb") as f:
+            if not which(f.read().decode()):
+                continue
+        work = os.path.join(folder, "work")
+        go = os.path.join(work, "go")
+        with open(go, "w"):
+            pass
+        st = os.stat(work)
+        os.chown(go, st.st_uid, st.st_gid)
+        opened.add(name.rsplit(".", 1)[1])
+    return opened
+
+
+def _task_logs(d, run) -> dict[str, str]:
+    """Each task log kept in the spool (name -> text)."""
+    folder = os.path.join(d.spool, "runs", run, "logs")
+    return {n: open(os.path.join(folder, n), encoding="utf-8", errors="replace").read()
+            for n in sorted(os.listdir(folder)) if n.endswith(".log")}
+
+
+def _status(d, run) -> dict:
+    return json.loads(d.flowctl("status", run, "--json", check=0).stdout)
+
+
+@pytest.mark.docker
+@pytest.mark.swarm
+def test_join_pairs_the_ith_items_as_swarm_jobs(daemon_factory, workdir, docker_swarm):
+    d = _start(daemon_factory, workdir)
+    creates = ServiceCreates(docker_swarm)
+    try:
+        det = _submit_wait(d, os.path.join(EXAMPLES, "join", "workflow.xml"))
+        assert det["state"] == "succeeded", det
+        assert _pull(d, det["id"], "messages", os.path.join(workdir, "m")) == \
+            [b"Hello, Ada!\n", b"Bonjour, Grace!\n", b"Hej, Linus!\n"]
+        assert len(creates.of(det["id"])) == 3  # one job per task, none twice
+        _wait_all_removed(docker_swarm, d)
+    finally:
+        creates.close()
+        d.stop()
+        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
+
+
+@pytest.mark.docker
+@pytest.mark.swarm
+@pytest.mark.parametrize("kind,script,attrs,reason", [
+    ("crash", "exit 7", {}, "exit status 7"),
+    ("timeout", "sleep 60", {"timeout": "1s"}, "timed out after 1s"),
+    # the hog is a child: the script's shell lives to print the OOM mark
+    ("oom", "sh -c 'x=aaaaaaaaaaaaaaaaaaaa; while :; do x=$x$x; done'", {"memory": "8m"},
+     "killed: out of memory (limit 8 MiB)"),
+])
+def test_a_failure_is_retried_as_a_new_job_then_kept_with_its_reason_and_log(
+        daemon_factory, workdir, docker_swarm, kind, script, attrs, reason):
+    from test_features import one_process
+    d = _start(daemon_factory, workdir)
+    creates = ServiceCreates(docker_swarm)
+    xml = one_process(workdir, kind, f'echo "MARKER attempt $FLOWD_ATTEMPT"\n{script}', retries=1,
+                      **attrs)
+    try:
+        det = json.loads(d.flowctl("submit", "--wait", "--json", xml, check=1).stdout)
+        assert det["state"] == "failed", det
+        (failure,) = det["failures"]
+        assert reason in failure["reason"], failure
+        assert failure["attempts"] == 2 and len(failure["history"]) == 2, failure
+        assert [h.split(":", 1)[0] for h in failure["history"]] == ["attempt 1", "attempt 2"]
+        assert all(reason in h for h in failure["history"]), failure["history"]
+        assert "MARKER attempt 2" in failure["log_tail"], failure["log_tail"]
+        assert reason in d.flowctl("status", det["id"], check=0).stdout
+        # the input is kept, with the failed task, for the operator
+        kept = os.path.join(d.spool, "runs", det["id"], "failed", failure["folder"], "in")
+        (name,) = os.listdir(kept)
+        assert open(os.path.join(kept, name), "rb").read() == b"x"
+        # each attempt's log is kept: both attempts printed their line
+        logs = d.flowctl("logs", det["id"], "p", check=0).stdout
+        assert "MARKER attempt 1" in logs and "MARKER attempt 2" in logs, logs
+        assert creates.of(det["id"]) == [f"flowd-{det['id']}-1-a1", f"flowd-{det['id']}-1-a2"]
+        _wait_all_removed(docker_swarm, d)
+    finally:
+        creates.close()
+        d.stop()
+        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
+
+
+@pytest.mark.docker
+@pytest.mark.swarm
+def test_cancel_removes_the_running_jobs_and_keeps_the_data_and_logs(daemon_factory, workdir, docker_swarm):
+    from test_features import one_process
+    d = _start(daemon_factory, workdir, SMALL_JOBS.format(n=3))
+    items = ("a", "b", "c")
+    xml = one_process(workdir, "cancel", _gate_script("cp in out"), items=items, parallel=3)
+    try:
+        run = d.flowctl("submit", xml, check=0).stdout.strip()
+        wait_until(lambda: len(_running_jobs(docker_swarm, d)) == 3, WAIT, "three running jobs")
+        wait_until(lambda: all(b"started" in _job_log(docker_swarm, svc)
+                               for svc in _running_jobs(docker_swarm, d)), WAIT, "the jobs' first lines")
+        assert "cancelled" in d.flowctl("cancel", run, check=0).stdout
+        wait_until(lambda: _status(d, run)["state"] == "cancelled", WAIT, "the run to be cancelled")
+        _wait_all_removed(docker_swarm, d)  # the jobs are stopped and gone
+        assert "cancelled" in d.flowctl("status", run, check=0).stdout
+        assert sorted(_pull(d, run, "in", os.path.join(workdir, "kept"))) == [b"a", b"b", b"c"]
+        assert _pull(d, run, "out", os.path.join(workdir, "out")) == []
+        logs = d.flowctl("logs", run, "p", check=0).stdout  # what the jobs printed is kept
+        assert all(f"started {i}" in logs for i in items), logs
+    finally:
+        d.stop()
+        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
+
+
+@pytest.mark.docker
+@pytest.mark.swarm
+def test_kill9_mid_run_takes_the_jobs_back_by_label_none_runs_twice(daemon_factory, workdir, docker_swarm):
+    from test_features import one_process
+    d = _start(daemon_factory, workdir, SMALL_JOBS.format(n=6))
+    creates = ServiceCreates(docker_swarm)
+    items = [str(i) for i in range(6)]
+    # even items end while no flowd is there; odd ones still run when it is back
+    xml = one_process(workdir, "kill9", _gate_script('echo "done $(cat in)" > out'), items=items,
+                      parallel=6)
+    try:
+        run = d.flowctl("submit", xml, check=0).stdout.strip()
+        wait_until(lambda: len(_running_jobs(docker_swarm, d)) == 6, WAIT, "six running jobs")
+        d.kill9()
+        ended = _open_gates(d, run, lambda item: int(item) % 2 == 0)
+        assert len(ended) == 3
+        wait_until(lambda: [t for t, s in _job_states(docker_swarm, d).items() if s == "complete"]
+                   and {t for t, s in _job_states(docker_swarm, d).items() if s == "complete"} == ended,
+                   WAIT, "the even items' jobs to end while flowd is down")
+        d.start()
+        assert _status(d, run)["state"] == "running"
+        assert len(_open_gates(d, run, lambda item: int(item) % 2 == 1)) == 3
+        det = json.loads(d.flowctl("watch", run, "--json", check=0, timeout=WAIT).stdout)
+        assert det["state"] == "succeeded", det
+        out = _pull(d, run, "out", os.path.join(workdir, "out"))
+        assert sorted(out) == sorted(f"done {i}\n".encode() for i in items)  # 0 lost, 0 duplicated
+        assert creates.of(run) == sorted(f"flowd-{run}-{t}-a1" for t in range(1, 7))  # none ran twice
+        logs = _task_logs(d, run)
+        assert len(logs) == 6 and all(text.count("started") == 1 for text in logs.values()), logs
+        _wait_all_removed(docker_swarm, d)
+    finally:
+        creates.close()
+        d.stop()
+        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
+
+
+@pytest.mark.docker
+@pytest.mark.swarm
+def test_the_manager_unreachable_mid_run_runs_wait_status_says_so_nothing_is_lost(
+        daemon_factory, workdir, docker_swarm):
+    """flowd reaches the manager through a proxy the test cuts (no dockerd restart:
+    the engine is shared): the jobs run on in the swarm, one ends while flowd
+    cannot see it; the run waits, status says the engine is unavailable; when
+    the manager answers again the run completes, each job made once."""
+    from test_docker_executor import EngineProxy
+    from test_features import one_process
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://"):
+        pytest.skip("the engine is not on a unix socket")
+    proxy = EngineProxy(os.path.join(workdir, "manager.sock"), host[len("unix://"):])
+
+    def serve():
+        proxy.serve()
+        # as /run/docker.sock (root:docker 0660): the daemon reaches it through its docker group
+        os.chown(proxy.path, 0, grp.getgrnam("docker").gr_gid)
+        os.chmod(proxy.path, 0o660)
+
+    serve()
+    conf = os.path.join(workdir, "flowd.toml")
+    with open(conf, "w") as f:
+        f.write(SMALL_JOBS.format(n=2))
+    d = daemon_factory(extra_args=["--config", conf], env={"DOCKER_HOST": "unix://" + proxy.path})
+    creates = ServiceCreates(docker_swarm)
+    try:
+        d.start()
+        xml = one_process(workdir, "unreachable", _gate_script('echo "done $(cat in)" > out'),
+                          items=("0", "1"), parallel=2)
+        run = d.flowctl("submit", xml, check=0).stdout.strip()
+        wait_until(lambda: len(_running_jobs(docker_swarm, d)) == 2, WAIT, "two running jobs")
+        proxy.cut()
+        d.wait_for("UNAVAILABLE", timeout=WAIT)  # STATUS= tells systemd
+        assert "the Docker engine is unavailable" in d.flowctl("status", check=0).stdout
+        text = d.flowctl("status", run, check=0).stdout
+        assert "the Docker engine is unavailable; tasks wait for it" in text, text
+        assert _status(d, run)["state"] == "running"
+        ended = _open_gates(d, run, lambda item: item == "0")  # ends unseen
+        wait_until(lambda: _job_states(docker_swarm, d).get(next(iter(ended))) == "complete", WAIT,
+                   "a job to end while the manager is unreachable")
+        assert _status(d, run)["state"] == "running"  # nothing was collected meanwhile
+        serve()
+        _open_gates(d, run, lambda item: item == "1")
+        det = json.loads(d.flowctl("watch", run, "--json", check=0, timeout=WAIT).stdout)
+        assert det["state"] == "succeeded", det
+        assert "unavailable" not in d.flowctl("status", check=0).stdout
+        assert sorted(_pull(d, run, "out", os.path.join(workdir, "out"))) == [b"done 0\n", b"done 1\n"]
+        assert creates.of(run) == [f"flowd-{run}-1-a1", f"flowd-{run}-2-a1"]  # none ran twice
+        _wait_all_removed(docker_swarm, d)
+    finally:
+        creates.close()
+        d.stop()
+        proxy.cut()
         remove_spool_services(docker_swarm, os.path.realpath(d.spool))
 
 
