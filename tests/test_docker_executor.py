@@ -793,6 +793,13 @@ def test_mock_no_sdk_error_escapes(reports):
     (docker.errors.APIError("500", response=mock.Mock(status_code=500), explanation="connection error: desc = \"transport: Error while "
                             "dialing dial unix /run/containerd/containerd.sock: connect: connection "
                             "refused\""), EngineUnavailable, "containerd"),
+    # a Swarm manager whose managers lost their quorum: wait, as for an engine outage
+    (docker.errors.APIError("503", response=mock.Mock(status_code=503), explanation="rpc error: code = "
+                            "Unknown desc = The swarm does not have a leader. It's possible that too few "
+                            "managers are online. Make sure more than half of the managers are online."),
+     EngineUnavailable, "does not have a leader"),
+    (docker.errors.APIError("503", response=mock.Mock(status_code=503), explanation="This node is not a "
+                            "swarm manager."), EngineError, "not a swarm manager"),
     (ValueError("odd"), EngineError, "ValueError: odd"),
 ])
 def test_translate(exc, cls, words):
@@ -847,3 +854,27 @@ def test_removal_takes_the_containers_anonymous_volumes(executor, reports, docke
     assert containers(docker_client, spec) == []
     with pytest.raises(docker.errors.NotFound):  # an image with a VOLUME leaks nothing per task
         docker_client.api.inspect_volume(vol)
+
+
+def test_an_outage_ends_when_the_health_check_passes_not_at_the_first_ping():
+    """The Swarm executor's engine is back when its swarm answers (a manager
+    without a leader still answers pings)."""
+    from types import SimpleNamespace
+    events = []
+    owner = SimpleNamespace(ping_interval=0.01, max_workers=1, _report=events.append)
+    api = mock.Mock()
+    checks = iter([RuntimeError("no leader"), RuntimeError("no leader"), None])
+
+    def health(a):
+        assert a is api
+        err = next(checks)
+        if err is not None:
+            raise err
+    link = DA.EngineLink(owner, SimpleNamespace(api=api, close=lambda: None), health=health)
+    try:
+        link.lost("the swarm does not have a leader")
+        assert link.up.wait(WAIT) and link.engine_up
+        assert [e.up for e in events] == [False, True]
+        assert api.ping.call_count == 0  # the health check replaces the ping
+    finally:
+        link.close()

@@ -40,8 +40,11 @@ class EngineLink:
     container operations every job uses. ``owner`` is the DockerExecutor (its
     ``_report``, ``ping_interval`` and ``max_workers``)."""
 
-    def __init__(self, owner, client: Any = None):
+    def __init__(self, owner, client: Any = None, health: Callable[[Any], object] | None = None):
+        """``health(api)`` tells the engine is back after an outage (default:
+        ``api.ping()``; the Swarm executor also needs the swarm to answer)."""
         self.owner = owner
+        self.health = health or (lambda api: api.ping())
         self.own_client = client is None
         self._api = None if client is None else getattr(client, "api", client)
         self._client = client
@@ -211,7 +214,7 @@ class EngineLink:
                 api = self._api
                 if api is None:
                     api = self.api  # try to make the client
-                api.ping()
+                self.health(api)
             except Exception:  # noqa: BLE001 - still down; keep pinging
                 continue
             with self.lock:
@@ -256,11 +259,16 @@ def _explain(e) -> str:
 
 
 def _unreachable_api_error(e) -> bool:
-    """A 5xx saying dockerd cannot reach containerd (it is restarting)."""
+    """A 5xx saying dockerd cannot reach containerd (it is restarting), or
+    that this Swarm manager has no leader (its managers lost their quorum:
+    nothing can be scheduled until enough of them are back)."""
     status = getattr(e, "status_code", None)
     text = _explain(e).lower()
-    return bool(status and status >= 500 and "containerd" in text and (
-        "connection refused" in text or "dial" in text or "unavailable" in text))
+    if not status or status < 500:
+        return False
+    if "containerd" in text and ("connection refused" in text or "dial" in text or "unavailable" in text):
+        return True
+    return "does not have a leader" in text or "no elected cluster leader" in text
 
 
 def _is_read_timeout(e: BaseException) -> bool:
