@@ -22,7 +22,7 @@ from .runview import RunView
 from .store import RunStore, read_meta
 from .storescan import Scan
 from .taskstore import TaskRecord, TaskStore
-from .taskspec import Limits, container_identity, task_spec
+from .taskspec import Limits, container_identity, process_limits, task_spec
 from .textsafe import for_log
 
 log = logging.getLogger("flowd.run")
@@ -66,6 +66,8 @@ class Run:
         self.failures = Failures(self)  # dead letters and quarantine
         self.view = RunView(self)  # what flowctl reads: summary, detail, items, logs
         self.more = False  # the last tick ran out of time with work still ready
+        # process -> (the executor's future, what to do with it on the loop): resizes under way
+        self.resizing: dict[str, tuple] = {}
 
     # -- creation --------------------------------------------------------
     @staticmethod
@@ -161,10 +163,47 @@ class Run:
     def keep(self) -> set[tuple[str, str]]:
         return {(self.id, a.rec.task_id) for a in self.active.values() if a.rec.kind == S.PROCESS}
 
+    # -- limits (flowctl resize) -------------------------------------------------
+    def limits_of(self, process: str) -> tuple[int | None, float | None]:
+        """(memory, cpus) the process's next task gets: a resize's, else its own,
+        else the daemon's default memory."""
+        return process_limits(self.wf.processes[process], self.limits, self.meta.get("resized"))
+
+    def set_limits(self, process: str, memory: int | None, cpus: float | None, *,
+                   live: bool) -> None:
+        """New limits for the process, kept in run.json (they outlive a restart).
+        ``live``: its running fresh tasks were given them (their specs say so now)."""
+        before = self.meta.get("resized")
+        self.meta["resized"] = dict(before or {}, **{process: {"memory": memory, "cpus": cpus}})
+        try:
+            self.store.write_meta(self.meta)
+        except BaseException:
+            self.meta["resized"] = before  # not saved: not in force either
+            if before is None:
+                del self.meta["resized"]
+            raise
+        for act in self.active.values():
+            if live and act.rec.kind == S.PROCESS and act.rec.name == process \
+                    and act.spec is not None and act.spec.container != "warm":
+                act.spec.memory, act.spec.cpus = memory, cpus
+
+    def begin_resize(self, process: str, future, finish) -> None:
+        """A resize of ``process`` is under way: ``finish(future)`` is called in
+        the loop (``tick``) once the executor's ``future`` is done."""
+        self.resizing[process] = (future, finish)
+
+    def _finish_resizes(self) -> None:
+        for process, (future, finish) in list(self.resizing.items()):
+            if future.done():
+                del self.resizing[process]
+                finish(future)
+
     # -- the loop's entry points ------------------------------------------
     def tick(self, capacity: int | None) -> int:
         """Claim and start what is ready; returns how many containers started."""
         self.more = False
+        if self.resizing:
+            self._finish_resizes()  # first: tasks started below get the new limits
         if self.finished:
             return 0
         if self.state == S.QUEUED:

@@ -27,6 +27,8 @@ class Limits:
 def task_spec(run, rec: TaskRecord) -> X.TaskSpec:
     """The attempt ``rec.attempt`` of ``run``'s task ``rec``, as the executor runs it."""
     proc = run.wf.processes[rec.name]
+    # its own, or what flowctl resize gave it (run.json's "resized"; a stand-in run may have no meta)
+    memory, cpus = process_limits(proc, run.limits, (getattr(run, "meta", None) or {}).get("resized"))
     inputs = [
         X.Mount(run.store.input_path(rec, seq), f"{X.TASK_DIR}/{port.as_name}", True)
         for port, (_, seq) in zip(proc.inputs, rec.inputs)
@@ -42,13 +44,29 @@ def task_spec(run, rec: TaskRecord) -> X.TaskSpec:
         workdir=run.store.task_path(rec, "work"), inputs=inputs,
         outputs=[p.as_name for p in proc.outputs], env=env,
         log_path=run.store.log_path(rec, rec.attempt), timeout=proc.timeout or run.limits.default_timeout,
-        memory=proc.memory or run.limits.default_memory, cpus=proc.cpus,
+        memory=memory, cpus=cpus,
         user=run.user, group_add=list(run.group_add),
         pids_limit=run.limits.pids_limit, network=proc.network, spool=run.limits.spool,
         container=proc.container or run.limits.default_container, placement=list(proc.placement),
         # never feed a damaged item to a script (checked by the executor, off the loop)
         verify=[(ch, seq, run.store.input_path(rec, seq)) for ch, seq in rec.inputs],
     )
+
+
+def process_limits(proc, limits: Limits, resized: dict | None) -> tuple[int | None, float | None]:
+    """(memory, cpus) of ``proc``'s next task: what ``flowctl resize`` gave it
+    (``resized``: run.json's process -> {"memory", "cpus"}), else its own, else
+    the daemon's default memory. run.json is flowd's own file; it is read with
+    care all the same (a value of another type is ignored)."""
+    memory, cpus = proc.memory or limits.default_memory, proc.cpus
+    got = (resized or {}).get(proc.name) if isinstance(resized, dict) else None
+    if isinstance(got, dict):
+        m, c = got.get("memory"), got.get("cpus")
+        if isinstance(m, int) and not isinstance(m, bool) and m > 0:
+            memory = m
+        if isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0:
+            cpus = float(c)
+    return memory, cpus
 
 
 def container_identity(setting: str) -> tuple[str | None, list[str], int]:

@@ -18,7 +18,7 @@ from typing import Callable
 
 from .. import protocol as P
 from ..protocol import CHUNK, MAX_LIST, MAX_SEQ, MAX_SIZE, MAX_STRING, MAX_WAIT, UPLOAD_ID, Arg
-from . import data, runs, transfers
+from . import data, resize, runs, transfers
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,11 @@ TABLE: dict[str, Command] = {c.name: c for c in (
     Command("read_log", {"run": _RUN, "name": Arg("str", True, 1, 255), "offset": _OFFSET},
             data.read_log),
     Command("graph", {"run": _RUN}, runs.graph),
+    Command("resize", {"run": _RUN, "process": Arg("str", True, 1, 255, hint="a process of the run"),
+                       "memory": Arg("int", False, 1, MAX_SIZE, hint="bytes, e.g. 268435456"),
+                       "cpus": Arg("num", False, 0.01, resize.MAX_CPUS,
+                                   hint="a number of CPUs, e.g. 0.5 or 2")},
+            resize.resize, logged=True),
 )}
 SCHEMA: dict[str, dict[str, Arg]] = {name: c.args for name, c in TABLE.items()}
 COMMANDS = tuple(TABLE)
