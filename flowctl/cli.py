@@ -22,7 +22,8 @@ import math
 import os
 import sys
 
-from flowd.errors import FlowError, NotFound, WorkflowError
+from flowd import units
+from flowd.errors import FlowError, NotFound, UsageError, WorkflowError
 from flowd.textsafe import for_terminal as _t
 
 from . import fmt
@@ -42,6 +43,29 @@ def _timeout(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"{_t(text)!r} is not a number of seconds more than 0 and at most {MAX_TIMEOUT:g} "
             "(fix: e.g. --timeout 30)")
+    return value
+
+
+def _memory(text: str) -> int:
+    """``resize --memory``: a size as a workflow writes it (``256m``, ``1g``) or bytes."""
+    from flowd.units import parse_size
+
+    try:
+        return parse_size(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"{_t(text)!r} is not a size (fix: e.g. --memory 256m, 1g or 268435456)") from None
+
+
+def _cpus(text: str) -> float:
+    """``resize --cpus``: a number of CPUs more than 0 (the daemon bounds it too)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"{_t(text)!r} is not a number of CPUs more than 0 (fix: e.g. --cpus 0.5 or 2)")
     return value
 
 
@@ -69,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("cancel", help="stop runs' containers; their data is kept")
     p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--json", action="store_true")
+
+    p = add("resize", help="new memory or cpu limits for a process of a running run (later "
+                           "tasks, and live for its running containers)")
+    p.add_argument("run")
+    p.add_argument("process")
+    p.add_argument("--memory", type=_memory, metavar="SIZE", help="e.g. 256m or 1g")
+    p.add_argument("--cpus", type=_cpus, metavar="N", help="e.g. 0.5 or 2")
     p.add_argument("--json", action="store_true")
 
     p = add("watch", help="follow a run's progress until it ends; exit 1 if it fails")
@@ -375,6 +407,28 @@ def cmd_cancel(client: Client, args) -> int:
     return status
 
 
+RESIZE_TIMEOUT = 300.0  # seconds for the daemon to read and change the running containers
+
+
+def cmd_resize(client: Client, args) -> int:
+    if args.memory is None and args.cpus is None:
+        raise UsageError("resize: nothing to change (fix: give --memory SIZE, --cpus N or both)")
+    request = {"run": args.run, "process": args.process, "memory": args.memory, "cpus": args.cpus}
+    result = client.call_patiently("resize", request, max(client.timeout, RESIZE_TIMEOUT))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    memory = "no limit" if result.get("memory") is None else units.size(result["memory"], trim=True)
+    cpus = "no limit" if result.get("cpus") is None else f"{result['cpus']:g}"
+    print(_t(f"{result['run']}: process {result['process']} resized: memory {memory}, cpus {cpus}; "
+             f"{_n(result.get('updated'))} running container(s) given them live, "
+             f"{_n(result.get('retired'))} warm container(s) replaced, {_n(result.get('kept'))} "
+             "task(s) keep their old limits; later tasks get the new ones"))
+    if result.get("note"):
+        print(_t(f"note: {result['note']}"))
+    return 0
+
+
 def cmd_pull(client: Client, args) -> int:
     result, _ = client.call("items", {"run": args.run, "channel": args.channel})
     out = check_out_dir(args.out)
@@ -513,6 +567,7 @@ COMMANDS = {
     "push": cmd_push,
     "logs": cmd_logs,
     "graph": cmd_graph,
+    "resize": cmd_resize,
 }
 
 
