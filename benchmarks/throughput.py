@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Throughput: N items through a one-line script: plain docker SDK loops, flowd fresh, flowd warm.
+"""Throughput: N items through a one-line script: plain docker SDK loops, flowd fresh, warm, swarm.
 
 Everything runs in one process and one run of this script, on the same
 machine, so the ratios mean something even on a noisy, shared machine (the
@@ -39,6 +39,27 @@ file (``cat in > out``) in flowd/busybox. What is measured:
               one warm-up push. ``fresh`` is measured too (fewer pushes),
               for comparison.
 
+``swarm``     (``--executor swarm``) flowd with ``executor = "swarm"``: the
+              same workflow, each task a one-shot Swarm job (a service), on
+              the Swarm this engine manages; measured as ``fresh``, in the
+              same rounds (the order alternates), and printed against
+              ``fresh`` (local fresh containers) and ``baseline``. Each run
+              must have made exactly one service per item (the manager's
+              service events), or the script stops. ``latency`` then times
+              pushes to a service run on Swarm and, for comparison, on
+              local fresh containers (``--fresh-pushes`` each).
+
+              The engine must be a Swarm manager. If it is in no swarm, the
+              script makes a one-node swarm (``docker swarm init
+              --advertise-addr 127.0.0.1``) and leaves it again at the end,
+              also on failure, Ctrl-C or SIGTERM (and removes the
+              docker_gwbridge network init made); a Swarm worker is refused.
+              Swarm reserves each task's memory limit, and flowd's limit for
+              a process that sets none is max_memory (8 GiB): a node would
+              place only RAM / 8 GiB tasks at once. So with ``--executor
+              swarm`` every flowd run, and the baseline's containers, get
+              ``default_memory = 256m``.
+
 flowd runs as the tests run it (tests/daemon_fixtures.py): as the non-root
 system user ``flowd-test`` in the docker group, umask 0027, made on first
 use; its containers run as that uid:gid. The baseline's containers run as
@@ -47,6 +68,9 @@ root, permission bits are not checked: not what a real flowd meets).
 
     sudo .venv/bin/python benchmarks/throughput.py [--items 200] [--concurrency N]
         [--rounds 2] [--modes baseline,bare,fresh,warm,latency] [--pushes 200]
+        [--executor docker|swarm] [--fresh-pushes 20]
+
+With ``--executor swarm`` the default modes are baseline,fresh,swarm,latency.
 
 Rates are items/s, the best of ``--rounds`` rounds (the spread is printed
 too); the rounds alternate the order of the modes. Env: FLOWD_BENCH_DIR (a
@@ -87,7 +111,9 @@ from flowd.executor.dockerspec import create_args  # noqa: E402
 
 IMAGE = "flowd/busybox:latest"
 SCRIPT = "cat in > out"
-MODES = ("baseline", "bare", "fresh", "warm", "latency")
+MODES = ("baseline", "bare", "fresh", "warm", "swarm", "latency")
+BATCH = ("baseline", "bare", "fresh", "warm", "swarm")
+SWARM_MEMORY = "256m"  # default_memory with --executor swarm (see the docstring)
 LOG_LIMIT = 10 * 1024 * 1024  # DockerExecutor's default log_limit
 DAEMON_UMASK = 0o027  # systemd/flowd.service
 PREFIX = f"flowd-bench-{os.getpid()}"
@@ -141,9 +167,21 @@ def _spec(root: str, i: int, paths: dict, script: str, who: Identity, cfg) -> Ta
         user=f"{who.uid}:{who.gid}", group_add=[])
 
 
-def engine_loop(kind: str, items: int, concurrency: int, root: str, who: Identity) -> float:
+def flowd_config(concurrency: int, executor: str) -> str:
+    """The flowd.toml of every flowd run (and the baseline's limits) of this benchmark."""
+    text = f'max_containers = {concurrency}\nmin_free_space = "0"\n'
+    if executor == "swarm":
+        text += f'default_memory = "{SWARM_MEMORY}"\n'
+    return text
+
+
+def engine_loop(kind: str, items: int, concurrency: int, root: str, who: Identity,
+                config: str) -> float:
     """items/s of ``concurrency`` threads, each its own create/start/wait/logs/remove loop."""
-    cfg = load_config(None)
+    path = os.path.join(root, "limits.toml")
+    with open(path, "w") as f:
+        f.write(config)
+    cfg = load_config(path)
     script = os.path.join(root, "script")
     with open(script, "w") as f:
         f.write(SCRIPT + "\n")
@@ -218,14 +256,18 @@ def workflow(items: int, concurrency: int, container: str, service: bool) -> str
 class Flowd:
     """One flowd daemon on its own spool and socket, started as ``who`` (as the tests do)."""
 
-    def __init__(self, root: str, concurrency: int, who: Identity, log_level: str):
-        self.root, self.who = root, who
+    def __init__(self, root: str, who: Identity, log_level: str, config: str,
+                 executor: str = "docker"):
+        """``config``: flowd.toml's text (``flowd_config``); ``executor`` "docker" or "swarm"."""
+        self.root, self.who, self.executor = root, who, executor
         self.spool = os.path.join(root, "spool")
         self.sockdir = tempfile.mkdtemp(prefix="flowd-bench-")  # short: socket paths are limited
         self.sock = os.path.join(self.sockdir, "flowd.sock")
         cfg = os.path.join(root, "flowd.toml")
         with open(cfg, "w") as f:
-            f.write(f'max_containers = {concurrency}\nmin_free_space = "0"\n')
+            f.write(config)
+            if executor == "swarm":
+                f.write('executor = "swarm"\n')
         os.makedirs(self.spool, mode=0o750)
         for d in (self.spool, self.sockdir):
             os.chown(d, who.uid, who.gid)
@@ -295,6 +337,8 @@ class Flowd:
         self.log.close()
         self.nsock.close()
         shutil.rmtree(self.sockdir, ignore_errors=True)
+        if self.executor == "swarm":
+            remove_services(os.path.realpath(self.spool))
         remove_containers({"label": f"io.flowd.spool={os.path.realpath(self.spool)}"})
 
 
@@ -304,6 +348,48 @@ def remove_containers(filters: dict) -> None:
         try:
             api.remove_container(c["Id"], force=True, v=True)
         except docker.errors.APIError:
+            pass
+
+
+def remove_services(spool: str) -> None:
+    """The Swarm services of one spool (only those: others may use this swarm)."""
+    api = docker.from_env().api
+    try:
+        services = api.services(filters={"label": [f"io.flowd.spool={spool}"]})
+    except docker.errors.APIError:
+        return  # not a manager (any more)
+    for svc in services:
+        try:
+            api.remove_service(svc["ID"])
+        except docker.errors.APIError:
+            pass
+
+
+class ServiceCreates:
+    """Counts the Swarm services (jobs) made for one run, live: the manager's
+    service events, which name each service ``flowd-RUN-TASK-aN``."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self._api = docker.from_env().api
+        self._events = self._api.events(decode=True, filters={"type": "service", "event": "create"})
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for ev in self._events:
+                self.names.append(str(((ev.get("Actor") or {}).get("Attributes") or {}).get("name")))
+        except Exception:  # noqa: BLE001 - the stream was closed
+            pass
+
+    def of(self, run: str) -> int:
+        return sum(n.startswith(f"flowd-{run}-") for n in self.names)
+
+    def close(self) -> None:
+        try:
+            self._events.close()
+        except Exception:  # noqa: BLE001
             pass
 
 
@@ -344,10 +430,14 @@ class Creates:
         return self.count > min(tasks // 2, 2 * concurrency + tasks // 10)
 
 
-def flowd_batch(container: str, items: int, concurrency: int, root: str, who: Identity,
-                log_level: str, limit: float) -> tuple[float, dict]:
-    """items/s of a batch run (the run's clock), and its detail."""
-    d = Flowd(root, concurrency, who, log_level)
+def flowd_batch(mode: str, items: int, concurrency: int, root: str, who: Identity,
+                log_level: str, limit: float, config: str) -> tuple[float, dict]:
+    """items/s of a batch run (the run's clock), and its detail. ``mode``: fresh,
+    warm, or swarm (``executor = "swarm"``, the process ``container="fresh"``)."""
+    container = "warm" if mode == "warm" else "fresh"
+    executor = "swarm" if mode == "swarm" else "docker"
+    services = ServiceCreates() if executor == "swarm" else None
+    d = Flowd(root, who, log_level, config, executor)
     creates = Creates(d.spool)
     try:
         run = d.submit(workflow(items, concurrency, container, service=False))
@@ -366,11 +456,14 @@ def flowd_batch(container: str, items: int, concurrency: int, root: str, who: Id
                 why = f"did not finish within {limit:.0f}s ({detail['tasks_done']} of {items} done)"
             if container == "warm":
                 raise NotAvailable(why)
-            raise SystemExit(f"flowd {container}: {why}; see {d.log_path}")
+            raise SystemExit(f"flowd {mode}: {why}; see {d.log_path}")
         depth = {c["name"]: c["depth"] for c in detail["channels"]}
         if depth.get("out") != items:
-            raise SystemExit(f"flowd {container}: {depth.get('out')} items out of {items}")
+            raise SystemExit(f"flowd {mode}: {depth.get('out')} items out of {items}")
         detail["containers_created"] = creates.count
+        if services is not None and services.of(run) != items:
+            raise SystemExit(f"flowd swarm: {services.of(run)} Swarm jobs made for {items} tasks "
+                             "(one each expected); see " + d.log_path)
         if container == "warm" and creates.broken:
             raise NotAvailable("the engine's event stream broke (an engine restart?): "
                                "cannot tell whether the run was warm; run again")
@@ -380,6 +473,8 @@ def flowd_batch(container: str, items: int, concurrency: int, root: str, who: Id
         return items / detail["elapsed"], detail
     finally:
         creates.close()
+        if services is not None:
+            services.close()
         d.stop()
 
 
@@ -411,11 +506,13 @@ class Inotify:
         os.close(self.fd)
 
 
-def service_latency(container: str, pushes: int, root: str, who: Identity,
-                    log_level: str) -> list[float]:
+def service_latency(mode: str, pushes: int, root: str, who: Identity,
+                    log_level: str, config: str) -> list[float]:
     """Seconds from each push's answer to its output in the result channel (after one
-    warm-up push). NotAvailable if a push's output does not come within 60 s."""
-    d = Flowd(root, 1, who, log_level)
+    warm-up push). NotAvailable if a push's output does not come within 60 s.
+    ``mode``: warm, fresh, or swarm (``executor = "swarm"``, ``container="fresh"``)."""
+    container = "warm" if mode == "warm" else "fresh"
+    d = Flowd(root, who, log_level, config, "swarm" if mode == "swarm" else "docker")
     try:
         run = d.submit(workflow(0, 1, container, service=True))
         out_dir = os.path.join(d.run_dir(run), "channels", "out")
@@ -453,6 +550,49 @@ def percentile(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
 
 
+# -- the swarm -----------------------------------------------------------------------
+def swarm_manager():
+    """Make sure this engine is a Swarm manager: (what was found, how to undo it).
+
+    A manager is used as found (the undo is None). An engine in no swarm gets a
+    one-node swarm (``docker swarm init --advertise-addr 127.0.0.1``); the undo
+    leaves it and removes the docker_gwbridge network init made. A worker, or a
+    swarm in any other state, is refused."""
+    api = docker.from_env().api
+    sw = api.info().get("Swarm") or {}
+    state = str(sw.get("LocalNodeState") or "")
+    if state == "active":
+        if not sw.get("ControlAvailable"):
+            raise SystemExit("--executor swarm: this engine is a Swarm worker; run the benchmark on a "
+                             "manager (flowd's Swarm executor needs one)")
+        nodes = sum(1 for n in api.nodes() if (n.get("Status") or {}).get("State") == "ready")
+        return f"the engine's own swarm, used as found ({nodes} ready node(s))", None
+    if state != "inactive":
+        raise SystemExit(f"--executor swarm: the engine's Swarm state is {state!r}; it must be a "
+                         "manager, or in no swarm (then a one-node swarm is made and left)")
+    networks = {n["Name"] for n in api.networks()}
+    made = subprocess.run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        raise SystemExit(f"--executor swarm: docker swarm init failed: {made.stderr.strip()}")
+
+    def leave() -> None:
+        for _ in range(60):
+            subprocess.run(["docker", "swarm", "leave", "--force"], capture_output=True)
+            now = subprocess.run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"],
+                                 capture_output=True, text=True)
+            if now.returncode == 0 and now.stdout.strip() == "inactive":
+                break
+            time.sleep(1)
+        else:
+            print("could not leave the swarm made for the benchmark: run "
+                  "`docker swarm leave --force`", file=sys.stderr)
+        if "docker_gwbridge" not in networks:
+            subprocess.run(["docker", "network", "rm", "docker_gwbridge"], capture_output=True)
+
+    return "a one-node swarm made for the benchmark (left again at the end)", leave
+
+
 # -- main ---------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -462,21 +602,32 @@ def main() -> int:
                     help="containers at once: flowd's max_containers and the loops' threads "
                          "(default: the number of cores)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds; each rate is the best (default 2)")
-    ap.add_argument("--modes", default=",".join(MODES),
-                    help=f"comma-separated, of {','.join(MODES)} (default: all)")
+    ap.add_argument("--modes", default=None,
+                    help=f"comma-separated, of {','.join(MODES)} (default: all but swarm; with "
+                         "--executor swarm: baseline,fresh,swarm,latency)")
+    ap.add_argument("--executor", choices=("docker", "swarm"), default="docker",
+                    help="swarm: also run the workflow on flowd's Swarm executor and print it "
+                         "against local fresh containers (the engine must be a Swarm manager, or "
+                         "in no swarm: then a one-node swarm is made and left at the end)")
     ap.add_argument("--pushes", type=int, default=200, help="warm pushes for latency (default 200)")
     ap.add_argument("--fresh-pushes", type=int, default=20,
-                    help="fresh pushes for latency, for comparison (default 20; 0: none)")
+                    help="fresh (and swarm) pushes for latency, for comparison (default 20; 0: none)")
     ap.add_argument("--daemon-user", default="flowd-test" if os.geteuid() == 0 else "",
                     help='user flowd runs as (default flowd-test when run as root; "": this user)')
     ap.add_argument("--log-level", default="warning", help="flowd's --log-level (default warning)")
     ap.add_argument("--keep", action="store_true", help="keep the runs' folders (spools, logs)")
     args = ap.parse_args()
+    if args.modes is None:
+        args.modes = ("baseline,fresh,swarm,latency" if args.executor == "swarm"
+                      else ",".join(m for m in MODES if m != "swarm"))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or args.items < 1 or args.concurrency < 1 or args.rounds < 1 or args.pushes < 1:
         ap.error(f"unknown mode {bad[0]!r} (modes: {', '.join(MODES)})" if bad else
                  "--items, --concurrency, --rounds and --pushes must be at least 1")
+    if ("swarm" in modes) != (args.executor == "swarm"):
+        ap.error("mode swarm goes with --executor swarm, and --executor swarm measures mode swarm "
+                 "(e.g. --executor swarm --modes fresh,swarm)")
     if args.daemon_user:
         if os.geteuid() != 0:
             ap.error("--daemon-user needs root (run with sudo, or --daemon-user '')")
@@ -494,12 +645,20 @@ def main() -> int:
     base = os.environ.get("FLOWD_BENCH_DIR") or os.path.join(REPO, ".bench-tmp")
     os.makedirs(base, exist_ok=True)
     os.chmod(base, 0o755)  # the daemon's user goes through it to its spool
-    rates: dict[str, list[float]] = {m: [] for m in ("baseline", "bare", "fresh", "warm")}
+    config = flowd_config(args.concurrency, args.executor)
+    rates: dict[str, list[float]] = {m: [] for m in BATCH}
     details: dict[str, dict] = {}
     warm_missing = ""
     t_start = time.monotonic()
-    order = [m for m in ("baseline", "bare", "fresh", "warm") if m in modes]
+    order = [m for m in BATCH if m in modes]
+    swarm_note = ""
+    leave_swarm = None
+    # SIGTERM ends the script through its finally blocks (a swarm made here is left)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        if args.executor == "swarm":
+            swarm_note, leave_swarm = swarm_manager()
+            print(f"swarm: {swarm_note}", file=sys.stderr)
         for r in range(args.rounds):
             for mode in order if r % 2 == 0 else order[::-1]:
                 if mode == "warm" and warm_missing:
@@ -508,13 +667,15 @@ def main() -> int:
                 os.chmod(root, 0o755)
                 try:
                     if mode in ("baseline", "bare"):
-                        rates[mode].append(engine_loop(mode, args.items, args.concurrency, root, who))
+                        rates[mode].append(engine_loop(mode, args.items, args.concurrency, root, who,
+                                                       config))
                     else:
                         fresh = max(rates["fresh"], default=0.0)
-                        limit = 60 + (2 * args.items / fresh if fresh else args.items)
+                        slower = 6 if mode == "swarm" else 2  # a Swarm job costs more than a container
+                        limit = 60 + (slower * args.items / fresh if fresh else slower * args.items)
                         try:
                             rate, details[mode] = flowd_batch(mode, args.items, args.concurrency,
-                                                              root, who, args.log_level, limit)
+                                                              root, who, args.log_level, limit, config)
                             rates[mode].append(rate)
                         except NotAvailable as e:
                             warm_missing = str(e)
@@ -526,27 +687,35 @@ def main() -> int:
                 print(f"round {r + 1} {mode}: {rates[mode][-1]:.2f} items/s", file=sys.stderr)
         latency: dict[str, list[float] | str] = {}
         if "latency" in modes:
-            for container, n in (("warm", args.pushes), ("fresh", args.fresh_pushes)):
+            kinds = [("warm", args.pushes), ("fresh", args.fresh_pushes)]
+            if args.executor == "swarm":  # warm only when asked for
+                kinds = [("swarm", args.fresh_pushes), ("fresh", args.fresh_pushes)] + \
+                    ([("warm", args.pushes)] if "warm" in modes else [])
+            for kind, n in kinds:
                 if n < 1:
                     continue
-                if container == "warm" and warm_missing:
+                if kind == "warm" and warm_missing:
                     latency["warm"] = warm_missing
                     continue
-                root = tempfile.mkdtemp(prefix=f"latency-{container}-", dir=base)
+                root = tempfile.mkdtemp(prefix=f"latency-{kind}-", dir=base)
                 os.chmod(root, 0o755)
                 try:
-                    latency[container] = service_latency(container, n, root, who, args.log_level)
+                    latency[kind] = service_latency(kind, n, root, who, args.log_level, config)
                 except NotAvailable as e:
-                    latency[container] = str(e)
+                    latency[kind] = str(e)
                 finally:
                     if not args.keep:
                         shutil.rmtree(root, ignore_errors=True)
     finally:
         remove_containers({"name": PREFIX})
+        if leave_swarm is not None:
+            leave_swarm()
 
     print(f"items={args.items} concurrency={args.concurrency} rounds={args.rounds} "
           f"daemon user={who.name or 'this user'} cores={os.cpu_count()} "
           f"({time.monotonic() - t_start:.0f}s)")
+    if swarm_note:
+        print(f"swarm: {swarm_note}; flowd default_memory = {SWARM_MEMORY} in every run")
 
     def show(name: str, label: str) -> float | None:
         if not rates[name]:
@@ -559,6 +728,7 @@ def main() -> int:
     bare_rate = show("bare", "bare SDK loop (no settings):")
     fresh_rate = show("fresh", 'flowd container="fresh":')
     warm_rate = show("warm", 'flowd container="warm":')
+    swarm_rate = show("swarm", 'flowd executor="swarm":')
     if "warm" in modes and warm_rate is None:
         print(f"warm: not available ({warm_missing})")
     if base_rate and bare_rate:
@@ -567,8 +737,16 @@ def main() -> int:
         print(f"ratio fresh/baseline:                   {fresh_rate / base_rate:.2f}   (goal >= 0.9)")
     if warm_rate and fresh_rate:
         print(f"ratio warm/fresh:                       {warm_rate / fresh_rate:.2f}   (goal >= 10)")
+    if swarm_rate and fresh_rate:
+        print(f"ratio swarm/fresh (local containers):   {swarm_rate / fresh_rate:.2f}")
+    if swarm_rate and base_rate:
+        print(f"ratio swarm/baseline:                   {swarm_rate / base_rate:.2f}")
+    for name in ("fresh", "swarm"):
+        if name == "swarm" and rates["swarm"] or name == "fresh" and rates["fresh"] and rates["swarm"]:
+            print(f"time per task per slot, {name + ':':<17} {args.concurrency / max(rates[name]):.2f} s "
+                  f"(concurrency / best rate)")
     if "latency" in modes:
-        for container in ("warm", "fresh"):
+        for container in ("warm", "fresh", "swarm"):
             got = latency.get(container)
             if isinstance(got, str):
                 print(f"latency {container}: not available ({got})")
