@@ -21,7 +21,11 @@ The end of a job is read by polling its service's tasks
 ``Status.ContainerStatus.ExitCode``. A timeout or a kill saves the log and
 removes the service (its container gets SIGKILL): ``TIMEOUT``/``KILLED``.
 ``OOM``: exit 137 with the container's OOMKilled flag when it ran on this
-node, or the OOM mark line the wrapper prints (``dockerspec``). A rejected
+node, or the OOM mark line the wrapper prints (``dockerspec``). A task
+whose node is drained, leaves the swarm, or stays down past
+``swarmspec.NODE_LOST_AFTER`` (Swarm itself leaves a job's task there:
+see swarmspec) has its service removed and is ``MISSING``: the daemon runs
+the same attempt again as a new job, not counted as a failure. A rejected
 task (the node lacks the image, a mount source is missing) is ``ERROR``
 naming the image and the node. The final log is the service's log
 (``service_logs``): its tail, fsynced and renamed into ``spec.log_path``;
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EngineError, EngineUnavailable, FlowError, NotFound
+from ..textsafe import for_log
 from .base import (DAMAGED, ERROR, KILLED, MISSING, Executor, Report, Settings, TaskResult, TaskSpec,
                    check_inputs, done_future, live_log_path)
 from .container import LABEL_ATTEMPT, LABEL_RUN, LABEL_SPOOL, LABEL_TASK
@@ -59,6 +64,7 @@ MiB = 1024 * 1024
 POLL_MIN = 0.05  # seconds between two looks at a job's tasks, at first
 POLL_MAX = 1.0  # ... growing to this
 ERR_MAX = 300  # characters of an engine's error kept in a message
+NODE_CHECK = 1.0  # seconds between two looks at the node under a job's task
 SERVICE_LABEL = "com.docker.swarm.service.id"  # on the containers Swarm makes
 
 
@@ -74,6 +80,8 @@ class Job:
     reported: bool = False
     finished: bool = False  # its end is being read: the live log is done with
     following: bool = False
+    node_checked: float = 0.0  # monotonic time of the last look at its node
+    node_silent_since: float | None = None  # monotonic time its node was first seen silent
 
 
 class SwarmExecutor(Executor):
@@ -194,6 +202,8 @@ class SwarmJobs:
 
     def __init__(self, owner: SwarmExecutor):
         self.owner = owner
+        self._nodes_lock = threading.Lock()
+        self._nodes: dict[str, tuple[float, dict | None]] = {}  # id -> (monotonic time, inspect_node or None)
 
     @property
     def link(self) -> EngineLink:
@@ -252,6 +262,11 @@ class SwarmJobs:
                 if task is None and not self._service_exists(j.service_id):
                     self.owner._result(j, MISSING, message="the Swarm job was removed while it ran")
                     return
+                if state in S.ON_NODE and task.get("NodeID"):
+                    why = self._node_lost(j, str(task["NodeID"]))
+                    if why:
+                        self._lost(j, why)
+                        return
                 if state == "running" and j.started_at is None:
                     j.started_at = _parse_time((task.get("Status") or {}).get("Timestamp")) or time.time()
                 if self.owner._kill_requested(spec):
@@ -282,6 +297,60 @@ class SwarmJobs:
                                      timed_out=j.timed_out, engine_lost=False, oom_marked=lambda: False)
         self.owner._result(j, status, exit_code=None, message=message + note,
                            started_at=j.started_at, finished_at=time.time())
+
+    def _node_lost(self, j: Job, node_id: str) -> str:
+        """Why the job's task must run again elsewhere because of its node
+        (drained, gone, silent past ``S.NODE_LOST_AFTER``), or ""; looks at
+        the node every NODE_CHECK seconds at most."""
+        now = time.monotonic()
+        if now < j.node_checked + NODE_CHECK:
+            return ""
+        j.node_checked = now
+        try:
+            node = self._node(node_id)
+        except EngineUnavailable:
+            raise
+        except FlowError as e:  # cannot tell: the task stays
+            log.debug("could not inspect Swarm node %s: %s", node_id[:12], e)
+            return ""
+        trouble = S.node_trouble(node)
+        if trouble != "silent":
+            j.node_silent_since = None
+        elif j.node_silent_since is None:
+            j.node_silent_since = now
+        silent_for = None if j.node_silent_since is None else now - j.node_silent_since
+        return S.node_verdict(trouble, S.node_label(node, node_id), silent_for)
+
+    def _node(self, node_id: str) -> dict | None:
+        """``inspect_node`` (None: no such node), shared by the jobs for NODE_CHECK seconds."""
+        now = time.monotonic()
+        with self._nodes_lock:
+            got = self._nodes.get(node_id)
+            if got is not None and now - got[0] < NODE_CHECK:
+                return got[1]
+        try:
+            info: dict | None = self.link.call(self.link.api.inspect_node, node_id)
+        except NotFound:
+            info = None
+        with self._nodes_lock:
+            if len(self._nodes) > 1000:
+                self._nodes.clear()
+            self._nodes[node_id] = (now, info)
+        return info
+
+    def _lost(self, j: Job, why: str) -> None:
+        """The task's node was drained or lost: remove its job (its container, if
+        the node still runs it, gets SIGKILL) and report MISSING, which the
+        daemon starts again (the same attempt, a new job) without counting a
+        failure. Its log is not read: the node may not answer, and the next
+        job writes the same log path."""
+        j.finished = True
+        self._remove_service(j.service_id)
+        if j.spec.log_path:
+            _unlink(live_log_path(j.spec.log_path))
+        log.warning("task %s/%s attempt %d: %s", for_log(j.spec.run_id), for_log(j.spec.task_id),
+                    j.spec.attempt, why)
+        self.owner._result(j, MISSING, message=why)
 
     def _finish(self, j: Job, task: dict) -> None:
         spec = j.spec

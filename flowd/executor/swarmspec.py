@@ -58,6 +58,11 @@ NAME_MAX = 63  # Swarm service names are DNS labels
 
 # Task states (Status.State) after which nothing more happens to a job's task.
 ENDED = ("complete", "failed", "rejected", "shutdown", "orphaned", "remove")
+# States of a task that is on a node (NodeID set) and has not ended.
+ON_NODE = ("assigned", "accepted", "preparing", "ready", "starting", "running")
+# A node's Status.State when the manager has no word from it (``down``: no
+# heartbeat for ~15 s with the default 5 s heartbeat period, checked here).
+NODE_SILENT = ("down", "unknown", "disconnected")
 
 
 def service_name(spec: TaskSpec) -> str:
@@ -164,3 +169,62 @@ def rejection(spec: TaskSpec, err: str, node: str) -> str:
         return (f"image {spec.image} is not{where or ' on the node Swarm chose'} and could not be pulled "
                 f"({err}); load it there (docker save | docker load) or push it to a registry")
     return f"Swarm rejected the task{where}: {err or 'no reason given'} (image {spec.image})"
+
+
+# -- the node under a running job task ----------------------------------------------------------
+#
+# What Swarm does (Docker 20.10.24, checked on a two-node swarm on one machine):
+#
+# - a node drained (``docker node update --availability drain``) keeps
+#   running a *job*'s task to its end (60 s watched: task ``running``, desired
+#   ``complete``, no new task); only replicated and global services' tasks are
+#   moved. So flowd moves it: the service is removed (SIGKILL) and the attempt
+#   reported MISSING, which the daemon starts again (a new service that Swarm
+#   places on an active node).
+# - a node lost (its engine and everything it runs killed): the manager marks
+#   it ``down`` ~15 s later; its job task stays ``running`` (desired
+#   ``complete``) for as long as watched (100 s; swarmkit marks such tasks
+#   ``orphaned`` only after 24 h) and no new task is made. So flowd gives the
+#   node ``NODE_LOST_AFTER`` seconds more, then removes the service and
+#   reports MISSING.
+# - a node's engine that comes back before that (a quick restart) reports its
+#   task ``failed`` with exit status 255 (the shim was killed), which reads
+#   exactly as a script's ``exit 255`` (desired ``shutdown`` both): that is a
+#   failed attempt (retried as the process's ``retries`` allow).
+
+NODE_LOST_AFTER = 15.0  # seconds a node may stay silent (after Swarm calls it down) before its tasks run again
+
+
+def node_trouble(node: dict | None) -> str:
+    """Why a task on ``node`` (``inspect_node``'s answer; None: no such node)
+    should not stay there: "gone", "drain", "silent", or "" (it may)."""
+    if node is None:
+        return "gone"
+    if str((node.get("Spec") or {}).get("Availability") or "") == "drain":
+        return "drain"
+    if str((node.get("Status") or {}).get("State") or "") in NODE_SILENT:
+        return "silent"
+    return ""
+
+
+def node_label(node: dict | None, node_id: str) -> str:
+    """A node's name for a message: its hostname and id (several nodes may share a hostname)."""
+    host = str(((node or {}).get("Description") or {}).get("Hostname") or "")
+    short = for_log(node_id[:12])
+    return f"{for_log(host[:64])} ({short})" if host else short
+
+
+def node_verdict(trouble: str, name: str, silent_for: float | None, *, lost_after: float | None = None) -> str:
+    """The words of an attempt that runs again because of its node, or "" when
+    it stays: ``silent_for`` seconds the node has been silent (None: not);
+    ``lost_after`` default NODE_LOST_AFTER."""
+    if lost_after is None:
+        lost_after = NODE_LOST_AFTER
+    if trouble == "drain":
+        return f"node {name} was drained: the task runs again on another node"
+    if trouble == "gone":
+        return f"node {name} left the swarm: the task runs again on another node"
+    if trouble == "silent" and silent_for is not None and silent_for >= lost_after:
+        return (f"node {name} is down (no word from it for {silent_for:.0f} s after Swarm called it down): "
+                "the task runs again on another node")
+    return ""
