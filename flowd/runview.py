@@ -9,10 +9,12 @@ import os
 import time
 
 from .errors import NotFound, StorageError
+from . import scheduler as S
 from .executor import base as X
 from .store import parse_log_name, seq_name
 
 LOG_TAIL_BYTES = 2048
+MAX_RUNNING_SHOWN = 200  # running tasks listed in a run's detail (the rest are counted)
 
 
 class RunView:
@@ -66,7 +68,14 @@ class RunView:
                 "history": info.get("history", []),
                 "log_tail": self._log_tail(info),
             })
-        out.update(processes=procs, channels=chans, failures=fails,
+        running = [a for a in self.run.active.values()
+                   if a.rec.kind == S.PROCESS and a.spec is not None and not a.parked]
+        nodes = self.run.executor.nodes() if running else {}
+        tasks = [{"task": a.rec.task_id, "process": a.rec.name, "attempt": a.rec.attempt,
+                  "started_at": a.started_at, "node": nodes.get((self.run.id, a.rec.task_id), "")}
+                 for a in sorted(running, key=lambda a: a.started_at or 0)[:MAX_RUNNING_SHOWN]]
+        out.update(processes=procs, channels=chans, failures=fails, running=tasks,
+                   running_more=max(len(running) - MAX_RUNNING_SHOWN, 0),
                    quarantined=[{k: q.get(k) for k in ("channel", "seq", "reason", "process")}
                                 for q in self.run.failures.quarantined])
         return out

@@ -212,6 +212,12 @@ class Executor(abc.ABC):
         """What the backend holds now, for ``flowctl status`` (e.g. its warm pool)."""
         return {}
 
+    def nodes(self) -> dict[tuple[str, str], str]:
+        """Where the running tasks are: (run id, task id) -> the node's name,
+        for ``flowctl status RUN`` (from memory: no engine call). Empty when
+        every task runs on this machine's engine."""
+        return {}
+
     def close(self) -> None:
         """Stop threads; running work is left running (``adopt`` finds it)."""
 
