@@ -294,6 +294,11 @@ class Daemon:
                 self.creator._created(ev)
             elif isinstance(ev, X.TaskResult):
                 results.setdefault(ev.run_id, []).append(ev)
+            elif callable(ev):  # work a thread hands to the loop (a resize's answer)
+                try:
+                    ev()
+                except Exception:  # noqa: BLE001 - one handler's bug must not stop the loop
+                    log.exception("a loop callback failed")
             elif isinstance(ev, X.EngineState):
                 was = self.engine_up
                 self.engine_up = ev.up

@@ -66,8 +66,7 @@ class Run:
         self.failures = Failures(self)  # dead letters and quarantine
         self.view = RunView(self)  # what flowctl reads: summary, detail, items, logs
         self.more = False  # the last tick ran out of time with work still ready
-        # process -> (the executor's future, what to do with it on the loop): resizes under way
-        self.resizing: dict[str, tuple] = {}
+        self.resizing: set[str] = set()  # processes whose resize is under way (commands/resize.py)
 
     # -- creation --------------------------------------------------------
     @staticmethod
@@ -187,23 +186,10 @@ class Run:
                     and act.spec is not None and act.spec.container != "warm":
                 act.spec.memory, act.spec.cpus = memory, cpus
 
-    def begin_resize(self, process: str, future, finish) -> None:
-        """A resize of ``process`` is under way: ``finish(future)`` is called in
-        the loop (``tick``) once the executor's ``future`` is done."""
-        self.resizing[process] = (future, finish)
-
-    def _finish_resizes(self) -> None:
-        for process, (future, finish) in list(self.resizing.items()):
-            if future.done():
-                del self.resizing[process]
-                finish(future)
-
     # -- the loop's entry points ------------------------------------------
     def tick(self, capacity: int | None) -> int:
         """Claim and start what is ready; returns how many containers started."""
         self.more = False
-        if self.resizing:
-            self._finish_resizes()  # first: tasks started below get the new limits
         if self.finished:
             return 0
         if self.state == S.QUEUED:

@@ -9,7 +9,8 @@ more memory than asked; else running fresh containers get the new limits
 (``docker update``), warm ones are retired and replaced. Only then are the
 limits saved in the run's run.json (``Run.set_limits``): later tasks get
 them, also after a restart. The answer comes from the loop once the
-executor is done (``Run.tick`` calls ``_finish``).
+executor is done: its thread reports a callable, which the daemon's loop
+runs (``Daemon._drain_events``) before it starts more tasks.
 """
 from __future__ import annotations
 
@@ -25,11 +26,6 @@ from .runs import find_run
 log = logging.getLogger("flowd")
 
 MAX_CPUS = 1024.0  # --cpus: a bound at the edge (the engine refuses more than the machine has)
-
-
-class _Wake:
-    """Reported by the executor's thread when a resize is done: it wakes the
-    daemon's loop, whose next tick of the run answers (the loop drops the event itself)."""
 
 
 def resize(d, args, payload, peer, req_id):
@@ -61,15 +57,15 @@ def resize(d, args, payload, peer, req_id):
     memory = memory if memory is not None else now_memory
     cpus = float(cpus) if cpus is not None else now_cpus
     fut = d.executor.resize(run.id, process, memory, cpus)
-    run.begin_resize(process, fut,
-                     lambda f: _finish(d, run, process, memory, cpus, f, peer, req_id))
-    fut.add_done_callback(lambda f: d.report(_Wake()))
+    run.resizing.add(process)
+    fut.add_done_callback(lambda f: d.report(lambda: _finish(d, run, process, memory, cpus, f, peer, req_id)))
     return None  # answered by _finish, from the loop
 
 
 def _finish(d, run, process: str, memory: int | None, cpus: float | None, fut,
             peer: bytes, req_id: str) -> None:
     """In the loop, once the executor is done: save the limits and answer."""
+    run.resizing.discard(process)
     result = error = None
     try:
         out = fut.result()
