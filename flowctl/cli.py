@@ -342,6 +342,11 @@ def cmd_status(client: Client, args) -> int:
     else:
         print("no runs")
     pool = result.get("containers") or {}
+    nodes = pool.get("nodes")
+    if isinstance(nodes, list) and nodes:
+        print("\n" + _render_nodes(nodes))
+    if pool.get("message"):
+        print(f"\nwarning: {_t(pool['message'])}")
     if isinstance(pool.get("warm"), dict) and (pool["warm"].get("containers") or pool.get("fresh")):
         warm = pool["warm"]
         print(f"\ncontainers: {_n(pool.get('fresh'))} fresh, {_n(warm.get('containers'))} warm "
@@ -354,6 +359,18 @@ def cmd_status(client: Client, args) -> int:
         print(f"\nwarning: the spool is below its free-space floor ({fmt.size(result['disk_free'])} "
               "free): runs are paused and submissions refused until space is freed")
     return 0
+
+
+def _render_nodes(nodes: list) -> str:
+    """The cluster's nodes (executor swarm): state, the spool check, tasks on each."""
+    nodes = [n for n in nodes if isinstance(n, dict)]
+    rows = [[_t(n.get("name")), _t(n.get("id")), _t(n.get("role")), _t(n.get("state")),
+             _t(n.get("availability")), _t(n.get("spool")), _n(n.get("tasks"))] for n in nodes]
+    out = [fmt.table(["NODE", "ID", "ROLE", "STATE", "AVAILABILITY", "SPOOL", "TASKS"], rows)]
+    for n in nodes:
+        if n.get("why"):
+            out.append(_t(f"node {n.get('name')} ({n.get('id')}): {n.get('why')}"))
+    return "\n".join(out)
 
 
 def _n(v) -> int:
@@ -379,6 +396,14 @@ def _render_run(d: dict) -> str:
                   [[_t(c["name"]), c["depth"], "result" if c["result"] else ""]
                    for c in d["channels"]]),
     ]
+    running = [t for t in d.get("running") or [] if isinstance(t, dict)]
+    if running:
+        nodes = any(t.get("node") for t in running)
+        rows = [[_t(t.get("task")), _t(t.get("process")), _n(t.get("attempt")), fmt.ago(t.get("started_at"))]
+                + ([_t(t.get("node") or "-")] if nodes else []) for t in running]
+        out += ["", fmt.table(["TASK", "PROCESS", "ATTEMPT", "STARTED"] + (["NODE"] if nodes else []), rows)]
+        if _n(d.get("running_more")):
+            out.append(f"... and {_n(d.get('running_more'))} more running")
     for q in d.get("quarantined", []):
         out += ["", _t(f"quarantined: item {q['seq']} of channel {q['channel']} "
                        f"(for {q['process']}): {q['reason']}; kept in "

@@ -425,3 +425,28 @@ def test_a_drop_being_taken_and_a_submit_meanwhile_get_runs_of_different_prefixe
     gate.set()
     h.until(lambda: len(h.d.runs) == 2, "the drop's run")
     assert sorted(h.d.runs) == ["abcd00000001", "ef0100000003"] and submitted == "ef0100000003"
+
+
+def test_status_of_a_run_lists_its_running_tasks_and_their_nodes(h, capsys):
+    """`flowctl status RUN` names each running task, and its node when the
+    executor runs tasks elsewhere (Swarm: Executor.nodes)."""
+    import argparse
+
+    from flowctl.cli import cmd_status
+    run = h.submit(BATCH)
+    h.step()
+    (spec,) = h.d.executor.started
+    show = argparse.Namespace(run=run, json=False)
+    h.client(lambda c: cmd_status(c, show))
+    out = capsys.readouterr().out
+    lines = out.split("TASK")[1].splitlines()
+    assert "PROCESS" in lines[0] and "NODE" not in lines[0]  # one machine: no node column
+    assert lines[1].split()[:3] == [spec.task_id, spec.process, str(spec.attempt)]
+    h.d.executor.nodes = lambda: {(run, spec.task_id): "worker-\x1b[2J7"}
+    h.client(lambda c: cmd_status(c, show))
+    out = capsys.readouterr().out
+    lines = out.split("TASK")[1].splitlines()
+    assert lines[0].split()[-1] == "NODE" and lines[1].split()[-1] == "worker-\\x1b[2J7"  # escaped
+    h.run_tasks()
+    h.client(lambda c: cmd_status(c, show))
+    assert "TASK" not in capsys.readouterr().out  # nothing runs any more
