@@ -356,6 +356,12 @@ class SwarmJobs:
         spec = j.spec
         state, code, err, cid = S.task_status(task)
         j.finished = True
+        if state == "rejected" and S.MOVED_OFF in err.lower():
+            # Swarm's constraint enforcer took it off a node that changed under it
+            # (labels, resources): not the task's doing; run it again.
+            self._lost(j, f"Swarm took the task off node {S.node_label(None, str(task.get('NodeID') or ''))} "
+                          f"({for_log(err[:ERR_MAX])}): the task runs again")
+            return
         if state == "rejected" or (state == "failed" and code is None):
             node = self._node_name(task.get("NodeID"))
             self._remove_service(j.service_id)

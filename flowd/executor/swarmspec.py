@@ -192,6 +192,12 @@ def rejection(spec: TaskSpec, err: str, node: str) -> str:
 #   exactly as a script's ``exit 255`` (desired ``shutdown`` both): that is a
 #   failed attempt (retried as the process's ``retries`` allow).
 
+# - a running task can also be ``rejected`` with "assigned node no longer
+#   meets constraints" (Swarm's constraint enforcer, after a node update; seen
+#   here while another node's labels changed and the task's node was killed):
+#   it did not fail, so it is MISSING too.
+MOVED_OFF = "no longer meets constraints"
+
 NODE_LOST_AFTER = 15.0  # seconds a node may stay silent (after Swarm calls it down) before its tasks run again
 
 
