@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from daemon_fixtures import REPO, wait_until
+from daemon_fixtures import REPO, system_user, wait_until
 from flowd import intake as I
 from flowd.errors import Problem, UsageError, WorkflowError
 
@@ -733,7 +733,7 @@ def test_e2e_the_examples_of_docs_spool_md_run_as_written(daemon, docker_images)
 
 
 DAEMON_USER = "flowd-test"       # as in test_daemon.py: a system user in the docker group
-DROPPER = "flowd-dropper"        # a throwaway user in the daemon's group
+DROPPER = "flowd-dropper"        # a user in the daemon's group (kept, as flowd-test)
 
 
 def _need_root_or_fail(why: str):
@@ -750,19 +750,10 @@ def users():
                            capture_output=True)
     if check.returncode:
         _need_root_or_fail("Debian's python3-docker/zmq/lxml/sdnotify are needed (.ci/setup-host)")
-    try:
-        pwd.getpwnam(DAEMON_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--groups", "docker",
-                        DAEMON_USER], check=True)
-    daemon_pw = pwd.getpwnam(DAEMON_USER)
-    try:
-        pwd.getpwnam(DROPPER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--gid", str(daemon_pw.pw_gid),
-                        DROPPER], check=True)
-    yield daemon_pw, pwd.getpwnam(DROPPER)
-    subprocess.run(["userdel", DROPPER], capture_output=True)
+    # Made when missing and kept (as flowd-test is): CI runs two test sessions at
+    # once, and one must not delete the user the other is dropping files as.
+    daemon_pw = system_user(DAEMON_USER, groups=("docker",))
+    yield daemon_pw, system_user(DROPPER, gid=daemon_pw.pw_gid)
 
 
 def as_dropper(pw, script: str, umask: int, **env):
