@@ -339,9 +339,8 @@ class ServiceCreates:
     every node's, so a task placed on another node counts too. Read as they
     happen: the engine keeps only its last events."""
 
-    def __init__(self, client, run_prefix: str = ""):
+    def __init__(self, client):
         self.names: list[str] = []
-        self.prefix = run_prefix
         self._stream = client.api.events(decode=True, filters={"type": "service", "event": "create"})
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -525,8 +524,7 @@ def test_kill9_mid_run_takes_the_jobs_back_by_label_none_runs_twice(daemon_facto
         d.kill9()
         ended = _open_gates(d, run, lambda item: int(item) % 2 == 0)
         assert len(ended) == 3
-        wait_until(lambda: [t for t, s in _job_states(docker_swarm, d).items() if s == "complete"]
-                   and {t for t, s in _job_states(docker_swarm, d).items() if s == "complete"} == ended,
+        wait_until(lambda: {t for t, s in _job_states(docker_swarm, d).items() if s == "complete"} == ended,
                    WAIT, "the even items' jobs to end while flowd is down")
         d.start()
         assert _status(d, run)["state"] == "running"
