@@ -277,8 +277,12 @@ class Run:
         """Do what the scheduler decided for this task."""
         rec, kind = act.rec, action.kind
         if kind == S.START:
-            if res is not None:  # the same attempt again: it never ran
+            if res is not None:  # the same attempt again: it never ran, or its node was lost
                 log.info("run %s: task %s had no container; starting it again", self.id, rec.dirname)
+                # An empty work/: what the lost container wrote (a Swarm node cut off may
+                # still be writing there) is never collected as the new one's output. The
+                # rename moves the folder out from under an old bind mount.
+                self.tasks.reset_work(rec)
             self.start(act, action.attempt)
         elif kind == S.ADOPT:
             act.spec = task_spec(self, rec)

@@ -7,6 +7,7 @@ import pytest
 from helpers import proc, wf
 
 from flowd import scheduler as E
+from flowd.executor import base as X
 from flowd.executor.fake import FakeExecutor
 from flowd.fsops import Durable
 from flowd.run import Run
@@ -371,3 +372,22 @@ def test_done_counts_survive_a_restart(tmp_path):
     h.open()
     assert h.run.view.summary()["tasks_done"] == 3
     assert [p["done"] for p in h.run.view.detail()["processes"]] == [3]
+
+
+def test_a_lost_attempt_runs_again_in_an_empty_work_folder_and_its_files_are_never_collected(tmp_path):
+    """A task whose container was lost (a Swarm node drained or gone: MISSING)
+    runs again as the same attempt; what the lost one wrote is not its output."""
+    seen = []
+
+    def lost_once(t):
+        seen.append((t.attempt, sorted(os.listdir(t.spec.workdir))))
+        if len(seen) == 1:
+            t.write("out", b"from the lost container")
+            return X.MISSING
+        return 0  # writes nothing: a filter that passes no item
+
+    w = wf(channels={"a": ["item"], "out": []}, processes=[proc("p", "a", "out")])
+    h = Harness(tmp_path, w, {"p": lost_once})
+    assert h.drain() == E.SUCCEEDED
+    assert seen == [(1, []), (1, [])]  # the same attempt, both in an empty work/
+    assert h.items("out") == []
