@@ -43,9 +43,14 @@ file (``cat in > out``) in flowd/busybox. What is measured:
               same workflow, each task a one-shot Swarm job (a service), on
               the Swarm this engine manages; measured as ``fresh``, in the
               same rounds (the order alternates), and printed against
-              ``fresh`` (local fresh containers) and ``baseline``. Each run
-              must have made exactly one service per item (the manager's
-              service events), or the script stops. ``latency`` then times
+              ``fresh`` (local fresh containers) and ``baseline``. A run
+              that made fewer services than items (the manager's service
+              events) stops the script; one that made more (Swarm's
+              constraint enforcer took a task off an over-committed node and
+              flowd ran it again) names them and goes on. ``--placement``
+              gives the process Swarm constraints (e.g. ``node.role==manager``
+              keeps the tasks off other nodes; the local engine ignores it).
+              ``latency`` then times
               pushes to a service run on Swarm and, for comparison, on
               local fresh containers (``--fresh-pushes`` each).
 
