@@ -183,7 +183,8 @@ class Daemon:
         if self._executor_factory is None and self.cfg.executor == "swarm":
             from .executor.swarm import SwarmExecutor
 
-            self.executor = SwarmExecutor(self.report, spool=self.spool, settings=self.cfg.executor_settings())
+            self.executor = SwarmExecutor(self.report, spool=self.spool, settings=self.cfg.executor_settings(),
+                                          probe_image=self.cfg.swarm_probe_image)
             log.warning("executor swarm: every task runs on the engine's bridge network, whatever its "
                         "network= (a Swarm service cannot run without one), and without "
                         "no-new-privileges unless each node's daemon.json sets it; see "

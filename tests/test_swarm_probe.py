@@ -193,3 +193,56 @@ def test_a_probe_image_missing_on_the_node_is_unknown_not_a_verdict(docker_swarm
     spool.mkdir()
     got = _mine(_probe(str(spool), "flowd/no-such-image-here:1"))
     assert got["spool"] == "unknown" and "swarm_probe_image" in got["why"], got
+
+
+# -- end to end: the daemon (non-root, as the unit runs it) on the one-node swarm -------------
+
+SLEEPER = """<workflow name="sleeper">
+  <channel name="in"><item>a</item></channel>
+  <process name="nap" image="flowd/busybox"><input channel="in"/><script>sleep 60</script></process>
+</workflow>
+"""
+
+
+@pytest.mark.swarm
+@pytest.mark.docker
+def test_status_shows_the_nodes_their_spool_check_and_each_running_task_s_node(
+        daemon_factory, workdir, docker_swarm):  # noqa: F811
+    from daemon_fixtures import wait_until
+    from test_swarm import _start, remove_spool_services
+    d = _start(daemon_factory, workdir, 'executor = "swarm"\nswarm_probe_image = "flowd/busybox"\n')
+    try:
+        def manager():
+            nodes = json.loads(d.flowctl("status", "--json").stdout)["containers"].get("nodes") or []
+            mine = [n for n in nodes if n["role"] == "manager" and n["spool"] != "checking"]
+            return mine[0] if mine else None
+        node = wait_until(manager, 120, "the manager node's spool check")
+        assert (node["spool"], node["state"], node["why"]) == ("ok", "ready", ""), node
+        table = d.flowctl("status").stdout
+        assert "NODE" in table and "SPOOL" in table and node["id"] in table, table
+        assert "sees the spool" in d.log()
+        wf = os.path.join(workdir, "sleeper.xml")
+        with open(wf, "w") as f:
+            f.write(SLEEPER)
+        run = json.loads(d.flowctl("submit", "--json", wf).stdout)["run"]
+
+        seen = {}
+
+        def placed():
+            seen["run"] = json.loads(d.flowctl("status", run, "--json").stdout)
+            running = seen["run"].get("running") or []
+            return running if running and running[0]["node"] else None
+        try:
+            (task,) = wait_until(placed, 120, "the task to be placed on a node")
+        except AssertionError:
+            raise AssertionError(f"not placed: {seen.get('run')}\n{d.log()[-3000:]}") from None
+        assert task["process"] == "nap" and task["node"].startswith(node["name"]), task
+        shown = d.flowctl("status", run).stdout
+        assert "NODE" in shown and task["node"] in shown, shown
+        busy = wait_until(lambda: (manager() or {}).get("tasks") == 1 and manager(), 60, "the node's task count")
+        assert busy["tasks"] == 1
+        d.flowctl("cancel", run)
+    finally:
+        d.stop()
+        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
+    assert not os.listdir(os.path.join(d.spool, "probe"))  # each probe's folder removed

@@ -56,6 +56,7 @@ from .dockerapi import EngineLink, _boot_time, _parse_time
 from .dockerlogs import LogCopier, _close_quietly, _unlink, until_quiet
 from .dockerspec import OOM_MARK, outcome
 from .lanes import Lane
+from .swarmnodes import PROBE_TIMEOUT, SwarmNodes
 from . import swarmspec as S
 
 log = logging.getLogger("flowd.executor.swarm")
@@ -80,6 +81,7 @@ class Job:
     reported: bool = False
     finished: bool = False  # its end is being read: the live log is done with
     following: bool = False
+    node_id: str = ""  # the node Swarm put its task on (once it did)
     node_checked: float = 0.0  # monotonic time of the last look at its node
     node_silent_since: float | None = None  # monotonic time its node was first seen silent
 
@@ -88,16 +90,24 @@ class SwarmExecutor(Executor):
     ping_interval = 2.0  # seconds between pings while the engine is down
 
     def __init__(self, report: Report, *, spool: str = "", settings: Settings | None = None,
-                 max_workers: int = 64, log_limit: int = 10 * MiB, client: Any = None):
+                 max_workers: int = 64, log_limit: int = 10 * MiB, client: Any = None,
+                 probe_image: str | None = None):
         """As ``DockerExecutor``: ``spool`` the default spool label, ``settings``
         (max_containers, cap_add; the warm ones do not apply), ``log_limit``
         bytes of log kept per task, ``client`` a docker client (default: made
-        lazily from the environment) on a Swarm manager."""
+        lazily from the environment) on a Swarm manager. ``probe_image``: watch
+        the cluster's nodes and check each sees ``spool`` with a job of that
+        image (``flowd.executor.swarmnodes``; None: no watching)."""
         super().__init__(report, settings or Settings(max_containers=max_workers))
         self.spool = spool
         self.max_workers = max_workers
         self.log_limit = log_limit
-        self.link = EngineLink(self, client)
+        # The engine is back after an outage when its swarm answers (a manager
+        # without a leader answers pings).
+        self.link = EngineLink(self, client, health=lambda api: api.nodes())
+        self.cluster = SwarmNodes(self.link, spool, probe_image) if probe_image and spool else None
+        if self.cluster is not None:
+            self.cluster.start()
         self.logs = LogCopier(self)
         self.jobs = SwarmJobs(self)
         self._lock = threading.Lock()  # guards the fields below
@@ -159,7 +169,21 @@ class SwarmExecutor(Executor):
     def status(self) -> dict:
         with self._lock:
             jobs = len(self._tasks)
-        return {"swarm": jobs, "max_containers": self.settings.max_containers}
+            on: dict[str, int] = {}
+            for j in self._tasks.values():
+                if j.node_id:
+                    on[j.node_id] = on.get(j.node_id, 0) + 1
+        out = {"swarm": jobs, "max_containers": self.settings.max_containers}
+        if self.cluster is not None:
+            out.update(self.cluster.snapshot(on))
+        return out
+
+    def nodes(self) -> dict[tuple[str, str], str]:
+        with self._lock:
+            placed = [(key, j.node_id) for key, j in self._tasks.items() if j.node_id]
+        if self.cluster is None:
+            return {key: node[:12] for key, node in placed}
+        return {key: self.cluster.name(node) for key, node in placed}
 
     def close(self) -> None:
         """Stop the threads; the jobs keep running (``adopt`` finds them)."""
@@ -237,6 +261,9 @@ class SwarmJobs:
     def _create(self, spec: TaskSpec) -> str:
         args = S.service_args(spec, spool=self.owner._spool(spec), cap_add=self.owner.settings.cap_add,
                               log_limit=self.owner.log_limit)
+        avoid = self.owner.cluster.avoid() if self.owner.cluster is not None else []
+        if avoid:  # nodes that cannot see the spool (swarmnodes)
+            args["task_template"].setdefault("Placement", {}).setdefault("Constraints", []).extend(avoid)
         for n in range(3):
             try:
                 return self.link.call(self.link.api.create_service, **args)["ID"]
@@ -256,6 +283,8 @@ class SwarmJobs:
             try:
                 task = S.latest_task(self.link.call(self.link.api.tasks, filters={"service": j.service_id}))
                 state = S.task_status(task)[0] if task else ""
+                if task is not None and task.get("NodeID"):
+                    j.node_id = str(task["NodeID"])[:64]
                 if state in S.ENDED:
                     self._finish(j, task)
                     return
@@ -466,12 +495,19 @@ class SwarmJobs:
             services = self.link.call(self.link.api.services, filters={"label": [f"{LABEL_SPOOL}={spool}"]})
             for svc in services:
                 labels = (svc.get("Spec") or {}).get("Labels") or {}
-                if (labels.get(LABEL_RUN), labels.get(LABEL_TASK)) not in keep:
+                if labels.get(S.LABEL_KIND) == "probe":  # a node's spool check: its own while it may run
+                    made = _parse_time(svc.get("CreatedAt"))
+                    if made is not None and time.time() - made < 2 * PROBE_TIMEOUT:
+                        continue
+                    self._remove_service(svc["ID"])
+                elif (labels.get(LABEL_RUN), labels.get(LABEL_TASK)) not in keep:
                     self._remove_service(svc["ID"])
             # Job containers left after their service went (Moby #42789).
             for c in self.link.call(self.link.api.containers, all=True,
                                     filters={"label": [f"{LABEL_SPOOL}={spool}", SERVICE_LABEL]}):
                 labels = c.get("Labels") or {}
+                if labels.get(S.LABEL_KIND) == "probe" and c.get("State") == "running":
+                    continue  # a node's spool check under way
                 if (labels.get(LABEL_RUN), labels.get(LABEL_TASK)) not in keep:
                     self.link.quiet_remove(c["Id"])
         except FlowError as e:

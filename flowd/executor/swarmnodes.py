@@ -100,10 +100,14 @@ class SwarmNodes:
             return [f"node.id!={n.id}" for n in self._nodes.values() if n.spool == NO]
 
     def name(self, node_id: str) -> str:
-        """A node's name for status and messages: its hostname, or its id."""
+        """A node's name for status and messages: its hostname (with its id
+        when another node has the same hostname), or its id."""
         with self._lock:
             n = self._nodes.get(node_id)
-        return (n.name if n and n.name else node_id[:12])
+            if n is None or not n.name:
+                return node_id[:12]
+            shared = sum(1 for m in self._nodes.values() if m.name == n.name) > 1
+        return f"{n.name} ({node_id[:12]})" if shared else n.name
 
     def snapshot(self, tasks_on: dict[str, int]) -> dict:
         """``{"nodes": [...], "message": str}`` for ``flowctl status``;
