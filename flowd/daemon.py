@@ -78,7 +78,8 @@ class Daemon:
         self.executor: X.Executor | None = None
         self.intake: Intake | None = None
         self.limits = Limits(pids_limit=cfg.pids_limit, max_output_bytes=cfg.max_output_size,
-                             default_memory=cfg.memory_for_unset, default_timeout=cfg.max_timeout,
+                             default_memory=cfg.memory_for_unset, reserved_memory=cfg.default_memory,
+                             default_timeout=cfg.max_timeout,
                              container_user=cfg.container_user, spool=self.spool,
                              default_container=cfg.default_container)
         self._more = False  # a tick ran out of time with work left

@@ -55,6 +55,7 @@ def reload(d) -> None:
     old.source = new.source or old.source
     d.limits.pids_limit = old.pids_limit
     d.limits.default_memory = old.memory_for_unset
+    d.limits.reserved_memory = old.default_memory
     d.limits.default_timeout = old.max_timeout
     d.limits.container_user = old.container_user
     d.limits.default_container = old.default_container

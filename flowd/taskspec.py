@@ -15,7 +15,10 @@ class Limits:
 
     pids_limit: int = 256
     max_output_bytes: int | None = None
-    default_memory: int | None = None
+    default_memory: int | None = None  # the limit of processes that set none (default_memory or max_memory)
+    # What such a process reserves on a Swarm cluster: config default_memory
+    # (max_memory is a cap, not a need: reserving it would fit one task a node).
+    reserved_memory: int | None = None
     default_timeout: float | None = None  # for processes that set none (config max_timeout)
     # Who a task's container runs as (config container_user): "daemon" (flowd's
     # own uid:gid), "image" (the image's USER) or "UID[:GID]".
@@ -28,7 +31,9 @@ def task_spec(run, rec: TaskRecord) -> X.TaskSpec:
     """The attempt ``rec.attempt`` of ``run``'s task ``rec``, as the executor runs it."""
     proc = run.wf.processes[rec.name]
     # its own, or what flowctl resize gave it (run.json's "resized"; a stand-in run may have no meta)
-    memory, cpus = process_limits(proc, run.limits, (getattr(run, "meta", None) or {}).get("resized"))
+    resized = (getattr(run, "meta", None) or {}).get("resized")
+    memory, cpus = process_limits(proc, run.limits, resized)
+    asked, _ = asked_limits(proc, resized)
     inputs = [
         X.Mount(run.store.input_path(rec, seq), f"{X.TASK_DIR}/{port.as_name}", True)
         for port, (_, seq) in zip(proc.inputs, rec.inputs)
@@ -44,7 +49,7 @@ def task_spec(run, rec: TaskRecord) -> X.TaskSpec:
         workdir=run.store.task_path(rec, "work"), inputs=inputs,
         outputs=[p.as_name for p in proc.outputs], env=env,
         log_path=run.store.log_path(rec, rec.attempt), timeout=proc.timeout or run.limits.default_timeout,
-        memory=memory, cpus=cpus,
+        memory=memory, cpus=cpus, memory_reservation=asked or run.limits.reserved_memory,
         user=run.user, group_add=list(run.group_add),
         pids_limit=run.limits.pids_limit, network=proc.network, spool=run.limits.spool,
         container=proc.container or run.limits.default_container, placement=list(proc.placement),
@@ -56,9 +61,16 @@ def task_spec(run, rec: TaskRecord) -> X.TaskSpec:
 def process_limits(proc, limits: Limits, resized: dict | None) -> tuple[int | None, float | None]:
     """(memory, cpus) of ``proc``'s next task: what ``flowctl resize`` gave it
     (``resized``: run.json's process -> {"memory", "cpus"}), else its own, else
-    the daemon's default memory. run.json is flowd's own file; it is read with
-    care all the same (a value of another type is ignored)."""
-    memory, cpus = proc.memory or limits.default_memory, proc.cpus
+    the daemon's default memory."""
+    memory, cpus = asked_limits(proc, resized)
+    return memory or limits.default_memory, cpus
+
+
+def asked_limits(proc, resized: dict | None) -> tuple[int | None, float | None]:
+    """(memory, cpus) the workflow or a resize asked for ``proc``; None where
+    neither did. run.json is flowd's own file; it is read with care all the
+    same (a value of another type is ignored)."""
+    memory, cpus = proc.memory, proc.cpus
     got = (resized or {}).get(proc.name) if isinstance(resized, dict) else None
     if isinstance(got, dict):
         m, c = got.get("memory"), got.get("cpus")

@@ -244,6 +244,7 @@ def test_task_spec_gives_the_script_its_inputs_env_and_limits(tmp_path):
     assert [m.target for m in spec.inputs] == ["/task/a"] and spec.inputs[0].read_only
     assert open(spec.inputs[0].source, "rb").read() == b"1"
     assert (spec.timeout, spec.memory, spec.cpus, spec.network) == (30.0, 64 << 20, 0.5, "bridge")
+    assert spec.memory_reservation == 64 << 20  # asked for: a cluster reserves it
     from flowd.executor import container as C
     labels = C.labels(spec, spec.spool)
     assert labels[C.LABEL_RUN] == h.run.id and labels[C.LABEL_TASK] == "1"
@@ -391,3 +392,14 @@ def test_a_lost_attempt_runs_again_in_an_empty_work_folder_and_its_files_are_nev
     assert h.drain() == E.SUCCEEDED
     assert seen == [(1, []), (1, [])]  # the same attempt, both in an empty work/
     assert h.items("out") == []
+
+
+@pytest.mark.parametrize("default_memory,reserved", [(None, None), (256 << 20, 256 << 20)])
+def test_a_process_without_memory_has_the_cap_as_its_limit_and_reserves_only_default_memory(
+        tmp_path, default_memory, reserved):
+    w = wf(channels={"a": ["1"]}, processes=[proc("p", "a")])
+    h = Harness(tmp_path, w, {})
+    h.run.limits = Limits(default_memory=default_memory or 8 << 30, reserved_memory=default_memory)
+    h.run.tick(8)
+    (spec,) = h.ex.started
+    assert (spec.memory, spec.memory_reservation) == (default_memory or 8 << 30, reserved)

@@ -112,8 +112,8 @@ def _spec(**kw) -> X.TaskSpec:
 
 
 def test_a_task_is_a_one_shot_job_with_the_local_hardening():
-    spec = _spec()
-    spec.placement = ["node.labels.disk==ssd"]  # TaskSpec.placement, once the seam has it
+    spec = _spec(memory_reservation=64 * 1024 * 1024)  # the process asked for memory="64m"
+    spec.placement = ["node.labels.disk==ssd"]
     args = S.service_args(spec, spool="/spool", cap_add=["CHOWN"], log_limit=1024 * 1024)
     assert args["mode"] == {"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}}
     tt = args["task_template"]
@@ -136,6 +136,17 @@ def test_a_task_is_a_one_shot_job_with_the_local_hardening():
             "io.flowd.attempt": "2", "io.flowd.spool": "/spool", "io.flowd.kind": "job"}
     assert args["labels"] == want and c["Labels"] == want
     assert args["name"] == "flowd-r1-t7-a2"
+
+
+def test_a_memory_limit_nobody_asked_for_is_not_reserved():
+    """A process without memory= gets max_memory as its limit (a cap): reserving
+    it would let Swarm place one task a node (and none on a smaller node)."""
+    res = S.service_args(_spec(memory=8 << 30, memory_reservation=None), spool="s", cap_add=[],
+                         log_limit=1024)["task_template"]["Resources"]
+    assert res["Limits"]["MemoryBytes"] == 8 << 30 and "MemoryBytes" not in res["Reservations"]
+    res = S.service_args(_spec(memory=8 << 30, memory_reservation=256 << 20), spool="s", cap_add=[],
+                         log_limit=1024)["task_template"]["Resources"]  # config default_memory
+    assert res["Reservations"]["MemoryBytes"] == 256 << 20
 
 
 def test_bridge_network_and_no_limits_when_none_are_asked():
@@ -624,7 +635,8 @@ def _case(sh: str):
 @pytest.mark.swarm
 def test_a_job_s_container_has_the_hardening_swarm_carries(swarm_backend):
     b = swarm_backend
-    spec = b.spec(_case("echo started; sleep 120\n"), memory=64 * 1024 * 1024, cpus=0.5, pids_limit=99)
+    spec = b.spec(_case("echo started; sleep 120\n"), memory=64 * 1024 * 1024, cpus=0.5, pids_limit=99,
+                  memory_reservation=64 * 1024 * 1024)
     b.ex.start(spec)
     b.wait_started(spec)
     (c,) = b.client.api.containers(filters={"label": [f"io.flowd.spool={b.spool}",

@@ -68,6 +68,7 @@ class TaskSpec:
     timeout: float | None = None  # seconds of run time
     memory: int | None = None  # bytes
     cpus: float | None = None
+    memory_reservation: int | None = None  # what a cluster reserves for it (None: nothing; memory is the limit)
     pids_limit: int = 256
     network: str = "none"
     spool: str = ""  # label, so one engine can serve several spools

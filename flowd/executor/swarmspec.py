@@ -116,7 +116,9 @@ def service_args(spec: TaskSpec, *, spool: str, cap_add: list[str], log_limit: i
     limits: dict = {"Pids": int(spec.pids_limit)} if spec.pids_limit else {}
     reservations: dict = {}
     if spec.memory:
-        limits["MemoryBytes"] = reservations["MemoryBytes"] = int(spec.memory)
+        limits["MemoryBytes"] = int(spec.memory)
+    if spec.memory_reservation:  # what the workflow or default_memory asked: not max_memory's cap
+        reservations["MemoryBytes"] = int(min(spec.memory_reservation, spec.memory or spec.memory_reservation))
     if spec.cpus:
         limits["NanoCPUs"] = reservations["NanoCPUs"] = int(spec.cpus * 1e9)
     half = max(ENGINE_LOG_FACTOR * log_limit // 2, 4096)
