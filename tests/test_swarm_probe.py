@@ -246,3 +246,32 @@ def test_status_shows_the_nodes_their_spool_check_and_each_running_task_s_node(
         d.stop()
         remove_spool_services(docker_swarm, os.path.realpath(d.spool))
     assert not os.listdir(os.path.join(d.spool, "probe"))  # each probe's folder removed
+
+
+# -- a task no node can take ------------------------------------------------------------------
+
+@pytest.mark.swarm
+@pytest.mark.docker
+def test_a_task_no_node_has_room_for_says_why_it_waits_then_fails_naming_the_fix(
+        docker_swarm, docker_spool, docker_tmp, monkeypatch):  # noqa: F811
+    from daemon_fixtures import wait_until
+    from flowd.executor import base as X
+    from flowd.executor import swarm as SW
+    from test_executor_contract import Backend
+    from test_swarm import _case, remove_spool_services
+    monkeypatch.setattr(SW, "PENDING_LIMIT", 4.0)
+    b = Backend("swarm", docker_tmp, docker_spool, docker_swarm)
+    try:
+        huge = 1 << 50  # a PiB: more than any node has
+        spec = b.spec(_case("echo never\n"), memory=huge, memory_reservation=huge)
+        b.ex.start(spec)
+        why = wait_until(lambda: b.ex.nodes().get(spec.key), 60, "the task to wait for a node")
+        assert why.startswith("(waiting: ") and "insufficient resources" in why, why
+        r = b.result(spec)
+        assert r.status == X.ERROR and not r.retryable, r
+        assert "found no node for the task" in r.message and "insufficient resources" in r.message, r
+        assert "add a node" in r.message
+        assert docker_swarm.api.services(filters={"label": [f"io.flowd.spool={docker_spool}"]}) == []
+    finally:
+        b.ex.close()
+        remove_spool_services(docker_swarm, docker_spool)

@@ -66,6 +66,10 @@ POLL_MIN = 0.05  # seconds between two looks at a job's tasks, at first
 POLL_MAX = 1.0  # ... growing to this
 ERR_MAX = 300  # characters of an engine's error kept in a message
 NODE_CHECK = 1.0  # seconds between two looks at the node under a job's task
+# A job's task that Swarm can place on no node ("no suitable node (insufficient
+# resources on 2 nodes)", a constraint no node meets) fails after this long
+# instead of waiting for ever; meanwhile status shows why it waits.
+PENDING_LIMIT = 600.0
 SERVICE_LABEL = "com.docker.swarm.service.id"  # on the containers Swarm makes
 
 
@@ -82,6 +86,8 @@ class Job:
     finished: bool = False  # its end is being read: the live log is done with
     following: bool = False
     node_id: str = ""  # the node Swarm put its task on (once it did)
+    waiting: str = ""  # why Swarm has not placed its task yet (the scheduler's words)
+    waiting_since: float | None = None  # monotonic
     node_checked: float = 0.0  # monotonic time of the last look at its node
     node_silent_since: float | None = None  # monotonic time its node was first seen silent
 
@@ -181,9 +187,10 @@ class SwarmExecutor(Executor):
     def nodes(self) -> dict[tuple[str, str], str]:
         with self._lock:
             placed = [(key, j.node_id) for key, j in self._tasks.items() if j.node_id]
-        if self.cluster is None:
-            return {key: node[:12] for key, node in placed}
-        return {key: self.cluster.name(node) for key, node in placed}
+            waiting = {key: f"(waiting: {j.waiting})" for key, j in self._tasks.items()
+                       if j.waiting and not j.node_id}
+        name = self.cluster.name if self.cluster is not None else (lambda node: node[:12])
+        return {**waiting, **{key: name(node) for key, node in placed}}
 
     def close(self) -> None:
         """Stop the threads; the jobs keep running (``adopt`` finds them)."""
@@ -285,6 +292,8 @@ class SwarmJobs:
                 state = S.task_status(task)[0] if task else ""
                 if task is not None and task.get("NodeID"):
                     j.node_id = str(task["NodeID"])[:64]
+                if self._unplaced(j, task, state):
+                    return
                 if state in S.ENDED:
                     self._finish(j, task)
                     return
@@ -326,6 +335,27 @@ class SwarmJobs:
                                      timed_out=j.timed_out, engine_lost=False, oom_marked=lambda: False)
         self.owner._result(j, status, exit_code=None, message=message + note,
                            started_at=j.started_at, finished_at=time.time())
+
+    def _unplaced(self, j: Job, task: dict | None, state: str) -> bool:
+        """Note why a pending task waits; past PENDING_LIMIT, fail it (True)."""
+        why = str(((task or {}).get("Status") or {}).get("Err") or "") if state == "pending" else ""
+        if not why:
+            j.waiting, j.waiting_since = "", None
+            return False
+        j.waiting = for_log(why[:ERR_MAX])
+        now = time.monotonic()
+        if j.waiting_since is None:
+            j.waiting_since = now
+        if now - j.waiting_since < PENDING_LIMIT:
+            return False
+        j.finished = True
+        self._remove_service(j.service_id)
+        if j.spec.log_path:
+            _unlink(live_log_path(j.spec.log_path))
+        self.owner._result(j, ERROR, message=(
+            f"Swarm found no node for the task in {PENDING_LIMIT:g} s: {j.waiting} (fix: ask for less "
+            "memory or cpus, loosen process@placement, or add a node with room)"))
+        return True
 
     def _node_lost(self, j: Job, node_id: str) -> str:
         """Why the job's task must run again elsewhere because of its node
