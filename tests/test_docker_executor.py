@@ -798,8 +798,9 @@ def test_mock_no_sdk_error_escapes(reports):
                             "Unknown desc = The swarm does not have a leader. It's possible that too few "
                             "managers are online. Make sure more than half of the managers are online."),
      EngineUnavailable, "does not have a leader"),
+    # ... and one that is restarting (its swarm part stops first) or not in a swarm
     (docker.errors.APIError("503", response=mock.Mock(status_code=503), explanation="This node is not a "
-                            "swarm manager."), EngineError, "not a swarm manager"),
+                            "swarm manager."), EngineUnavailable, "not a Swarm manager (now): tasks wait"),
     (ValueError("odd"), EngineError, "ValueError: odd"),
 ])
 def test_translate(exc, cls, words):

@@ -16,6 +16,7 @@ import time
 
 import pytest
 from test_daemon import pull, run_containers, wait_until, write
+from test_swarm import docker_swarm  # noqa: F401 - the one-node swarm fixture
 
 pytestmark = pytest.mark.docker
 
@@ -94,6 +95,28 @@ def test_dockerd_restarted_mid_run_completes_with_nothing_lost(daemon, workdir, 
     """A dockerd restart stops every container (no live-restore): the tasks
     wait for the engine and run again, fresh or warm (a warm container that
     stopped is retired, never handed a task), and each item counts once."""
+    _restart_dockerd_mid_run(daemon, workdir, docker_client, container)
+
+
+@pytest.mark.slow
+@pytest.mark.swarm
+def test_the_swarm_manager_s_dockerd_restarted_mid_run_completes_with_nothing_lost(
+        daemon_factory, workdir, docker_client, docker_swarm):
+    """executor = "swarm": the manager (this engine) restarts under running
+    jobs: runs wait while it is away (status says so), then go on; each item
+    counts once and no job is left behind."""
+    from test_swarm import SMALL_JOBS, spool_services
+    conf = write(os.path.join(workdir, "flowd.toml"), SMALL_JOBS.format(n=3))
+    d = daemon_factory(extra_args=["--config", conf]).start()
+    try:
+        _restart_dockerd_mid_run(d, workdir, docker_client, "fresh")
+        wait_until(lambda: spool_services(docker_client, os.path.realpath(d.spool)) == [],
+                   timeout=120, what="the run's Swarm jobs to be removed")
+    finally:
+        d.stop()
+
+
+def _restart_dockerd_mid_run(daemon, workdir, docker_client, container: str) -> None:
     pid, cmd = _dockerd_cmdline()
     if pid is None or os.path.exists("/run/systemd/system"):
         pytest.skip("dockerd is not a plain process here (systemd manages it)")
@@ -122,7 +145,7 @@ def test_dockerd_restarted_mid_run_completes_with_nothing_lost(daemon, workdir, 
     detail = json.loads(daemon.flowctl("watch", run, "--json", check=0, timeout=300).stdout)
     assert detail["state"] == "succeeded", detail
     out = pull(daemon, run, "out", os.path.join(workdir, "out"))
-    assert sorted(out) == sorted(f"done {i}\n".encode() for i in range(6))
+    assert sorted(out) == sorted(f"done {i}\n".encode() for i in range(6)), daemon.log()[-6000:]
 
 
 def test_random_kill9_soak_loses_and_duplicates_nothing(daemon_factory, workdir, docker_client):

@@ -233,13 +233,31 @@ def test_an_exit_status_and_its_time_come_from_the_task(tmp_path):
     assert api.removed == []  # kept until the daemon removes it after collecting
 
 
-def test_an_engine_that_is_not_a_swarm_manager_is_a_clear_error(tmp_path):
-    import docker.errors
-    api = FakeAPI(create_error=docker.errors.APIError(
-        "503", explanation='This node is not a swarm manager. Use "docker swarm init" or '
-                           '"docker swarm join" to connect this node to swarm and try again.'))
+def test_a_task_whose_container_went_away_runs_again_never_reads_as_exit_0(tmp_path):
+    """What a manager's dockerd restart leaves (checked on Docker 20.10): the job's
+    task "failed", Err "No such container", and the ExitCode it had when it
+    started (0). The item must not be lost as a success without outputs."""
+    api = FakeAPI({"State": "failed", "Err": "No such container: flowd-r1-t7-a2.x.y",
+                   "ContainerStatus": {"ContainerID": "c0651ed4", "ExitCode": 0}})
     res = _run_fake(api, tmp_path)
-    assert res.status == X.ERROR, res
+    assert res.status == X.MISSING, res  # started again by the daemon, not counted as a failure
+    assert "went away" in res.message and api.removed == ["svc1"]
+    assert S.task_status({"Status": {"State": "failed", "Err": "task: non-zero exit (3)",
+                                     "ContainerStatus": {"ExitCode": 3}}})[1] == 3
+    assert S.task_status({"Status": {"State": "complete", "ContainerStatus": {"ExitCode": 0}}})[1] == 0
+
+
+def test_an_engine_that_is_not_a_swarm_manager_is_waited_for_with_a_clear_reason(tmp_path):
+    """Not (or no longer, or not yet: a restarting manager says so too) a
+    manager: the task waits as for an engine outage, and says why."""
+    import docker.errors
+    from unittest import mock
+    api = FakeAPI(create_error=docker.errors.APIError(
+        "503", response=mock.Mock(status_code=503),
+        explanation='This node is not a swarm manager. Use "docker swarm init" or '
+                    '"docker swarm join" to connect this node to swarm and try again.'))
+    res = _run_fake(api, tmp_path)
+    assert res.status == X.ERROR and res.retryable, res  # started again once the engine is back
     assert "not a Swarm manager" in res.message and 'executor = "docker"' in res.message, res.message
 
 

@@ -239,6 +239,11 @@ def _translate(e: BaseException) -> FlowError:
         return NotFound(f"no such container: {_explain(e)}")
     if isinstance(e, docker.errors.APIError):
         if _unreachable_api_error(e):
+            if "not a swarm manager" in _explain(e).lower():
+                return EngineUnavailable(
+                    "the Docker engine is not a Swarm manager (now): tasks wait; executor = \"swarm\" "
+                    "needs flowd's engine to be a manager (`docker swarm init`, or join it as one), "
+                    "or set executor = \"docker\"")
             return EngineUnavailable(f"the Docker engine cannot run containers: {_explain(e)}")
         return EngineError(f"the Docker engine refused: {_explain(e)}")
     if _is_read_timeout(e):
@@ -261,14 +266,18 @@ def _explain(e) -> str:
 def _unreachable_api_error(e) -> bool:
     """A 5xx saying dockerd cannot reach containerd (it is restarting), or
     that this Swarm manager has no leader (its managers lost their quorum:
-    nothing can be scheduled until enough of them are back)."""
+    nothing can be scheduled until enough of them are back) or is no manager."""
     status = getattr(e, "status_code", None)
     text = _explain(e).lower()
     if not status or status < 500:
         return False
     if "containerd" in text and ("connection refused" in text or "dial" in text or "unavailable" in text):
         return True
-    return "does not have a leader" in text or "no elected cluster leader" in text
+    # "not a swarm manager": also what a manager's engine says while it stops or
+    # starts (its swarm part goes first and comes last): wait for it, as for an
+    # engine that left the swarm or never joined one (status says so).
+    return ("does not have a leader" in text or "no elected cluster leader" in text
+            or "not a swarm manager" in text)
 
 
 def _is_read_timeout(e: BaseException) -> bool:

@@ -421,6 +421,10 @@ class SwarmJobs:
             self._lost(j, f"Swarm took the task off node {S.node_label(None, str(task.get('NodeID') or ''))} "
                           f"({for_log(err[:ERR_MAX])}): the task runs again")
             return
+        if state == "failed" and code is None and (j.engine_lost or "no such container" in err.lower()):
+            # Its container went away under it (the engine restarted): it never ended; run it again.
+            self._lost(j, f"the Swarm task's container went away ({for_log(err[:ERR_MAX])}): the task runs again")
+            return
         if state == "rejected" or (state == "failed" and code is None):
             node = self._node_name(task.get("NodeID"))
             self._remove_service(j.service_id)
@@ -640,8 +644,4 @@ class SwarmJobs:
 
 
 def _start_error(e: FlowError) -> str:
-    text = str(e)
-    if "not a swarm manager" in text.lower():
-        return ("this Docker engine is not a Swarm manager (config executor = \"swarm\"): run "
-                "`docker swarm init` or join it to a swarm as a manager, or set executor = \"docker\"")
-    return f"could not create the Swarm job: {text[:ERR_MAX]}"
+    return f"could not create the Swarm job: {str(e)[:ERR_MAX]}"

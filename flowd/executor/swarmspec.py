@@ -154,13 +154,22 @@ def latest_task(tasks: list[dict]) -> dict | None:
     return max(tasks, key=lambda t: (t.get("Version") or {}).get("Index", 0))
 
 
+NONZERO_EXIT = "task: non-zero exit ("  # swarmkit's Err for a container that exited non-zero
+
+
 def task_status(task: dict) -> tuple[str, int | None, str, str]:
-    """(state, exit code, error, container id) of a Swarm task."""
+    """(state, exit code, error, container id) of a Swarm task. The exit code
+    is None unless the container really exited: ``complete``, or ``failed``
+    with swarmkit's "task: non-zero exit (N)". A task whose container went
+    away (its engine restarted: "No such container: ...") is also ``failed``
+    with a stale ExitCode of 0, which must not read as a success."""
     status = task.get("Status") or {}
     cstatus = status.get("ContainerStatus") or {}
     code = cstatus.get("ExitCode")
-    return (str(status.get("State") or ""), code if isinstance(code, int) else None,
-            str(status.get("Err") or ""), str(cstatus.get("ContainerID") or ""))
+    state, err = str(status.get("State") or ""), str(status.get("Err") or "")
+    exited = state == "complete" or (state == "failed" and err.startswith(NONZERO_EXIT))
+    return (state, code if exited and isinstance(code, int) else None, err,
+            str(cstatus.get("ContainerID") or ""))
 
 
 def rejection(spec: TaskSpec, err: str, node: str) -> str:
