@@ -6,6 +6,7 @@ request is logged. ``protocol.SCHEMA`` and ``protocol.COMMANDS`` are derived
 from ``TABLE``, so adding a command touches this table and its handler only.
 
 Handlers live by what they touch: ``runs`` (submit, status, cancel, graph),
+``resize`` (a process's limits, live and for its later tasks),
 ``transfers`` (uploads and pushes, whose state is flowd/staging.py's) and
 ``data`` (items and logs). A handler is ``fn(d, args, payload, peer, req_id)``
 with ``d`` the Daemon; it returns a result dict, a ``(result, bytes)`` pair,
