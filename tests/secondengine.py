@@ -36,8 +36,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
+
+from daemon_fixtures import wait_until
 
 SOCK = "/run/docker2.sock"
 HOST = "unix://" + SOCK
@@ -105,16 +106,6 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class SecondEngine:
@@ -187,7 +178,7 @@ class SecondEngine:
                  "--pidfile", PIDFILE, "-H", HOST, "--bridge", BRIDGE, "--iptables=false",
                  "--ip-masq=false", "--cgroup-parent", CGROUP_PARENT],
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        _wait(lambda: self.proc.poll() is not None or
+        wait_until(lambda: self.proc.poll() is not None or
               run("docker", "-H", HOST, "version", check=False, timeout=30).returncode == 0,
               UP_WAIT, "the second dockerd to answer")
         if self.proc.poll() is not None:
@@ -210,7 +201,7 @@ class SecondEngine:
         return n["Status"]["State"], n["Spec"]["Availability"]
 
     def wait_ready(self) -> None:
-        _wait(lambda: self.node_state()[0] == "ready", UP_WAIT, "the second node to be ready")
+        wait_until(lambda: self.node_state()[0] == "ready", UP_WAIT, "the second node to be ready")
 
     def set_availability(self, what: str) -> None:
         docker1("node", "update", "--availability", what, self.node_id)
@@ -254,7 +245,7 @@ class SecondEngine:
                     pass
         if self.proc is not None:  # the reaper: gone once it has reaped them all
             self.proc.wait(timeout=60)
-        _wait(lambda: not any(_alive(p) for p in pids), 60, "the killed engine's processes to go")
+        wait_until(lambda: not any(_alive(p) for p in pids), 60, "the killed engine's processes to go")
 
     def restart(self) -> None:
         """The engine again on the same data: it rejoins the swarm as the same node."""
