@@ -179,8 +179,8 @@ class SecondEngine:
                  "--ip-masq=false", "--cgroup-parent", CGROUP_PARENT],
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         wait_until(lambda: self.proc.poll() is not None or
-              run("docker", "-H", HOST, "version", check=False, timeout=30).returncode == 0,
-              UP_WAIT, "the second dockerd to answer")
+                   run("docker", "-H", HOST, "version", check=False, timeout=30).returncode == 0,
+                   UP_WAIT, "the second dockerd to answer")
         if self.proc.poll() is not None:
             raise RuntimeError(f"the second dockerd exited ({self.proc.returncode}): {self.log_tail()}")
 
