@@ -240,6 +240,10 @@ class Run:
         rec = act.rec
         if rec.attempt != attempt:
             self.tasks.set_attempt(rec, attempt)
+        # An empty work/ for every start: what an earlier start left there (a failed
+        # or lost container, a Swarm node cut off that may still write into the old
+        # folder, a life before a power loss) is never collected as this one's output.
+        self.tasks.empty_work(rec)
         act.spec = task_spec(self, rec)
         act.parked = False
         act.started_at = time.time()
@@ -279,10 +283,6 @@ class Run:
         if kind == S.START:
             if res is not None:  # the same attempt again: it never ran, or its node was lost
                 log.info("run %s: task %s had no container; starting it again", self.id, rec.dirname)
-                # An empty work/: what the lost container wrote (a Swarm node cut off may
-                # still be writing there) is never collected as the new one's output. The
-                # rename moves the folder out from under an old bind mount.
-                self.tasks.reset_work(rec)
             self.start(act, action.attempt)
         elif kind == S.ADOPT:
             act.spec = task_spec(self, rec)

@@ -59,8 +59,7 @@ class Failures:
         if action is None:
             action = run.sched.on_failure(rec.name, rec.attempt)
         if action.kind == S.RETRY:
-            run.tasks.reset_work(rec)
-            run.start(act, action.attempt)
+            run.start(act, action.attempt)  # in an empty work/ (Run.start)
             return
         run.executor.remove(act.spec)
         info = run.tasks.dead_letter(rec, reason, rec.attempt)

@@ -178,6 +178,16 @@ class TaskStore:
         self.fs.write_file(self.store.task_path(rec, "attempt"), str(attempt).encode(), sync=False)
         rec.attempt = attempt
 
+    def empty_work(self, rec: TaskRecord) -> None:
+        """``work/`` empty for the attempt about to start: what is there is moved
+        away first (``reset_work``). A new claim's empty work/ costs one listdir."""
+        try:
+            if not os.listdir(self.store.task_path(rec, "work")):
+                return
+        except FileNotFoundError:
+            pass
+        self.reset_work(rec)
+
     def reset_work(self, rec: TaskRecord) -> None:
         """Give the task an empty ``work/`` for its next attempt.
 

@@ -76,6 +76,7 @@ class Container:
 class World:
     containers: dict[str, Container] = field(default_factory=dict)
     executions: int = 0  # how many times a script ran (may exceed the task count)
+    lost: set = field(default_factory=set)  # flow "lost": the tasks whose container was lost once
 
 
 class SimExecutor(FakeExecutor):
@@ -155,7 +156,9 @@ class SimExecutor(FakeExecutor):
                 if text != self.wf.processes[spec.process].script:
                     outcome = 126  # the container ran a missing or damaged script
                 else:
-                    outcome = fn(FakeTask(spec))
+                    task = FakeTask(spec)
+                    task.world = self.world  # what a script may remember across the sim's lives
+                    outcome = fn(task)
                 if isinstance(outcome, str):
                     c.result = X.TaskResult(spec.run_id, spec.task_id, spec.attempt, outcome,
                                             message=outcome)
@@ -604,9 +607,27 @@ def flow_warm() -> Flow:
                 {"out": [b"q(p(w1))", b"q(p(w2))", b"q(p(w3))"]}, set(), slow={"p": 1, "q": 1})
 
 
+def flow_lost() -> Flow:
+    """Containers lost mid-task (a Swarm node drained or gone: the executor says
+    MISSING) after writing files: each such task runs again as the same attempt
+    in an empty work/, so what the lost one wrote never becomes an item."""
+    def script(t: FakeTask) -> int | str:
+        x = t.read("a")
+        if x in (b"l1", b"l3") and x not in t.world.lost:  # once per simulated world
+            t.world.lost.add(x)
+            t.write("out/1", b"stale(" + x + b").1")
+            t.write("out/2", b"stale(" + x + b").2")
+            return X.MISSING
+        t.write("out/1", b"f(" + x + b")")
+        return 0
+
+    w = wf(channels={"a": ["l1", "l2", "l3"], "out": []}, processes=[_proc("p", "a", "out", parallel=2)])
+    return Flow("lost", w, {"p": script}, {"out": [b"f(l1)", b"f(l2)", b"f(l3)"]}, set())
+
+
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
          "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch,
-         "sources": flow_sources, "warm": flow_warm}
+         "sources": flow_sources, "warm": flow_warm, "lost": flow_lost}
 
 
 class Sim:
