@@ -60,17 +60,16 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
-import threading
 from typing import Any
 
 from .. import units
 from ..errors import FlowError, NotFound
-from .base import Executor, Report, Settings, TaskResult, TaskSpec, done_future
+from .base import Report, Settings, TaskSpec, done_future
 from .container import LABEL_POOL, LABEL_RUN, LABEL_SPOOL, LABEL_TASK, Task
 from .dockerapi import EngineLink
 from .dockerlogs import LogCopier
+from .engine import EngineExecutor
 from .fresh import FreshContainers
-from .lanes import Lane
 from .warm import WarmPool
 
 log = logging.getLogger(__name__)
@@ -81,8 +80,7 @@ OPS_LANE = 2
 
 
 
-class DockerExecutor(Executor):
-    ping_interval = 2.0  # seconds between pings while the engine is down
+class DockerExecutor(EngineExecutor):
 
     def __init__(
         self,
@@ -113,29 +111,19 @@ class DockerExecutor(Executor):
         default: ``docker.from_env()``, made lazily on first use so that
         building an executor never blocks or fails when the engine is down.
         """
-        super().__init__(report, settings or Settings(max_containers=max_workers,
-                                                      cap_add=list(cap_add or [])))
-        self.spool = spool
-        self.max_workers = max_workers
+        super().__init__(report, settings or Settings(max_containers=max_workers, cap_add=list(cap_add or [])),
+                         spool=spool, max_workers=max_workers, log_limit=log_limit, lanes="flowd-docker",
+                         starts=STARTS_LANE, ops=OPS_LANE)
         if pool_dir is None and os.path.isabs(spool):
             pool_dir = os.path.join(spool, "pool")
         self.fresh = FreshContainers(self)  # the jobs of fresh tasks
         self.pool = WarmPool(self, pool_dir or "")  # warm tasks
         self.security_opt = ["no-new-privileges"] + list(security_opt or [])
-        self.log_limit = log_limit
         self.link = EngineLink(self, client)  # the engine: calls, errors, outages
         self.logs = LogCopier(self)
-        self._lock = threading.Lock()  # guards the fields below
-        self._tasks: dict[tuple[str, str], Task] = {}
-        self._kills: set[tuple[str, str]] = set()
-        self._ended: dict[tuple[tuple[str, str], int], str] = {}  # (key, attempt) -> container id
         # (run, process) -> (memory, cpus) a resize gave it: containers made from
         # then on get them, whatever the spec handed over before said
         self._limits: dict[tuple[str, str], tuple[int | None, float | None]] = {}
-        self._starts = Lane("flowd-docker-start", STARTS_LANE)
-        self._waits = Lane("flowd-docker-wait", max_workers)
-        self._ops = Lane("flowd-docker-ops", OPS_LANE)
-        self._follows = Lane("flowd-docker-logs", max_workers)
 
     @property
     def cap_add(self) -> list[str]:
@@ -234,8 +222,7 @@ class DockerExecutor(Executor):
         if not self.link.close():
             return
         self.pool.close()
-        for lane in (self._starts, self._waits, self._ops, self._follows):
-            lane.close()
+        self._close_lanes()
 
     def _resize_job(self, run_id: str, process: str, memory: int | None, cpus: float | None) -> dict:
         """On the ops lane: check, then change. The check reads each running
@@ -303,30 +290,6 @@ class DockerExecutor(Executor):
             self.pool.leftover_slots(pool)
 
     # -- reporting ---------------------------------------------------------------------
-    def _kill_requested(self, spec: TaskSpec) -> bool:
-        with self._lock:
-            return spec.key in self._kills
-
-    def _spool(self, spec: TaskSpec) -> str:
-        return spec.spool or self.spool
-
-    def _result(self, t: Task, status: str, **fields) -> None:
-        with self._lock:
-            if t.reported:
-                return
-            t.reported = True
-            if self._tasks.get(t.spec.key) is t:
-                del self._tasks[t.spec.key]
-                self._kills.discard(t.spec.key)
-            if t.container_id is not None and t.spec.container != "warm":
-                # remove() needs no search of the engine's containers for it
-                self._ended[(t.spec.key, t.spec.attempt)] = t.container_id
-        self._report(TaskResult(t.spec.run_id, t.spec.task_id, t.spec.attempt, status, **fields))
-
-    def _report(self, event: object) -> None:
-        if self.link.closed:
-            return
-        try:
-            self.report(event)
-        except Exception:  # noqa: BLE001 - a broken callback must not kill our threads
-            log.exception("report callback failed for %r", event)
+    def _ended_id(self, t: Task) -> str | None:
+        # remove() needs no search of the engine's containers for a fresh one
+        return t.container_id if t.spec.container != "warm" else None

@@ -76,17 +76,23 @@ class LogCopier:
             if written >= self.log_limit:
                 return
 
-    def follow(self, t) -> None:
-        """Copy the running container's log into the live file as it comes.
+    def follow(self, t, open_stream=None) -> None:
+        """Copy the running container's log into the live file as it comes
+        (``open_stream()``: the engine's log stream to follow; default the
+        container's, ``t.container_id``; the Swarm executor's is its service's).
 
         Best effort: the final log (``_save_log``) is the record. The live file
         is (re)written from the start, so an adopted task's is whole again.
         """
         live = live_log_path(t.spec.log_path)
         try:
-            stream = self.link.call(self.link.api.logs, t.container_id, stdout=True, stderr=True,
-                                stream=True, follow=True)
+            if open_stream is None:
+                stream = self.link.call(self.link.api.logs, t.container_id, stdout=True, stderr=True,
+                                        stream=True, follow=True)
+            else:
+                stream = open_stream()
         except FlowError:
+            t.following = False
             return
         try:
             with open(live, "wb") as f:
@@ -102,6 +108,8 @@ class LogCopier:
             # engine outage); the next `logs --follow` request starts it again
             # and it rewrites the live file whole.
             t.following = False
+            if t.finished:  # it ended meanwhile: its final log is (being) saved
+                _unlink(live)
 
 
 class LogSink:

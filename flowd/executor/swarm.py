@@ -49,13 +49,13 @@ from typing import Any
 
 from ..errors import EngineError, EngineUnavailable, FlowError, NotFound
 from ..textsafe import for_log
-from .base import (DAMAGED, ERROR, KILLED, MISSING, Executor, Report, Settings, TaskResult, TaskSpec,
-                   check_inputs, done_future, live_log_path)
+from .base import (DAMAGED, ERROR, KILLED, MISSING, Report, Settings, TaskSpec, check_inputs, done_future,
+                   live_log_path)
 from .container import LABEL_ATTEMPT, LABEL_RUN, LABEL_SPOOL, LABEL_TASK
 from .dockerapi import EngineLink, _boot_time, _parse_time
-from .dockerlogs import LogCopier, _close_quietly, _unlink, until_quiet
+from .dockerlogs import LogCopier, _close_quietly, _unlink
 from .dockerspec import OOM_MARK, outcome
-from .lanes import Lane
+from .engine import EngineExecutor
 from .swarmnodes import PROBE_TIMEOUT, SwarmNodes
 from . import swarmspec as S
 
@@ -92,8 +92,7 @@ class Job:
     node_silent_since: float | None = None  # monotonic time its node was first seen silent
 
 
-class SwarmExecutor(Executor):
-    ping_interval = 2.0  # seconds between pings while the engine is down
+class SwarmExecutor(EngineExecutor):
 
     def __init__(self, report: Report, *, spool: str = "", settings: Settings | None = None,
                  max_workers: int = 64, log_limit: int = 10 * MiB, client: Any = None,
@@ -104,10 +103,8 @@ class SwarmExecutor(Executor):
         lazily from the environment) on a Swarm manager. ``probe_image``: watch
         the cluster's nodes and check each sees ``spool`` with a job of that
         image (``flowd.executor.swarmnodes``; None: no watching)."""
-        super().__init__(report, settings or Settings(max_containers=max_workers))
-        self.spool = spool
-        self.max_workers = max_workers
-        self.log_limit = log_limit
+        super().__init__(report, settings or Settings(max_containers=max_workers), spool=spool,
+                         max_workers=max_workers, log_limit=log_limit, lanes="flowd-swarm", starts=4, ops=2)
         # The engine is back after an outage when its swarm answers (a manager
         # without a leader answers pings).
         self.link = EngineLink(self, client, health=lambda api: api.nodes())
@@ -116,14 +113,6 @@ class SwarmExecutor(Executor):
             self.cluster.start()
         self.logs = LogCopier(self)
         self.jobs = SwarmJobs(self)
-        self._lock = threading.Lock()  # guards the fields below
-        self._tasks: dict[tuple[str, str], Job] = {}
-        self._kills: set[tuple[str, str]] = set()
-        self._ended: dict[tuple[tuple[str, str], int], str] = {}  # (key, attempt) -> service id
-        self._starts = Lane("flowd-swarm-start", 4)
-        self._waits = Lane("flowd-swarm-wait", max_workers)
-        self._ops = Lane("flowd-swarm-ops", 2)
-        self._follows = Lane("flowd-swarm-logs", max_workers)
 
     # -- the Executor interface ---------------------------------------------
     def start(self, spec: TaskSpec) -> concurrent.futures.Future:
@@ -196,36 +185,11 @@ class SwarmExecutor(Executor):
         """Stop the threads; the jobs keep running (``adopt`` finds them)."""
         if not self.link.close():
             return
-        for lane in (self._starts, self._waits, self._ops, self._follows):
-            lane.close()
+        self._close_lanes()
 
     # -- for the jobs ---------------------------------------------------------------
-    def _kill_requested(self, spec: TaskSpec) -> bool:
-        with self._lock:
-            return spec.key in self._kills
-
-    def _spool(self, spec: TaskSpec) -> str:
-        return spec.spool or self.spool
-
-    def _result(self, j: Job, status: str, **fields) -> None:
-        with self._lock:
-            if j.reported:
-                return
-            j.reported = True
-            if self._tasks.get(j.spec.key) is j:
-                del self._tasks[j.spec.key]
-                self._kills.discard(j.spec.key)
-            if j.service_id is not None:
-                self._ended[(j.spec.key, j.spec.attempt)] = j.service_id
-        self._report(TaskResult(j.spec.run_id, j.spec.task_id, j.spec.attempt, status, **fields))
-
-    def _report(self, event: object) -> None:
-        if self.link.closed:
-            return
-        try:
-            self.report(event)
-        except Exception:  # noqa: BLE001 - a broken callback must not kill our threads
-            log.exception("report callback failed for %r", event)
+    def _ended_id(self, j: Job) -> str | None:
+        return j.service_id
 
 
 class SwarmJobs:
@@ -574,25 +538,8 @@ class SwarmJobs:
 
     def follow_job(self, j: Job) -> None:
         """Copy the job's log into its live file while it runs (``flowctl logs --follow``)."""
-        live = live_log_path(j.spec.log_path)
-        try:
-            stream = self.link.call(self.link.api.service_logs, j.service_id, stdout=True, stderr=True,
-                                    follow=True, is_tty=False)
-        except FlowError:
-            return
-        try:
-            with open(live, "wb") as f:
-                if j.finished:
-                    _unlink(live)
-                    return
-                self.owner.logs.copy_log(until_quiet(stream), f,
-                                         stop=lambda: j.finished or self.link.closed)
-        except (OSError, FlowError):
-            return
-        finally:
-            _close_quietly(stream)
-            if j.finished:
-                _unlink(live)
+        self.owner.logs.follow(j, lambda: self.link.call(
+            self.link.api.service_logs, j.service_id, stdout=True, stderr=True, follow=True, is_tty=False))
 
     def _oom_marked(self, j: Job) -> bool:
         try:
