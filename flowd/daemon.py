@@ -47,6 +47,9 @@ from .waiters import MAX_WAITERS, WAITERS_PER_PEER, Waiters
 log = logging.getLogger("flowd")
 
 STATUS_EVERY = 10.0
+# Containers and Swarm jobs of the spool that no run knows (a remove that failed,
+# Moby #42789's job containers) are swept at start and this often.
+SWEEP_EVERY = 600.0
 _RUN_ID = re.compile(r"^[0-9a-f]{12}$")
 
 
@@ -83,7 +86,7 @@ class Daemon:
                              container_user=cfg.container_user, spool=self.spool,
                              default_container=cfg.default_container)
         self._more = False  # a tick ran out of time with work left
-        self._next_status = self._next_watchdog = self._next_disk = 0.0
+        self._next_status = self._next_watchdog = self._next_disk = self._next_sweep = 0.0
 
     # -- start-up ----------------------------------------------------------
     def _prepare_spool(self) -> None:
@@ -207,10 +210,7 @@ class Daemon:
         for run in self.runs.values():
             if not run.finished:
                 run.resume()
-        keep: set[tuple[str, str]] = set()
-        for run in self.runs.values():
-            keep |= run.keep()
-        self.executor.sweep(self.spool, keep)
+        self._sweep()
         self._more = self._tick_runs()
         active = sum(1 for r in self.runs.values() if not r.finished)
         log.info("recovered %d runs (%d active) in %.3fs", len(self.runs), active,
@@ -223,6 +223,15 @@ class Daemon:
         if self.intake.fileno() is not None:
             self.control.watch(self.intake.fileno())
         self._next_status = self._next_watchdog = self._next_disk = time.monotonic()
+        self._next_sweep = time.monotonic() + SWEEP_EVERY
+
+    def _sweep(self) -> None:
+        """Remove the spool's containers and jobs that no run's task is running
+        (the executor spares what it started meanwhile)."""
+        keep: set[tuple[str, str]] = set()
+        for run in self.runs.values():
+            keep |= run.keep()
+        self.executor.sweep(self.spool, keep)
 
     def step(self, now: float) -> float:
         """One turn of the loop, never blocking; returns when the next one is
@@ -237,6 +246,9 @@ class Daemon:
         if now >= self._next_disk:
             self.disk.check()
             self._next_disk = now + DISK_CHECK_EVERY
+        if now >= self._next_sweep:
+            self._sweep()
+            self._next_sweep = now + SWEEP_EVERY
         self._more = self._tick_runs()
         if self.waiters:
             run_commands.answer_waiters(self, now)
@@ -255,7 +267,7 @@ class Daemon:
     def next_deadline(self, now: float) -> float:
         if self._more:
             return now  # a tick ran out of time: serve the socket, then go on
-        deadlines = [self._next_status, self._next_disk, self.intake.next_deadline()]
+        deadlines = [self._next_status, self._next_disk, self._next_sweep, self.intake.next_deadline()]
         if self.notifier.watchdog_interval:
             deadlines.append(self._next_watchdog)
         if self.waiters:

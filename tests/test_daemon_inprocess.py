@@ -450,3 +450,17 @@ def test_status_of_a_run_lists_its_running_tasks_and_their_nodes(h, capsys):
     h.run_tasks()
     h.client(lambda c: cmd_status(c, show))
     assert "TASK" not in capsys.readouterr().out  # nothing runs any more
+
+
+def test_the_spool_is_swept_at_start_and_now_and_then_keeping_what_runs(h):
+    """Containers or Swarm jobs nobody removed (a remove that failed, Moby
+    #42789) do not pile up: the daemon sweeps every SWEEP_EVERY seconds."""
+    from flowd.daemon import SWEEP_EVERY
+    assert len(h.d.executor.sweeps) == 1  # at start
+    run = h.submit(BATCH)
+    h.step()
+    (spec,) = h.d.executor.started
+    h.step(now=time.monotonic() + SWEEP_EVERY / 2)
+    assert len(h.d.executor.sweeps) == 1
+    h.step(now=time.monotonic() + SWEEP_EVERY + 1)
+    assert len(h.d.executor.sweeps) == 2 and (run, spec.task_id) in h.d.executor.sweeps[-1]

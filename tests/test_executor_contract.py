@@ -329,6 +329,19 @@ def test_sweep_removes_what_is_not_kept(backend):
         assert backend.holds(kept.key)
 
 
+def test_a_sweep_never_removes_a_task_the_executor_is_running(backend):
+    """The daemon sweeps now and then with the tasks its runs know; an attempt
+    the executor started meanwhile (not in that set yet) is spared."""
+    spec = backend.spec(Case(sh="echo started; sleep 120\n", fake=lambda t: 0))
+    backend.ex.start(spec)
+    backend.wait_started(spec)
+    backend.ex.sweep(backend.spool, set()).result(timeout=WAIT)
+    if backend.name != "warm":  # a warm container is the pool's, not labelled with a task
+        assert backend.holds(spec.key)
+    backend.ex.kill(spec.run_id, spec.task_id).result(timeout=WAIT)
+    assert backend.result(spec).status == X.KILLED  # it ran on until the kill, untouched
+
+
 def test_remove_returns_a_future_and_forgets_the_attempt(backend):
     spec, res = backend.run(Case(sh="true\n", fake=lambda t: 0))
     assert res.ok, res

@@ -278,6 +278,7 @@ class DockerExecutor(EngineExecutor):
         except FlowError as e:
             log.warning("sweep of spool %r failed: %s", spool, e)
             return
+        keep = keep | self._tracked()
         pool = self.pool.names()
         for c in found:
             labels = c.get("Labels") or {}

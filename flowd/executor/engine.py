@@ -50,6 +50,13 @@ class EngineExecutor(Executor):
     def _spool(self, spec: TaskSpec) -> str:
         return spec.spool or self.spool
 
+    def _tracked(self) -> set[tuple[str, str]]:
+        """The attempts running now. A sweep reads this *after* it listed the
+        engine's objects: an attempt started meanwhile (not in the caller's
+        ``keep`` yet) is never swept."""
+        with self._lock:
+            return set(self._tasks)
+
     def _ended_id(self, record) -> str | None:
         """What ``remove`` removes once the attempt has ended (None: nothing by id)."""
         return None

@@ -53,6 +53,7 @@ class FakeExecutor(X.Executor):
         self.containers: dict[tuple[str, str], X.TaskSpec] = {}  # (run, task) -> spec, until removed
         self.usage: dict[tuple[str, str], int] = {}  # (run, task) -> bytes its "container" uses (tests set it)
         self.resized: list[tuple[str, str, int | None, float | None]] = []  # resize calls that went through
+        self.sweeps: list[set[tuple[str, str]]] = []  # the keep set of each sweep
 
     def start(self, spec: X.TaskSpec) -> concurrent.futures.Future:
         self.started.append(spec)
@@ -83,8 +84,10 @@ class FakeExecutor(X.Executor):
         return X.done_future()
 
     def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
+        self.sweeps.append(set(keep))
+        running = {spec.key for spec in self.pending}  # as the real ones: never what it runs
         for name, spec in list(self.containers.items()):
-            if spec.key not in keep:
+            if spec.key not in keep and spec.key not in running:
                 del self.containers[name]
         return X.done_future()
 

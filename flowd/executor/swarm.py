@@ -150,8 +150,7 @@ class SwarmExecutor(EngineExecutor):
     def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
         with self._lock:
             self._ended = {k: v for k, v in self._ended.items() if k[0] in keep}
-            running = set(self._tasks)
-        return self._ops.submit(self.jobs.sweep_job, spool, set(keep) | running)
+        return self._ops.submit(self.jobs.sweep_job, spool, set(keep))
 
     def follow(self, run_id: str, task_id: str) -> None:
         with self._lock:
@@ -491,6 +490,7 @@ class SwarmJobs:
     def sweep_job(self, spool: str, keep: set[tuple[str, str]]) -> None:
         try:
             services = self.link.call(self.link.api.services, filters={"label": [f"{LABEL_SPOOL}={spool}"]})
+            keep = keep | self.owner._tracked()
             for svc in services:
                 labels = (svc.get("Spec") or {}).get("Labels") or {}
                 if labels.get(S.LABEL_KIND) == "probe":  # a node's spool check: its own while it may run
@@ -501,8 +501,10 @@ class SwarmJobs:
                 elif (labels.get(LABEL_RUN), labels.get(LABEL_TASK)) not in keep:
                     self._remove_service(svc["ID"])
             # Job containers left after their service went (Moby #42789).
-            for c in self.link.call(self.link.api.containers, all=True,
-                                    filters={"label": [f"{LABEL_SPOOL}={spool}", SERVICE_LABEL]}):
+            found = self.link.call(self.link.api.containers, all=True,
+                                   filters={"label": [f"{LABEL_SPOOL}={spool}", SERVICE_LABEL]})
+            keep = keep | self.owner._tracked()
+            for c in found:
                 labels = c.get("Labels") or {}
                 if labels.get(S.LABEL_KIND) == "probe" and c.get("State") == "running":
                     continue  # a node's spool check under way
