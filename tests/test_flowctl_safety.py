@@ -45,6 +45,13 @@ def flowctl_cmd(sock, *args):
     return [sys.executable, "-m", "flowctl", "--socket", sock, *map(str, args)]
 
 
+def sigint_default() -> None:
+    """preexec_fn of a flowctl the test sends Ctrl-C: a test run started in the
+    background (bash's `cmd &`, as .ci/run runs its passes) ignores SIGINT, and
+    a Python that starts with SIGINT ignored never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_containers(docker_client, run_id):
     return docker_client.api.containers(all=True, filters={"label": [f"io.flowd.run={run_id}"]})
 
@@ -349,9 +356,10 @@ def test_ctrl_c_while_uploading_says_no_run_was_made(daemon, workdir, docker_ima
     size = 256 << 20
     with open(os.path.join(folder, "big.bin"), "wb") as f:
         f.truncate(size)
-    proc = subprocess.Popen(flowctl_cmd(daemon.socket, "submit", os.path.join(folder, "wf.xml")),
+    # --timeout: the daemon is stopped on purpose, and may be slow on a busy machine
+    proc = subprocess.Popen(flowctl_cmd(daemon.socket, "--timeout", 120, "submit", os.path.join(folder, "wf.xml")),
                             env=env_for_subprocess(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     uploads = os.path.join(daemon.spool, "uploads")
     try:
         wait_until(lambda: _files_under(uploads), what="the upload to begin")
@@ -384,8 +392,9 @@ def _submit_a_big_run(daemon, workdir):
   </process>
 </workflow>""")
     runs = os.path.join(daemon.spool, "runs")
-    proc = subprocess.Popen(flowctl_cmd(daemon.socket, "submit", xml), env=env_for_subprocess(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # --timeout: the subject is Ctrl-C, not how fast a busy machine answers each chunk
+    proc = subprocess.Popen(flowctl_cmd(daemon.socket, "--timeout", 120, "submit", xml), env=env_for_subprocess(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default)
     wait_until(lambda: [n for n in os.listdir(runs) if n.startswith(".new-")] or proc.poll(),
                timeout=120, what="the run's folder to be in the making")
     return proc
