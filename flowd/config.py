@@ -57,6 +57,8 @@ KEYS: dict[str, tuple[object, str]] = {
     "max_upload_size": ("64g", "largest file set one flowctl submit or push may send"),
     "min_free_space": ("256m", "free space the spool keeps: below it flowd pauses its runs and "
                                "refuses submissions and pushes, until space is freed"),
+    "admin_group": ("", "group whose members may cancel, push to and resize anyone's runs, as root "
+                        "may (empty: none; others may change only their own runs)"),
     "log_level": ("info", "debug, info, warning or error"),
 }
 
@@ -67,6 +69,7 @@ class Config:
     socket: str = DEFAULT_SOCKET
     socket_group: str = ""
     socket_mode: int = 0o660
+    admin_group: str = ""
     executor: str = "docker"
     swarm_probe_image: str = "busybox"
     max_containers: int = 0
@@ -132,6 +135,14 @@ class Config:
                    for p in self.allowed_images)
 
 
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _with_tag(image: str) -> str:
     """``name`` -> ``name:latest``; a tag or digest already there stays."""
     if "@" in image or ":" in image.rsplit("/", 1)[-1] or image.endswith("*"):
@@ -188,6 +199,9 @@ def load(path: str | None, *, required: bool = False) -> Config:
                 value = parse_size(value) if value not in ("", "0") else 0
             elif key in ("max_containers", "pids_limit", "warm_tasks") and value < 0:
                 raise ValueError("must be 0 or more")
+            elif key == "admin_group" and value and not _group_exists(value):
+                raise ValueError(f"no group named {value!r} on this machine (fix: create it, "
+                                 "name another, or leave admin_group empty)")
             elif key == "log_level" and value not in ("debug", "info", "warning", "error"):
                 raise ValueError("must be debug, info, warning or error")
             elif key in ("cap_add", "allowed_images") and not all(

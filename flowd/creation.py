@@ -30,7 +30,8 @@ class Creator:
 
     def submit_bundle(self, bundle: str, name: str, user: str = "",
                       reply: tuple[bytes, str] | Callable[[dict | None, BaseException | None], None]
-                      | None = None, run_id: str | None = None) -> dict | None:
+                      | None = None, run_id: str | None = None,
+                      uid: int | None = None) -> dict | None:
         """Validate ``bundle/workflow.xml`` and make a run of it; the folder is consumed.
 
         ``bundle`` must be a folder of the spool's filesystem that only flowd
@@ -49,9 +50,18 @@ class Creator:
         ``run_id``: the id the run must have (the intake picks it first and
         keeps it in its marker, so that after a crash it can tell whether the
         run was made); by default a new one.
+
+        ``uid``: the submitter's uid (SO_PEERCRED), recorded as the run's
+        owner (``submitted_uid``, flowd/owners.py). A spool drop gives only
+        ``user``, the name of the uid owning the dropped file (or "uid N"
+        when that uid has no name): its uid is read back from that name.
         """
         run_id = run_id or self.new_run_id()
+        if uid is None:
+            uid = _uid_of(user)
         meta = {"submitted_at": time.time(), "source": name, "submitted_by": user}
+        if uid is not None:
+            meta["submitted_uid"] = uid
         job = _Creation(run_id, bundle, meta, reply)
         self.d.creating[run_id] = job
         if reply is None:
@@ -147,6 +157,18 @@ class _Creation:
     warnings: list[str] = field(default_factory=list)
     path: str = ""
     error: BaseException | None = None
+
+
+def _uid_of(user: str) -> int | None:
+    """The uid of a drop's owner, from its name as dropbundle.user_name spells it."""
+    import pwd
+
+    if user.startswith("uid ") and user[4:].isdigit():
+        return int(user[4:])
+    try:
+        return pwd.getpwnam(user).pw_uid if user else None
+    except KeyError:
+        return None
 
 
 def _over_limits(wf, name: str, cfg: Config) -> list[Problem]:

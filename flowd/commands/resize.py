@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+from .. import owners
 from .. import protocol as P
 from .. import units
 from ..errors import Conflict, FlowError, InternalError, NotFound, UsageError
@@ -30,6 +31,7 @@ MAX_CPUS = 1024.0  # --cpus: a bound at the edge (the engine refuses more than t
 
 def resize(d, args, payload, peer, req_id):
     run = find_run(d, args["run"])
+    owners.check(run, args["_caller"], d.cfg.admin_group, "resize")
     process, memory, cpus = args["process"], args["memory"], args["cpus"]
     if memory is None and cpus is None:
         raise UsageError("resize: nothing to change (fix: give --memory SIZE, --cpus N or both)")

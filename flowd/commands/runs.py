@@ -5,6 +5,7 @@ import os
 import time
 
 from .. import __version__
+from .. import owners
 from .. import protocol as P
 from ..errors import Ambiguous, Conflict, NotFound, UsageError
 from ..textsafe import for_log
@@ -48,11 +49,13 @@ def answer_waiter(d, w) -> None:
 def submit(d, args, payload, peer, req_id):
     up = d.staging.get(args["upload"], args["_caller"].uid, "upload")
     return d.creator.submit_bundle(d.staging.take(up), args["name"], args["_caller"].user,
-                                   reply=(peer, req_id))
+                                   reply=(peer, req_id), uid=args["_caller"].uid)
 
 
 def cancel(d, args, payload, **kw):
     runs = [find_run(d, r) for r in args["runs"]]  # all names checked before anything changes
+    # and who may: one refused run refuses them all, before any is cancelled
+    owners.check_all(runs, args["_caller"], d.cfg.admin_group, "cancel")
     out = []
     for run in runs:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from .. import owners
 from ..errors import StorageError, UsageError
 from ..staging import PUSH_FILE
 from ..textsafe import for_log
@@ -43,6 +44,7 @@ def _receive(d, up, rel: str, offset: int, payload: bytes | None) -> int:
 
 def push_begin(d, args, payload, **kw):
     run = find_run(d, args["run"])
+    owners.check(run, args["_caller"], d.cfg.admin_group, "push to")  # before any space is used
     run.check_push(args["channel"])
     limit = d.cfg.max_upload_size
     size = args["size"]
