@@ -333,12 +333,13 @@ def cmd_status(client: Client, args) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    rows = [[_t(r["id"]), _t(r["name"]), _t(r["state"]), r["tasks_done"], r["tasks_running"],
-             r["tasks_failed"], fmt.ago(r["submitted_at"]), fmt.duration(r["elapsed"])]
+    rows = [[_t(r["id"]), _t(r["name"]), _t(r["state"]), _t(r.get("owner", "?")), r["tasks_done"],
+             r["tasks_running"], r["tasks_failed"], fmt.ago(r["submitted_at"]),
+             fmt.duration(r["elapsed"])]
             for r in result["runs"]]
     if rows:
-        print(fmt.table(["RUN", "WORKFLOW", "STATE", "DONE", "RUNNING", "FAILED", "SUBMITTED",
-                         "ELAPSED"], rows))
+        print(fmt.table(["RUN", "WORKFLOW", "STATE", "OWNER", "DONE", "RUNNING", "FAILED",
+                         "SUBMITTED", "ELAPSED"], rows))
     else:
         print("no runs")
     pool = result.get("containers") or {}
@@ -385,6 +386,7 @@ def _render_run(d: dict) -> str:
         f"run       {_t(d['id'])}",
         f"workflow  {_t(d['name'])} ({_t(d['mode'])})",
         f"state     {_t(d['state'])}" + (f": {_t(d['message'])}" if d.get("message") else ""),
+        f"owner     {_t(d.get('owner', '?'))}",
         f"submitted {fmt.when(d['submitted_at'])}",
         f"elapsed   {fmt.duration(d['elapsed'])}",
         "",

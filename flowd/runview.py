@@ -9,6 +9,7 @@ import os
 import time
 
 from .errors import NotFound, StorageError
+from . import owners
 from . import scheduler as S
 from .executor import base as X
 from .store import parse_log_name, seq_name
@@ -32,6 +33,7 @@ class RunView:
             "name": self.run.wf.name,
             "mode": self.run.wf.mode,
             "state": m["state"],
+            "owner": owners.owner_name(m),
             "submitted_at": m.get("submitted_at"),
             "started_at": start,
             "finished_at": m.get("finished_at"),
