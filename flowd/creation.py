@@ -51,14 +51,11 @@ class Creator:
         keeps it in its marker, so that after a crash it can tell whether the
         run was made); by default a new one.
 
-        ``uid``: the submitter's uid (SO_PEERCRED), recorded as the run's
-        owner (``submitted_uid``, flowd/owners.py). A spool drop gives only
-        ``user``, the name of the uid owning the dropped file (or "uid N"
-        when that uid has no name): its uid is read back from that name.
+        ``uid``: the submitter's uid (SO_PEERCRED; for a spool drop, the
+        dropped file's owner), recorded as the run's owner (``submitted_uid``,
+        flowd/owners.py); None: no owner (only root and admins may change it).
         """
         run_id = run_id or self.new_run_id()
-        if uid is None:
-            uid = _uid_of(user)
         meta = {"submitted_at": time.time(), "source": name, "submitted_by": user}
         if uid is not None:
             meta["submitted_uid"] = uid
@@ -157,18 +154,6 @@ class _Creation:
     warnings: list[str] = field(default_factory=list)
     path: str = ""
     error: BaseException | None = None
-
-
-def _uid_of(user: str) -> int | None:
-    """The uid of a drop's owner, from its name as dropbundle.user_name spells it."""
-    import pwd
-
-    if user.startswith("uid ") and user[4:].isdigit():
-        return int(user[4:])
-    try:
-        return pwd.getpwnam(user).pw_uid if user else None
-    except KeyError:
-        return None
 
 
 def _over_limits(wf, name: str, cfg: Config) -> list[Problem]:

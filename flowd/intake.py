@@ -310,7 +310,7 @@ class Intake:
 
         self.run_ids.release(rid)  # from now on the daemon knows it (Creator's creating)
         try:
-            self.submit(os.path.join(box, "bundle"), source, user, reply=done, run_id=rid)
+            self.submit(os.path.join(box, "bundle"), source, user, reply=done, run_id=rid, uid=st.st_uid)
         except Exception as e:  # noqa: BLE001 - rejected by the worker like any other error
             done(None, e)
 

@@ -43,7 +43,7 @@ class FakeSubmit:
     def __init__(self):
         self.calls: list[dict] = []
 
-    def __call__(self, bundle: str, name: str, user: str, reply, run_id: str) -> None:
+    def __call__(self, bundle: str, name: str, user: str, reply, run_id: str, uid: int | None = None) -> None:
         try:
             result = self.make(bundle, name, user, run_id)
         except Exception as e:  # noqa: BLE001 - handed to the intake, as _created does
@@ -76,7 +76,7 @@ class FakeSubmit:
         return {"run": run_id, "name": "wf", "warnings": []}
 
 
-def parser_submit(bundle: str, name: str, user: str, reply, run_id: str) -> None:
+def parser_submit(bundle: str, name: str, user: str, reply, run_id: str, uid: int | None = None) -> None:
     """The daemon's validation, without a daemon."""
     from flowd.parser import load_workflow
 
