@@ -394,23 +394,32 @@ class ServiceCreates:
             pass
 
 
-def _running_jobs(client, d) -> list[dict]:
-    """The spool's services whose job task runs now."""
+def _task_jobs(client, d) -> list[tuple[dict, dict | None]]:
+    """The spool's task jobs with their latest task: not the daemon's node
+    probes, which come and go (one may be removed between the listing and
+    the look at its tasks, as a finished job may)."""
+    import docker.errors
     out = []
     for svc in spool_services(client, os.path.realpath(d.spool)):
-        task = S.latest_task(client.api.tasks(filters={"service": svc["ID"]}))
-        if task is not None and S.task_status(task)[0] == "running":
-            out.append(svc)
+        if (svc["Spec"].get("Labels") or {}).get("io.flowd.kind") != "job":
+            continue
+        try:
+            out.append((svc, S.latest_task(client.api.tasks(filters={"service": svc["ID"]}))))
+        except docker.errors.NotFound:
+            continue  # removed meanwhile
     return out
 
 
+def _running_jobs(client, d) -> list[dict]:
+    """The spool's task jobs whose task runs now."""
+    return [svc for svc, task in _task_jobs(client, d)
+            if task is not None and S.task_status(task)[0] == "running"]
+
+
 def _job_states(client, d) -> dict[str, str]:
-    """Each of the spool's services: its job task's state (by the service's task label)."""
-    states = {}
-    for svc in spool_services(client, os.path.realpath(d.spool)):
-        task = S.latest_task(client.api.tasks(filters={"service": svc["ID"]}))
-        states[svc["Spec"]["Labels"]["io.flowd.task"]] = S.task_status(task)[0] if task else ""
-    return states
+    """Each of the spool's task jobs: its task's state (by the service's task label)."""
+    return {svc["Spec"]["Labels"]["io.flowd.task"]: S.task_status(task)[0] if task else ""
+            for svc, task in _task_jobs(client, d)}
 
 
 def _job_log(client, svc: dict) -> bytes:
