@@ -879,3 +879,26 @@ def test_an_outage_ends_when_the_health_check_passes_not_at_the_first_ping():
         assert api.ping.call_count == 0  # the health check replaces the ping
     finally:
         link.close()
+
+
+def test_a_quiet_followed_log_ends_its_copy_and_is_no_engine_outage():
+    """A live log whose task prints nothing for the client's read timeout ends
+    the copy (the next `logs --follow` starts it again); the same timeout on
+    any other stream is the engine not answering."""
+    from types import SimpleNamespace
+    events = []
+    owner = SimpleNamespace(ping_interval=60, max_workers=1, _report=events.append)
+    link = DA.EngineLink(owner, SimpleNamespace(api=mock.Mock(), close=lambda: None))
+
+    def stream():
+        yield b"started\n"
+        raise requests.exceptions.ConnectionError(
+            urllib3.exceptions.ReadTimeoutError(None, "/", "Read timed out."))
+    try:
+        assert list(link.iterate(stream(), quiet_ends=True)) == [b"started\n"]
+        assert link.engine_up and events == []
+        with pytest.raises(EngineUnavailable):
+            list(link.iterate(stream()))
+        assert not link.engine_up and [e.up for e in events] == [False]
+    finally:
+        link.close()

@@ -108,7 +108,10 @@ class EngineLink:
             self.lost(str(err))
         raise err
 
-    def iterate(self, stream):
+    def iterate(self, stream, *, quiet_ends: bool = False):
+        """A stream's chunks, its errors translated as ``call``'s. ``quiet_ends``:
+        the client's read timeout ends it (a followed log whose task is quiet:
+        not an engine outage)."""
         it = iter(stream)
         while True:
             try:
@@ -116,6 +119,8 @@ class EngineLink:
             except StopIteration:
                 return
             except Exception as e:  # noqa: BLE001 - translated in _call
+                if quiet_ends and _is_read_timeout(e):
+                    return
                 self.call(_reraise, e)
             yield chunk
 

@@ -13,7 +13,6 @@ from typing import Callable
 
 from ..errors import FlowError
 from .base import live_log_path
-from .dockerapi import _is_read_timeout
 
 
 class LogCopier:
@@ -63,9 +62,10 @@ class LogCopier:
 
     def copy_log(self, stream, f, stop: Callable[[], bool] | None = None) -> None:
         """Write a log stream's chunks to ``f`` up to ``log_limit`` bytes (or
-        until ``stop()``), each flushed when ``stop`` is given (a live log)."""
+        until ``stop()``), each flushed when ``stop`` is given (a live log,
+        which also ends once the task is quiet for the client's read timeout)."""
         written = 0
-        for chunk in self.link.iterate(stream):
+        for chunk in self.link.iterate(stream, quiet_ends=stop is not None):
             if stop is not None and stop():
                 return
             chunk = chunk[: self.log_limit - written]
@@ -99,7 +99,7 @@ class LogCopier:
                 if t.finished:  # _finish ran while we opened it: leave nothing behind
                     _unlink(live)
                     return
-                self.copy_log(until_quiet(stream), f, stop=lambda: t.finished or self.link.closed)
+                self.copy_log(stream, f, stop=lambda: t.finished or self.link.closed)
         except (OSError, FlowError):
             return  # the final log still comes from the engine
         finally:
@@ -162,23 +162,6 @@ class LogSink:
                 pass
         _unlink(self.live_path)
         _unlink(self.part_path)
-
-
-def until_quiet(stream):
-    """A followed log's chunks until the task has been quiet for the client's
-    read timeout: that ends the live copy (the final log still comes), it is
-    not an engine outage."""
-    it = iter(stream)
-    while True:
-        try:
-            chunk = next(it)
-        except StopIteration:
-            return
-        except Exception as e:  # noqa: BLE001 - anything else goes to EngineLink.iterate
-            if _is_read_timeout(e):
-                return
-            raise
-        yield chunk
 
 
 def _keep_tail(f, size: int, limit: int) -> int:
