@@ -196,7 +196,8 @@ class FakeAPI:
         raise docker.errors.NotFound("no such container")
 
 
-def _run_fake(api, tmp_path) -> X.TaskResult:
+def _run_fake(api, tmp_path, **spec) -> X.TaskResult:
+    """One attempt (``_spec`` with ``spec``'s changes) on a SwarmExecutor over the fake ``api``: its result."""
     import queue
 
     from flowd.executor.swarm import SwarmExecutor
@@ -205,8 +206,7 @@ def _run_fake(api, tmp_path) -> X.TaskResult:
     try:
         work = tmp_path / "work"
         work.mkdir()
-        spec = _spec(workdir=str(work), inputs=[], log_path="")
-        ex.start(spec).result(timeout=WAIT)
+        ex.start(_spec(**{"workdir": str(work), "inputs": [], "log_path": "", **spec})).result(timeout=WAIT)
         while True:
             ev = got.get(timeout=WAIT)
             if isinstance(ev, X.TaskResult):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 import uuid
 
@@ -30,7 +29,7 @@ import secondengine as SE
 from daemon_fixtures import wait_until
 from flowd.executor import base as X
 from flowd.executor import swarmspec as S
-from test_swarm import _pull, _start, docker_swarm, remove_spool_services  # noqa: F401 - the fixture
+from test_swarm import _pull, _run_fake, _start, docker_swarm, remove_spool_services  # noqa: F401 - the fixture
 
 WAIT = 240  # seconds: the bound on any one condition (a lost node takes ~30 s to be given up)
 
@@ -107,21 +106,7 @@ class NodeAPI:
 
 
 def _run(api, tmp_path) -> X.TaskResult:
-    from flowd.executor.swarm import SwarmExecutor
-    got: queue.Queue = queue.Queue()
-    ex = SwarmExecutor(got.put, spool="s", client=api)
-    try:
-        work = tmp_path / "work"
-        work.mkdir()
-        spec = X.TaskSpec(run_id="r1", process="p", task_id="t1", attempt=1, image="flowd/busybox", lang="sh",
-                          script_path=str(tmp_path / "script"), workdir=str(work), log_path="")
-        ex.start(spec).result(timeout=60)
-        while True:
-            ev = got.get(timeout=60)
-            if isinstance(ev, X.TaskResult):
-                return ev
-    finally:
-        ex.close()
+    return _run_fake(api, tmp_path, timeout=None)  # the fake's clock is not now
 
 
 def test_a_task_on_a_drained_node_is_missing_and_its_job_removed(tmp_path):
