@@ -25,6 +25,7 @@ from flowd import protocol as P
 from flowd.errors import DaemonUnreachable, FlowError, ProtocolError, UsageError
 
 START_HINT = "start it with `systemctl start flowd`, or run `flowd --socket {path}` in another terminal"
+POLL_SLICE = 0.25  # seconds a wait for the daemon polls before Python runs pending signal handlers
 
 
 class NotRunning(DaemonUnreachable):
@@ -179,7 +180,10 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            ready = dict(poller.poll(int(left * 1000) + 1))
+            # In slices: a Ctrl-C the kernel delivers to one of libzmq's threads does
+            # not interrupt this poll, and Python runs its handler only once the
+            # poll returns (a Ctrl-C was then noticed only at the timeout).
+            ready = dict(poller.poll(int(min(left, POLL_SLICE) * 1000) + 1))
             if sock in ready:
                 reply = sock.recv_multipart()
                 if P.reply_id(reply) in ids:
