@@ -12,6 +12,7 @@ Waits are for conditions, never for durations.
 """
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -279,6 +280,19 @@ def _start(daemon_factory, workdir, toml: str = SMALL_JOBS.format(n=2)):
     return daemon_factory(extra_args=["--config", conf]).start()
 
 
+@contextlib.contextmanager
+def _cleaned_up(client, d):
+    """Counts the jobs the manager creates meanwhile (``ServiceCreates``); at the end, also on
+    failure, stops the daemon and removes whatever its spool left in the swarm."""
+    creates = ServiceCreates(client)
+    try:
+        yield creates
+    finally:
+        creates.close()
+        d.stop()
+        remove_spool_services(client, os.path.realpath(d.spool))
+
+
 def _submit_wait(d, path) -> dict:
     return json.loads(d.flowctl("submit", "--wait", "--json", path, check=None).stdout)
 
@@ -311,7 +325,7 @@ def _what_is_left(client, d) -> tuple[list[str], list[str]]:
 @pytest.mark.swarm
 def test_wordcount_runs_as_swarm_jobs_and_leaves_no_service(daemon_factory, workdir, docker_swarm):
     d = _start(daemon_factory, workdir, 'executor = "swarm"\n')
-    try:
+    with _cleaned_up(docker_swarm, d):
         det = _submit_wait(d, os.path.join(EXAMPLES, "wordcount", "workflow.xml"))
         assert det["state"] == "succeeded", det
         report = _pull(d, det["id"], "report", os.path.join(workdir, "report"))
@@ -319,9 +333,6 @@ def test_wordcount_runs_as_swarm_jobs_and_leaves_no_service(daemon_factory, work
             [b"9 words", b"8 words", b"4 words", b"8 words"]
         assert len(_pull(d, det["id"], "tally", os.path.join(workdir, "tally"))) == 4
         _wait_all_removed(docker_swarm, d)
-    finally:
-        d.stop()
-        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
 
 
 @pytest.mark.docker
@@ -344,8 +355,7 @@ def test_a_failing_task_is_retried_as_new_jobs_and_nothing_is_lost_or_duplicated
   </process>
 </workflow>
 """)
-    creates = ServiceCreates(docker_swarm)
-    try:
+    with _cleaned_up(docker_swarm, d) as creates:
         det = _submit_wait(d, xml)
         assert det["state"] == "succeeded" and det["failures"] == [], det
         got = _pull(d, det["id"], "out", os.path.join(workdir, "out"))
@@ -358,10 +368,6 @@ def test_a_failing_task_is_retried_as_new_jobs_and_nothing_is_lost_or_duplicated
         assert len(made) == len(set(made)) == 8, made
         assert sorted(n.rsplit("-", 1)[1] for n in made) == ["a1"] * 6 + ["a2", "a3"], made
         _wait_all_removed(docker_swarm, d)
-    finally:
-        creates.close()
-        d.stop()
-        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
 
 
 class ServiceCreates:
@@ -469,18 +475,13 @@ def _status(d, run) -> dict:
 @pytest.mark.swarm
 def test_join_pairs_the_ith_items_as_swarm_jobs(daemon_factory, workdir, docker_swarm):
     d = _start(daemon_factory, workdir)
-    creates = ServiceCreates(docker_swarm)
-    try:
+    with _cleaned_up(docker_swarm, d) as creates:
         det = _submit_wait(d, os.path.join(EXAMPLES, "join", "workflow.xml"))
         assert det["state"] == "succeeded", det
         assert _pull(d, det["id"], "messages", os.path.join(workdir, "m")) == \
             [b"Hello, Ada!\n", b"Bonjour, Grace!\n", b"Hej, Linus!\n"]
         assert len(creates.of(det["id"])) == 3  # one job per task, none twice
         _wait_all_removed(docker_swarm, d)
-    finally:
-        creates.close()
-        d.stop()
-        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
 
 
 @pytest.mark.docker
@@ -496,10 +497,9 @@ def test_a_failure_is_retried_as_a_new_job_then_kept_with_its_reason_and_log(
         daemon_factory, workdir, docker_swarm, kind, script, attrs, reason):
     from test_features import one_process
     d = _start(daemon_factory, workdir)
-    creates = ServiceCreates(docker_swarm)
     xml = one_process(workdir, kind, f'echo "MARKER attempt $FLOWD_ATTEMPT"\n{script}', retries=1,
                       **attrs)
-    try:
+    with _cleaned_up(docker_swarm, d) as creates:
         det = json.loads(d.flowctl("submit", "--wait", "--json", xml, check=1).stdout)
         assert det["state"] == "failed", det
         (failure,) = det["failures"]
@@ -518,10 +518,6 @@ def test_a_failure_is_retried_as_a_new_job_then_kept_with_its_reason_and_log(
         assert "MARKER attempt 1" in logs and "MARKER attempt 2" in logs, logs
         assert creates.of(det["id"]) == [f"flowd-{det['id']}-1-a1", f"flowd-{det['id']}-1-a2"]
         _wait_all_removed(docker_swarm, d)
-    finally:
-        creates.close()
-        d.stop()
-        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
 
 
 @pytest.mark.docker
@@ -531,7 +527,7 @@ def test_cancel_removes_the_running_jobs_and_keeps_the_data_and_logs(daemon_fact
     d = _start(daemon_factory, workdir, SMALL_JOBS.format(n=3))
     items = ("a", "b", "c")
     xml = one_process(workdir, "cancel", _gate_script("cp in out"), items=items, parallel=3)
-    try:
+    with _cleaned_up(docker_swarm, d):
         run = d.flowctl("submit", xml, check=0).stdout.strip()
         wait_until(lambda: len(_running_jobs(docker_swarm, d)) == 3, WAIT, "three running jobs")
         wait_until(lambda: all(b"started" in _job_log(docker_swarm, svc)
@@ -544,9 +540,6 @@ def test_cancel_removes_the_running_jobs_and_keeps_the_data_and_logs(daemon_fact
         assert _pull(d, run, "out", os.path.join(workdir, "out")) == []
         logs = d.flowctl("logs", run, "p", check=0).stdout  # what the jobs printed is kept
         assert all(f"started {i}" in logs for i in items), logs
-    finally:
-        d.stop()
-        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
 
 
 @pytest.mark.docker
@@ -554,12 +547,11 @@ def test_cancel_removes_the_running_jobs_and_keeps_the_data_and_logs(daemon_fact
 def test_kill9_mid_run_takes_the_jobs_back_by_label_none_runs_twice(daemon_factory, workdir, docker_swarm):
     from test_features import one_process
     d = _start(daemon_factory, workdir, SMALL_JOBS.format(n=6))
-    creates = ServiceCreates(docker_swarm)
     items = [str(i) for i in range(6)]
     # even items end while no flowd is there; odd ones still run when it is back
     xml = one_process(workdir, "kill9", _gate_script('echo "done $(cat in)" > out'), items=items,
                       parallel=6)
-    try:
+    with _cleaned_up(docker_swarm, d) as creates:
         run = d.flowctl("submit", xml, check=0).stdout.strip()
         wait_until(lambda: len(_running_jobs(docker_swarm, d)) == 6, WAIT, "six running jobs")
         d.kill9()
@@ -578,10 +570,6 @@ def test_kill9_mid_run_takes_the_jobs_back_by_label_none_runs_twice(daemon_facto
         logs = _task_logs(d, run)
         assert len(logs) == 6 and all(text.count("started") == 1 for text in logs.values()), logs
         _wait_all_removed(docker_swarm, d)
-    finally:
-        creates.close()
-        d.stop()
-        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
 
 
 @pytest.mark.docker
@@ -610,8 +598,9 @@ def test_the_manager_unreachable_mid_run_runs_wait_status_says_so_nothing_is_los
     with open(conf, "w") as f:
         f.write(SMALL_JOBS.format(n=2))
     d = daemon_factory(extra_args=["--config", conf], env={"DOCKER_HOST": "unix://" + proxy.path})
-    creates = ServiceCreates(docker_swarm)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(proxy.cut)  # last: after the daemon has stopped
+        creates = stack.enter_context(_cleaned_up(docker_swarm, d))
         d.start()
         xml = one_process(workdir, "unreachable", _gate_script('echo "done $(cat in)" > out'),
                           items=("0", "1"), parallel=2)
@@ -635,11 +624,6 @@ def test_the_manager_unreachable_mid_run_runs_wait_status_says_so_nothing_is_los
         assert sorted(_pull(d, run, "out", os.path.join(workdir, "out"))) == [b"done 0\n", b"done 1\n"]
         assert creates.of(run) == [f"flowd-{run}-1-a1", f"flowd-{run}-2-a1"]  # none ran twice
         _wait_all_removed(docker_swarm, d)
-    finally:
-        creates.close()
-        d.stop()
-        proxy.cut()
-        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
 
 
 # -- the executor on a one-node swarm (what the contract suite does not cover) --------------------
