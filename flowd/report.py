@@ -175,7 +175,7 @@ def failures_html(rows: list[dict], tails: dict[str, str]) -> str:
             f'<h3>{_e(r.get("process"))} task {_e(r.get("task"))}, attempt {_e(r.get("attempt"))}: '
             f'<span class="state {_e(r.get("state"))}">{_e(r.get("state"))}</span></h3>'
             f'<p class="reason">{_e(r.get("reason"))}</p>'
-            + (f'<pre class="tail">{_e(tail)}</pre>' if tail else '<p class="none">no log</p>')
+            + (f'<pre class="tail">{_e(tail)}</pre>' if tail else '<p class="none">no log output</p>')
             + "</div>")
     more = len(failed) - MAX_FAILURES_SHOWN
     if more > 0:

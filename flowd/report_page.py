@@ -85,7 +85,7 @@ SCRIPT = r"""
   for (var k = 0; k <= 5; k++) {
     var tx = L + k * (W - L - 10) / 5;
     el("line", {x1: tx, x2: tx, y1: 18, y2: H - 5, stroke: "#eee"}, svg);
-    var lab = el("text", {x: tx, y: 12, "text-anchor": "middle"}, svg);
+    var lab = el("text", {x: tx, y: 12, "text-anchor": k === 5 ? "end" : "middle"}, svg);
     lab.textContent = "+" + secs(span * k / 5);
   }
   var frag = document.createDocumentFragment();
@@ -132,7 +132,7 @@ SCRIPT = r"""
     var svg = document.getElementById(id), bh = 18, LW = 150, PW = 260;
     var max = 0;
     order.forEach(function (p) { max = Math.max(max, value(procs[p]) || 0); });
-    svg.setAttribute("width", LW + PW + 90); svg.setAttribute("height", order.length * (bh + 4) + 4);
+    svg.setAttribute("width", LW + PW + 170); svg.setAttribute("height", order.length * (bh + 4) + 4);
     order.forEach(function (p, i) {
       var v = value(procs[p]), y = 2 + i * (bh + 4);
       var t = el("text", {x: LW - 6, y: y + 13, "text-anchor": "end"}, svg);
