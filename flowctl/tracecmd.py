@@ -22,7 +22,7 @@ from flowd.textsafe import for_terminal as _t
 from . import fmt
 
 TABLE_COLUMNS = [("TASK", "task"), ("PROCESS", "process"), ("TRY", "attempt"), ("STATE", "state"),
-                 ("EXIT", "exit_status"), ("STARTED", "started"), ("WAIT", "wait_seconds"),
+                 ("EXIT", "exit_status"), ("STARTED (UTC)", "started"), ("WAIT", "wait_seconds"),
                  ("RUN", "run_seconds"), ("PEAK MEM", "peak_memory"), ("CPU", "cpu_seconds"),
                  ("READ", "bytes_read"), ("WRITTEN", "bytes_written"), ("HOW", "started_how"),
                  ("NODE", "node"), ("REASON", "reason")]
