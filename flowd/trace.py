@@ -61,9 +61,17 @@ class TraceLog:
         self.path = run.store.path(TRACE)
         self._checked = False  # whether a torn last line was closed (once per daemon life)
 
-    def begin(self, act, res: X.TaskResult) -> dict:
+    def begin(self, act, res: X.TaskResult) -> dict | None:
         """The record of the attempt ``res`` ended, before the run acts on it
-        (a retry then changes ``act``)."""
+        (a retry then changes ``act``); None if it cannot be made (statistics:
+        never in the way of the run)."""
+        try:
+            return self._record(act, res)
+        except Exception:  # noqa: BLE001
+            log.exception("run %s: no trace record for %r", self.run.id, res)
+            return None
+
+    def _record(self, act, res: X.TaskResult) -> dict:
         rec, spec = act.rec, act.spec
         queued = act.started_at if act.started_at is not None else self._claimed_at(rec)
         started, finished = res.started_at, res.finished_at
@@ -90,9 +98,11 @@ class TraceLog:
             "_history": len(act.history),
         }
 
-    def end(self, record: dict, act) -> None:
+    def end(self, record: dict | None, act) -> None:
         """Append ``record`` once the run has acted on its attempt: a success
         whose outputs were refused is a failure, with that reason."""
+        if record is None:
+            return
         seen = record.pop("_history")
         if record["state"] == SUCCEEDED and len(act.history) > seen:
             record["state"] = FAILED
