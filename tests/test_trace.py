@@ -165,3 +165,25 @@ def test_trace_of_unknown_run_is_a_clear_error(daemon):
     res = daemon.flowctl("trace", "nosuchrun")
     assert res.returncode != 0
     assert "nosuchrun" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_pages_hold_whole_lines_and_cover_every_record(tmp_path):
+    """What the daemon's ``trace`` command reads a page at a time: 20,000
+    records in pages of 64 KiB come back whole, once each, in order."""
+    from flowd import trace as T
+
+    with open(tmp_path / T.TRACE, "wb") as f:
+        for i in range(20_000):
+            f.write(json.dumps({"task": str(i), "process": "p" if i % 2 else "q",
+                                "reason": "x" * (i % 300)}).encode() + b"\n")
+    got, offset, pages = [], 0, 0
+    while True:
+        data = T.read_chunk(str(tmp_path), offset, 65536)
+        if not data:
+            break
+        assert data.endswith(b"\n") and len(data) <= 65536
+        offset += len(data)
+        pages += 1
+        got += T.parse_lines(data, "p")
+    assert pages > 10
+    assert [r["task"] for r in got] == [str(i) for i in range(1, 20_000, 2)]
