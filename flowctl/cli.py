@@ -26,7 +26,7 @@ from flowd import units
 from flowd.errors import FlowError, NotFound, UsageError, WorkflowError
 from flowd.textsafe import for_terminal as _t
 
-from . import fmt
+from . import fmt, tracecmd
 from .client import Client, DaemonStopped, LocalFileError, NotRunning, check_out_dir
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("channel")
     p.add_argument("--out", default=".", help="folder to write to (default: here)")
     p.add_argument("--json", action="store_true")
+    tracecmd.add_parsers(add)  # trace, report
     return ap
 
 
@@ -595,6 +596,7 @@ COMMANDS = {
     "logs": cmd_logs,
     "graph": cmd_graph,
     "resize": cmd_resize,
+    **tracecmd.COMMANDS,
 }
 
 

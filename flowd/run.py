@@ -24,6 +24,7 @@ from .storescan import Scan
 from .taskstore import TaskRecord, TaskStore
 from .taskspec import Limits, container_identity, process_limits, task_spec
 from .textsafe import for_log
+from .trace import TraceLog
 
 log = logging.getLogger("flowd.run")
 
@@ -67,6 +68,7 @@ class Run:
         self.view = RunView(self)  # what flowctl reads: summary, detail, items, logs
         self.more = False  # the last tick ran out of time with work still ready
         self.resizing: set[str] = set()  # processes whose resize is under way (commands/resize.py)
+        self.trace = TraceLog(self)  # a record per ended attempt (flowd/trace.py)
 
     # -- creation --------------------------------------------------------
     @staticmethod
@@ -269,7 +271,9 @@ class Run:
                     continue
                 action = self.sched.on_result(act.rec.name, act.rec.attempt, _outcome(res),
                                                stopping=act.stopping)
+                ended = self.trace.begin(act, res)
                 self._carry_out(act, action, res)
+                self.trace.end(ended, act)
         except DiskFull as e:
             e.left = list(results[i:])
             self._apply_committed()

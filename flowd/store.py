@@ -16,6 +16,8 @@ Layout of one run (``SPOOL/runs/RUN/``)::
     done.log                 "PROCESS<TAB>TASK" per process task applied, for the
                              counts `status` shows after a restart (statistics
                              only: appended without fsync, read as a set)
+    trace.jsonl              a record per ended task attempt (flowd/trace.py;
+                             statistics: appended without fsync, like done.log)
 
 How a task moves through ``tasks/`` is ``flowd.taskstore``'s; what a folder
 holds at start-up is read by ``flowd.storescan``.

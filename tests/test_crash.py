@@ -34,9 +34,10 @@ import crashsim as C
 # + rename of flowd's own copy, one point more; an empty one has no data fsync,
 # so it stays at two. A folder of n files went from n fsyncs + folder fsync +
 # rename to mkdir + 3n + folder fsync + rename: "one"'s two-file folder is 5 more.
-# done.log's line went through Durable.append: one point more per process task applied.)
-EXPECTED_POINTS = {"one": 153, "join": 163, "pipeline": 270, "faults": 253, "cancel": 148,
-                   "muxbatch": 80, "sources": 293, "warm": 245, "lost": 160}
+# done.log's line went through Durable.append: one point more per process task applied.
+# The trace's record (flowd/trace.py) is one Durable.append per ended attempt.)
+EXPECTED_POINTS = {"one": 156, "join": 166, "pipeline": 275, "faults": 261, "cancel": 152,
+                   "muxbatch": 80, "sources": 300, "warm": 251, "lost": 165}
 
 SUITE_SEEDS = [1]  # random-order seeds in the everyday suite
 FULL_SEEDS = [1, 2, 3, 4, 5]
@@ -214,8 +215,9 @@ def test_mutation_every_fsync_site_is_covered(request):
 
 
 def test_mutation_quick():
-    """The 12 points after each use of the left-out fsync, one seed."""
-    _mutation([1], window=12)
+    """The 13 points after each use of the left-out fsync, one seed (13: the trace's
+    append after a dead letter is one point more before the one that finds it)."""
+    _mutation([1], window=13)
 
 
 # -- the full sweeps (-m slow) ------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Callable
 
 from .. import protocol as P
 from ..protocol import CHUNK, MAX_LIST, MAX_SEQ, MAX_SIZE, MAX_STRING, MAX_WAIT, UPLOAD_ID, Arg
-from . import data, resize, runs, transfers
+from . import data, resize, runs, trace, transfers
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ TABLE: dict[str, Command] = {c.name: c for c in (
                        "cpus": Arg("num", False, 0.01, resize.MAX_CPUS,
                                    hint="a number of CPUs, e.g. 0.5 or 2")},
             resize.resize, logged=True),
+    Command("trace", {"run": _RUN, "offset": _OFFSET}, trace.read),
 )}
 SCHEMA: dict[str, dict[str, Arg]] = {name: c.args for name, c in TABLE.items()}
 COMMANDS = tuple(TABLE)

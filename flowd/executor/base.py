@@ -94,6 +94,12 @@ class TaskResult:
     finished_at: float | None = None
     retryable: bool = False  # not the script's fault (engine down): start again, same attempt
     damaged: list[tuple[str, int, str]] = field(default_factory=list)  # DAMAGED: (channel, seq, why)
+    # What the attempt used, for its trace record (None: not known; flowd.executor.usage)
+    peak_memory: int | None = None  # bytes, the container's high-water mark
+    cpu_seconds: float | None = None
+    bytes_in: int | None = None  # the inputs put in /task
+    bytes_out: int | None = None  # the outputs taken from /task (after a success)
+    node: str = ""  # the hostname of the machine it ran on
 
     @property
     def key(self) -> tuple[str, str]:

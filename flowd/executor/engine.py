@@ -15,6 +15,7 @@ from typing import Any
 
 from .base import Executor, Report, Settings, TaskResult, TaskSpec
 from .lanes import Lane
+from .usage import Sampler, attempt_fields, host_name
 
 log = logging.getLogger("flowd.executor")
 
@@ -37,6 +38,7 @@ class EngineExecutor(Executor):
         self._waits = Lane(f"{lanes}-wait", max_workers)
         self._ops = Lane(f"{lanes}-ops", ops)
         self._follows = Lane(f"{lanes}-logs", max_workers)
+        self.usage = Sampler()  # the running containers' cgroups, for the trace
 
     def _close_lanes(self) -> None:
         for lane in (self._starts, self._waits, self._ops, self._follows):
@@ -74,7 +76,13 @@ class EngineExecutor(Executor):
             ended = self._ended_id(record)
             if ended is not None:
                 self._ended[(spec.key, spec.attempt)] = ended
+        fields = {**attempt_fields(self.usage, record, status, fields.get("exit_code"),
+                                   self._node_name(record)), **fields}
         self._report(TaskResult(spec.run_id, spec.task_id, spec.attempt, status, **fields))
+
+    def _node_name(self, record) -> str:
+        """Where the attempt ran, for its trace: this machine (a local engine)."""
+        return host_name()
 
     def _report(self, event: object) -> None:
         if self.link.closed:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import base as X
+from .usage import host_name, task_bytes
 
 
 @dataclass
@@ -128,6 +129,9 @@ class FakeExecutor(X.Executor):
             else:
                 res = X.TaskResult(spec.run_id, spec.task_id, spec.attempt, X.EXITED,
                                    exit_code=outcome, message=f"exit status {outcome}")
+            res.node = host_name()  # what it can fill of a trace record: no container, no cgroup
+            for k, v in task_bytes(spec, res.status, res.exit_code).items():
+                setattr(res, k, v)
             os.makedirs(os.path.dirname(spec.log_path), exist_ok=True)
             with open(spec.log_path, "a") as f:
                 f.write(f"fake {spec.process} task {spec.task_id} attempt {spec.attempt}\n")

@@ -64,6 +64,7 @@ class FreshContainers:
             except FlowError:
                 self.link.quiet_remove(t.container_id)
                 raise
+            self.owner.usage.watch(t, t.container_id)  # its cgroup, sampled while it runs (trace)
             deadline = None if spec.timeout is None else time.time() + spec.timeout
         except EngineUnavailable as e:
             self.owner._result(t, ERROR, message=f"engine unavailable: {e}", retryable=True)
@@ -209,6 +210,7 @@ class FreshContainers:
                                                  "restarted; its outputs are not trusted")
                 return
         if mine.get("State") in RUNNING_STATES:
+            self.owner.usage.watch(t, t.container_id)  # from now on: the trace's figures are partial
             if spec.timeout is not None:
                 try:
                     state = self.link.state(t.container_id)

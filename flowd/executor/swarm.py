@@ -190,6 +190,12 @@ class SwarmExecutor(EngineExecutor):
     def _ended_id(self, j: Job) -> str | None:
         return j.service_id
 
+    def _node_name(self, j: Job) -> str:
+        """The node Swarm ran the job's task on (its hostname), "" if it was never placed."""
+        if not j.node_id:
+            return ""
+        return self.cluster.name(j.node_id) if self.cluster is not None else j.node_id[:12]
+
 
 class SwarmJobs:
     """The jobs the Swarm executor runs on its lanes; ``owner`` is the SwarmExecutor."""

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from ..errors import EngineUnavailable, FlowError
 from ..reaper import remove_tree
+from . import usage
 from .base import DAMAGED, ERROR, KILLED, MISSING, TaskSpec, check_inputs
 from .container import LABEL_POOL, LABEL_PROCESS, LABEL_RUN, LABEL_SPOOL
 from .dockerspec import warm_create_args
@@ -228,10 +229,12 @@ class WarmPool:
         with self._lock:
             c.task = spec.key
         started = time.time()
+        self.owner.usage.watch(t, c.cid, delta=True)  # the task's share of the container (trace)
         try:
             out = WarmTaskRun(self).run_on(c, spec)
         except OSError as e:  # flowd's side (its disk): the task fails and counts a retry
             out = Outcome(ERROR, message=f"warm container: {e.strerror or e}", retire="host error")
+        usage.finish(self.owner.usage, t)  # before the container may go
         finished = time.time()
         with self._lock:
             c.task = None
