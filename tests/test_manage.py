@@ -14,6 +14,7 @@ import pytest
 
 from daemon_fixtures import wait_until
 from test_daemon import pull, run_containers, submit_wait, write
+from test_docs import _doc_json, assert_shape
 from test_owners import OWNER, cast  # noqa: F401 - the fixture, used by name
 
 pytestmark = pytest.mark.docker
@@ -176,8 +177,9 @@ def test_rm_of_several_runs_changes_nothing_when_one_is_unknown(daemon, workdir)
     res = daemon.flowctl("rm", runs[0], "ffffffffffff", runs[1])
     assert res.returncode == 1 and "no run matches 'ffffffffffff'" in res.stderr, res
     assert sorted(_ids(daemon)) == sorted(runs)
-    res = daemon.flowctl("rm", *runs, "--json", check=0)
-    assert sorted(r["id"] for r in json.loads(res.stdout)["runs"]) == sorted(runs)
+    res = json.loads(daemon.flowctl("rm", *runs, "--json", check=0).stdout)
+    assert_shape(_doc_json("rm"), res)
+    assert sorted(r["id"] for r in res["runs"]) == sorted(runs)
     assert _ids(daemon) == []
 
 
@@ -264,8 +266,9 @@ def test_retry_of_one_process_leaves_the_others_failed(daemon_factory, workdir):
     assert res.returncode == 1 and "has no process 'nosuch'" in res.stderr, res
 
     _reload(d, conf, 'default_memory = "256m"\n')
-    res = d.flowctl("retry", run, "--process", "p", check=0)
-    assert res.stdout.strip().startswith(f"{run}: 1 failed task(s) retried; the run is running")
+    res = json.loads(d.flowctl("retry", run, "--process", "p", "--json", check=0).stdout)
+    assert_shape(_doc_json("retry"), res)
+    assert res["retried"] == 1 and res["state"] == "running" and res["tasks"] == ["2"], res
     done = json.loads(d.flowctl("watch", run, "--json", check=0).stdout)
     assert done["state"] == "succeeded" and done["tasks_failed"] == 1, done
     assert [f["task"] for f in done["failures"]] == [f["task"] for f in detail["failures"]
@@ -274,6 +277,8 @@ def test_retry_of_one_process_leaves_the_others_failed(daemon_factory, workdir):
     assert pull(d, run, "out2", os.path.join(workdir, "o2")) == []
     res = d.flowctl("retry", run, "--process", "p")
     assert res.returncode == 1 and "has no failed task of process p to retry" in res.stderr
+    res = d.flowctl("retry", run, "--process", "q")  # q's own memory= is still 8m
+    assert res.stdout.strip() == f"{run}: 1 failed task(s) retried; the run is running", res
 
 
 # -- owners -----------------------------------------------------------------------------
