@@ -228,14 +228,7 @@ def cmd_submit(client: Client, args) -> int:
         return 0
     if not args.json:
         print(_t(f"{run}: submitted workflow {result['name']!r}"), file=sys.stderr)
-    detail = _watch(client, run, quiet=args.json)
-    if detail is None:
-        return 130
-    if args.json:
-        print(json.dumps(detail, indent=1))
-    else:
-        print(_render_run(detail))
-    return 0 if detail["state"] == "succeeded" else 1
+    return _follow(client, run, args.json)
 
 
 def _submit_interrupted(client: Client, args, name: str) -> int:
@@ -322,12 +315,18 @@ def _watch(client: Client, run: str, quiet: bool) -> dict | None:
         return None
 
 
-def cmd_watch(client: Client, args) -> int:
-    detail = _watch(client, args.run, quiet=args.json)
+def _follow(client: Client, run: str, as_json: bool) -> int:
+    """Follow ``run`` to its end and print it (watch, submit --wait, retry --wait):
+    0 if it succeeded, 1 if not, 130 on Ctrl-C (the run goes on)."""
+    detail = _watch(client, run, quiet=as_json)
     if detail is None:
         return 130
-    print(json.dumps(detail, indent=1) if args.json else _render_run(detail))
+    print(json.dumps(detail, indent=1) if as_json else _render_run(detail))
     return 0 if detail["state"] == "succeeded" else 1
+
+
+def cmd_watch(client: Client, args) -> int:
+    return _follow(client, args.run, args.json)
 
 
 def cmd_status(client: Client, args) -> int:
@@ -491,11 +490,7 @@ def cmd_retry(client: Client, args) -> int:
         return 0
     if not args.json:
         print(_t(f"{run}: {result['retried']} failed task(s) retried"), file=sys.stderr)
-    detail = _watch(client, run, quiet=args.json)
-    if detail is None:
-        return 130
-    print(json.dumps(detail, indent=1) if args.json else _render_run(detail))
-    return 0 if detail["state"] == "succeeded" else 1
+    return _follow(client, run, args.json)
 
 
 RESIZE_TIMEOUT = 300.0  # seconds for the daemon to read and change the running containers

@@ -203,14 +203,17 @@ def test_keep_finished_deletes_old_finished_runs_and_keeps_young_ones(daemon_fac
     wait_until(lambda: _ids(d) == [young], 60, "the old run to be deleted")
     assert f"run {old} (quick): deleted: it ended" in d.log(full=True)
     assert "more than keep_finished (172800s)" in d.log(full=True)
-    # a short keep_finished: the young run goes too, by the periodic check, as it ages
-    _reload(d, conf, 'keep_finished = "2s"\n')
-    wait_until(lambda: _ids(d) == [], 60, "the young run to be deleted once 2 s old")
+    # a short keep_finished: the young run goes too, by the periodic check, as it ages;
+    # an active run (older than that) never does
     running = d.flowctl("submit", _xml(workdir, "sleeper", SLEEPER), check=0).stdout.strip()
     wait_until(lambda: _detail(d, running)["tasks_running"] == 1, 120, "the task to start")
-    time.sleep(3)  # longer than keep_finished: an active run is never deleted (not a timing assert)
-    assert _ids(d) == [running]
+    _reload(d, conf, 'keep_finished = "2s"\n')
+    wait_until(lambda: young not in _ids(d), 60, "the young run to be deleted once 2 s old")
+    later = submit_wait(d, xml)["id"]  # ends after the sleeper started
+    wait_until(lambda: later not in _ids(d), 60, "a run that ended later to be deleted too")
+    assert _ids(d) == [running] and _detail(d, running)["tasks_running"] == 1
     d.flowctl("cancel", running, check=0)
+    wait_until(lambda: _ids(d) == [], 60, "the cancelled run to be deleted 2 s after it ended")
 
 
 def test_keep_finished_must_be_a_duration(tmp_path):
