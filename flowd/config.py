@@ -57,8 +57,8 @@ KEYS: dict[str, tuple[object, str]] = {
     "max_upload_size": ("64g", "largest file set one flowctl submit or push may send"),
     "min_free_space": ("256m", "free space the spool keeps: below it flowd pauses its runs and "
                                "refuses submissions and pushes, until space is freed"),
-    "admin_group": ("", "group whose members may cancel, push to and resize anyone's runs, as root "
-                        "may (empty: none; others may change only their own runs)"),
+    "admin_group": ("", "group whose members may cancel, push to, resize, retry and delete anyone's "
+                        "runs, as root may (empty: none; others may change only their own runs)"),
     "keep_finished": ("", "how long a finished run is kept before flowd deletes it, e.g. \"7d\" "
                           "or \"12h\" (empty: kept until `flowctl rm`)"),
     "log_level": ("info", "debug, info, warning or error"),
