@@ -8,11 +8,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from daemon_fixtures import wait_until
+from daemon_fixtures import env_for_subprocess, wait_until
 from test_daemon import pull, run_containers, submit_wait, write
 from test_docs import _doc_json, assert_shape
 from test_owners import OWNER, cast  # noqa: F401 - the fixture, used by name
@@ -161,9 +162,18 @@ def test_rm_refuses_an_active_run_and_force_cancels_then_deletes_it(daemon, work
     assert _detail(daemon, run)["state"] == "running" and _detail(daemon, run)["tasks_running"] == 1
     assert [c["State"] for c in run_containers(docker_client, run)] == ["running"]
 
+    # someone follows the run meanwhile (a status --wait waiter in the daemon)
+    watch = subprocess.Popen([sys.executable, "-m", "flowctl", "--socket", daemon.socket, "watch", run],
+                             env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    first = watch.stderr.readline()  # its first answer: it now waits in the daemon
+    assert first.startswith(f"{run}: running"), first
     res = daemon.flowctl("rm", "--force", run, check=0)
     assert res.stdout.strip() == f"{run}: deleted"
     assert run not in _ids(daemon)
+    out, err = watch.communicate(timeout=120)
+    assert watch.returncode == 1, (out, err)
+    assert f"run {run} is gone (removed while it was followed)" in err, (out, err)
     wait_until(lambda: run_containers(docker_client, run) == [], 60, "the container to go")
     assert not os.path.exists(os.path.join(daemon.spool, "runs", run))
     log = daemon.log(full=True)
