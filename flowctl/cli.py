@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import time
 
 from flowd import units
 from flowd.errors import FlowError, NotFound, UsageError, WorkflowError
@@ -101,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("process")
     p.add_argument("--memory", type=_memory, metavar="SIZE", help="e.g. 256m or 1g")
     p.add_argument("--cpus", type=_cpus, metavar="N", help="e.g. 0.5 or 2")
+    p.add_argument("--json", action="store_true")
+
+    p = add("rm", help="delete finished runs: their items, logs and dead letters")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--force", action="store_true",
+                   help="also an active run: cancel it, then delete it once its tasks stopped")
+    p.add_argument("--json", action="store_true")
+
+    p = add("retry", help="put a run's failed tasks' inputs back in their channels; the run goes on")
+    p.add_argument("run")
+    p.add_argument("--process", metavar="P", help="only the failed tasks of this process")
+    p.add_argument("--wait", action="store_true", help="follow the run to its end; exit 1 if it fails")
     p.add_argument("--json", action="store_true")
 
     p = add("watch", help="follow a run's progress until it ends; exit 1 if it fails")
@@ -216,14 +229,7 @@ def cmd_submit(client: Client, args) -> int:
         return 0
     if not args.json:
         print(_t(f"{run}: submitted workflow {result['name']!r}"), file=sys.stderr)
-    detail = _watch(client, run, quiet=args.json)
-    if detail is None:
-        return 130
-    if args.json:
-        print(json.dumps(detail, indent=1))
-    else:
-        print(_render_run(detail))
-    return 0 if detail["state"] == "succeeded" else 1
+    return _follow(client, run, args.json)
 
 
 def _submit_interrupted(client: Client, args, name: str) -> int:
@@ -310,12 +316,18 @@ def _watch(client: Client, run: str, quiet: bool) -> dict | None:
         return None
 
 
-def cmd_watch(client: Client, args) -> int:
-    detail = _watch(client, args.run, quiet=args.json)
+def _follow(client: Client, run: str, as_json: bool) -> int:
+    """Follow ``run`` to its end and print it (watch, submit --wait, retry --wait):
+    0 if it succeeded, 1 if not, 130 on Ctrl-C (the run goes on)."""
+    detail = _watch(client, run, quiet=as_json)
     if detail is None:
         return 130
-    print(json.dumps(detail, indent=1) if args.json else _render_run(detail))
+    print(json.dumps(detail, indent=1) if as_json else _render_run(detail))
     return 0 if detail["state"] == "succeeded" else 1
+
+
+def cmd_watch(client: Client, args) -> int:
+    return _follow(client, args.run, args.json)
 
 
 def cmd_status(client: Client, args) -> int:
@@ -433,6 +445,53 @@ def cmd_cancel(client: Client, args) -> int:
         if not args.json:
             print(_t(f"{r['id']}: {r['state']}" + ("" if r["ok"] else f" ({r['message']})")))
     return status
+
+
+def cmd_rm(client: Client, args) -> int:
+    result, _ = client.call("rm", {"runs": args.runs, "force": int(args.force)})
+    for r in result["runs"]:  # --force: return once the cancelled run is deleted
+        if not r["removed"]:
+            try:
+                _wait_gone(client, r["id"])
+                r["removed"] = True
+            except KeyboardInterrupt:
+                print(_t(f"flowctl: stopped waiting; run {r['id']} is cancelled and is deleted "
+                         "once its tasks stop"), file=sys.stderr)
+                return 130
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        for r in result["runs"]:
+            print(_t(f"{r['id']}: deleted"))
+    return 0
+
+
+def _wait_gone(client: Client, run: str) -> None:
+    """Until the daemon no longer knows ``run`` (a status waiter is answered when it goes)."""
+    while True:
+        try:
+            result, _ = client.call("status", {"run": run, "wait": 30}, timeout=client.timeout + 30)
+        except NotFound:
+            return
+        if result["run"] is None:
+            return
+        if result["run"]["state"] in FINAL:
+            time.sleep(0.25)  # ended: deleted within a turn of the daemon's loop
+
+
+def cmd_retry(client: Client, args) -> int:
+    result, _ = client.call("retry", {"run": args.run, "process": args.process})
+    run = result["run"]
+    if not args.wait:
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            print(_t(f"{run}: {result['retried']} failed task(s) retried; the run is "
+                     f"{result['state']}"))
+        return 0
+    if not args.json:
+        print(_t(f"{run}: {result['retried']} failed task(s) retried"), file=sys.stderr)
+    return _follow(client, run, args.json)
 
 
 RESIZE_TIMEOUT = 300.0  # seconds for the daemon to read and change the running containers
@@ -597,6 +656,8 @@ COMMANDS = {
     "graph": cmd_graph,
     "resize": cmd_resize,
     **tracecmd.COMMANDS,
+    "rm": cmd_rm,
+    "retry": cmd_retry,
 }
 
 

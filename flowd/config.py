@@ -57,8 +57,10 @@ KEYS: dict[str, tuple[object, str]] = {
     "max_upload_size": ("64g", "largest file set one flowctl submit or push may send"),
     "min_free_space": ("256m", "free space the spool keeps: below it flowd pauses its runs and "
                                "refuses submissions and pushes, until space is freed"),
-    "admin_group": ("", "group whose members may cancel, push to and resize anyone's runs, as root "
-                        "may (empty: none; others may change only their own runs)"),
+    "admin_group": ("", "group whose members may cancel, push to, resize, retry and delete anyone's "
+                        "runs, as root may (empty: none; others may change only their own runs)"),
+    "keep_finished": ("", "how long a finished run is kept before flowd deletes it, e.g. \"7d\" "
+                          "or \"12h\" (empty: kept until `flowctl rm`)"),
     "log_level": ("info", "debug, info, warning or error"),
 }
 
@@ -89,6 +91,7 @@ class Config:
     max_upload_size: int = 64 * 1024 ** 3
     min_free_space: int = 256 * 1024 * 1024
     log_level: str = "info"
+    keep_finished: float | None = None  # seconds; None: forever
     source: str | None = None  # the file it came from
     file_values: dict = field(default_factory=dict)  # the keys as the file set them (for reload)
 
@@ -181,7 +184,7 @@ def load(path: str | None, *, required: bool = False) -> Config:
                 value = parse_size(value) if value else None
             elif key == "max_upload_size":
                 value = parse_size(value)
-            elif key == "max_timeout":
+            elif key in ("max_timeout", "keep_finished"):
                 value = parse_duration(value) if value else None
             elif key == "warm_idle":
                 value = parse_duration(value)

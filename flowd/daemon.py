@@ -38,6 +38,7 @@ from .reaper import Reaper
 from .intake import Intake
 from .notify import Notifier
 from .reload import reload
+from .removal import Removal
 from .run import UNFINISHED, Run
 from .taskspec import Limits
 from .staging import UPLOAD_MAX_AGE, Staging
@@ -67,6 +68,7 @@ class Daemon:
         self.staging = Staging(self.uploads_dir, self.fs, max_age=UPLOAD_MAX_AGE)  # uploads and pushes
         self.creating: dict[str, _Creation] = {}  # runs whose folders are being made
         self.creator = Creator(self)
+        self.removal = Removal(self)  # flowctl rm --force and keep_finished (flowd/removal.py)
         self.disk = Disk(self)
         self.control = Control(self.socket_path, cfg.socket_mode)
         self.engine_up = True
@@ -210,6 +212,7 @@ class Daemon:
         for run in self.runs.values():
             if not run.finished:
                 run.resume()
+        self.removal.start()  # leftovers of a deletion, forced deletions due, keep_finished
         self._sweep()
         self._more = self._tick_runs()
         active = sum(1 for r in self.runs.values() if not r.finished)
@@ -250,6 +253,7 @@ class Daemon:
             self._sweep()
             self._next_sweep = now + SWEEP_EVERY
         self._more = self._tick_runs()
+        self.removal.step(now)  # before the waiters: a deleted run's are answered now
         if self.waiters:
             run_commands.answer_waiters(self, now)
         if self.staging.open and now >= self.staging.next_deadline():

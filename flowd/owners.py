@@ -3,7 +3,7 @@
 Every run records who submitted it in its run.json: ``submitted_uid`` (the
 peer's uid on the socket, from SO_PEERCRED; for a spool drop, the uid owning
 the dropped file) and ``submitted_by`` (that user's name then). ``cancel``,
-``push``, ``resize`` (and later ``retry`` and ``rm``) are allowed to that
+``push``, ``resize``, ``retry`` and ``rm`` are allowed to that
 uid, to root and to the members of the config's ``admin_group``; anyone
 else is refused, exit 1, with a message naming the owner. A run made by an
 older flowd, which did not record the uid, may be changed by root and the

@@ -47,7 +47,7 @@ def reload(d) -> None:
     live = ("max_containers", "pids_limit", "default_memory", "max_memory", "max_timeout",
             "max_output_size", "container_user", "cap_add", "default_container",
             "warm_idle", "warm_tasks", "warm_read_only", "allowed_images",
-            "allowed_networks", "max_upload_size", "min_free_space", "log_level")
+            "allowed_networks", "max_upload_size", "min_free_space", "log_level", "keep_finished")
     for key in live:
         if key not in pinned:
             setattr(old, key, getattr(new, key))

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from . import retrying
 from . import scheduler as S
 from .errors import Conflict, DiskFull, NotFound
 from .executor import base as X
@@ -112,6 +113,7 @@ class Run:
             with open(os.path.join(root, "workflow.json"), "rb") as f:
                 wf = Workflow.from_dict(json.load(f))
         run = cls(root, fs, wf, meta, executor, limits)
+        retrying.recover(run)  # a retry a crash cut short is finished first (flowd/retrying.py)
         run._load()
         return run
 

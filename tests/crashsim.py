@@ -52,7 +52,7 @@ if HERE not in sys.path:
 from helpers import proc, wf  # noqa: E402
 
 from flowd import scheduler as E  # noqa: E402
-from flowd import fsops, reaper  # noqa: E402
+from flowd import fsops, reaper, removal  # noqa: E402
 from flowd.executor import base as X  # noqa: E402
 from flowd.executor.fake import FakeExecutor, FakeTask  # noqa: E402
 from flowd.fsops import Durable, SimulatedCrash  # noqa: E402
@@ -77,6 +77,7 @@ class World:
     containers: dict[str, Container] = field(default_factory=dict)
     executions: int = 0  # how many times a script ran (may exceed the task count)
     lost: set = field(default_factory=set)  # flow "lost": the tasks whose container was lost once
+    fixed: bool = False  # flow "retry": the user fixed the script (before retrying)
 
 
 class SimExecutor(FakeExecutor):
@@ -458,6 +459,8 @@ class Flow:
     client: Callable | None = None  # (sim, run) -> None, called after each tick
     slow: dict[str, int] = field(default_factory=dict)  # process -> rounds its containers run
     expect: Callable | None = None  # (seen items) -> (expected, problems), when it depends
+    on_end: Callable | None = None  # (sim, run) -> True if the run goes on: the client, once it ended
+    removed: bool = False  # the client deletes the run at the end (flow rm): it may be gone
 
 
 def _one(t: FakeTask) -> int:
@@ -625,9 +628,80 @@ def flow_lost() -> Flow:
     return Flow("lost", w, {"p": script}, {"out": [b"f(l1)", b"f(l2)", b"f(l3)"]}, set())
 
 
+def _retry_script(t: FakeTask) -> int:
+    """Fails for r2 and the source until the user has fixed it (world.fixed: before the retry)."""
+    if t.spec.process == "gen":
+        if not t.world.fixed:
+            return 5
+        t.write("a", b"gen")
+        return 0
+    x = t.read("a")
+    if x == b"r2" and not t.world.fixed:
+        t.write("out", b"partial")  # must never be published
+        return 3
+    t.write("out", b"f(" + x + b")")
+    return 0
+
+
+def _retry_client(sim: "Sim", run: Run) -> bool:
+    """Once the run has failed: fix the script, then `flowctl retry RUN` (again after a
+    crash until the daemon has answered); the run goes on."""
+    from flowd import retrying
+
+    if sim.client_acked:
+        return False
+    if run.state != E.FAILED:
+        sim.client_acked = True  # taken before the crash: the run went on and ended
+        return False
+    if not run.failures.letters:
+        raise AssertionError("the run failed without dead letters")
+    sim.world.fixed = True
+    retrying.retry(run)
+    sim.client_acked = True
+    return True
+
+
+def flow_retry() -> Flow:
+    """A run that fails (on-failure="stop") with two dead letters, one of a source
+    process; the user fixes the script and retries once: every item is processed
+    exactly once, the earlier success is not run again, r3 (never claimed) too."""
+    w = wf(channels={"a": ["r1", "r2", "r3"], "out": []},
+           processes=[_proc("gen", "", "a", on_failure="continue"),
+                      _proc("p", "a", "out", on_failure="stop")])
+    return Flow("retry", w, {"gen": _retry_script, "p": _retry_script},
+                {"out": [b"f(r1)", b"f(r2)", b"f(r3)", b"f(gen)"]}, set(),
+                fired={"gen"}, on_end=_retry_client)
+
+
+def _rm_client(sim: "Sim", run: Run) -> bool:
+    """Once the run has ended: `flowctl rm RUN` (again after a crash, until answered)."""
+    from flowd import removal
+
+    if not sim.client_acked:
+        # Found after a restart, before it is deleted (again): it must be whole. (Not
+        # checked here: a retired task's hidden folder that a power loss brought back
+        # into a run that then ended: recovery does not run on a finished run. Garbage,
+        # not data; found by this flow's kill -9 then power loss sweep, see
+        # docs/reliability.md. The rm takes it away with the rest.)
+        for problem in sim.check()["problems"]:
+            if ".done" not in problem:
+                sim.problems.append(f"before the rm: {problem}")
+        removal.remove_run_dir(run.fs, sim.runs, run.id)
+        sim.client_acked = True
+    return False
+
+
+def flow_rm() -> Flow:
+    """`one`, then the client deletes the finished run: whole or gone, never half."""
+    f = flow_one()
+    return Flow("rm", f.wf, f.scripts, f.expected, f.ordered, f.files, on_end=_rm_client,
+                removed=True)
+
+
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
          "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch,
-         "sources": flow_sources, "warm": flow_warm, "lost": flow_lost}
+         "sources": flow_sources, "warm": flow_warm, "lost": flow_lost,
+         "retry": flow_retry, "rm": flow_rm}
 
 
 class Sim:
@@ -644,6 +718,8 @@ class Sim:
         self.submitted = False
         self.accepted = False
         self.cancel_acked = False
+        self.client_acked = False  # flows retry and rm: the daemon answered the client
+        self.problems: list[str] = []  # found during a life (flow rm: the run half there)
         self.lives = 0
         self.recovery_points = 0
         self.durable: Durable | None = None
@@ -686,6 +762,7 @@ class Sim:
             for name in sorted(os.listdir(self.runs)):
                 if name.startswith(".new-"):
                     fs.rmtree(os.path.join(self.runs, name))  # Daemon._open_runs
+            removal.clear_leftovers(fs, self.runs)  # Daemon.prepare (Removal.start)
             if not self.submitted:
                 self.submitted = True
                 Run.create(self.runs, RUN_ID, self.flow.wf, self.bundle, fs, {})
@@ -714,6 +791,8 @@ class Sim:
         run.tick_budget = 0.0
         for _ in range(1000):
             if run.finished:
+                if self.flow.on_end is not None and self.flow.on_end(self, run):
+                    continue  # the client made it go on (flow retry)
                 return
             run.tick(CAPACITY - run.running_containers())
             if self.flow.client is not None:
@@ -740,14 +819,20 @@ class Sim:
         problems: list[str] = []
         figures = {"lost": 0, "duplicated": 0, "unexpected": 0}
         flow = self.flow
+        problems += self.problems
         stray = [n for n in os.listdir(self.runs) if n.startswith(".")]
         if stray:
             problems.append(f"hidden entries in runs/: {stray}")
         if not os.path.exists(self.path):
+            if self.flow.removed:
+                return {"problems": problems, **figures}  # deleted, as the client asked
             if self.accepted:
                 problems.append("the accepted run is gone")
                 figures["lost"] = sum(len(v) for v in flow.expected.values()) or 1
             return {"problems": problems, **figures}
+        if self.flow.removed and self.client_acked:
+            problems.append("the run is there again after `rm` was answered")
+            figures["unexpected"] += 1
         with open(os.path.join(self.path, "run.json"), "rb") as f:
             state = json.load(f)["state"]
         if state != flow.state:

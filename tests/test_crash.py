@@ -37,7 +37,9 @@ import crashsim as C
 # done.log's line went through Durable.append: one point more per process task applied.
 # The trace's record (flowd/trace.py) is one Durable.append per ended attempt.)
 EXPECTED_POINTS = {"one": 156, "join": 166, "pipeline": 275, "faults": 261, "cancel": 152,
-                   "muxbatch": 80, "sources": 300, "warm": 251, "lost": 165}
+                   "muxbatch": 80, "sources": 300, "warm": 251, "lost": 165,
+                   # session 6: flowctl retry after a failed run; flowctl rm of "one" once it ended
+                   "retry": 291, "rm": 159}
 
 SUITE_SEEDS = [1]  # random-order seeds in the everyday suite
 FULL_SEEDS = [1, 2, 3, 4, 5]

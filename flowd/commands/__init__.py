@@ -19,7 +19,7 @@ from typing import Callable
 
 from .. import protocol as P
 from ..protocol import CHUNK, MAX_LIST, MAX_SEQ, MAX_SIZE, MAX_STRING, MAX_WAIT, UPLOAD_ID, Arg
-from . import data, resize, runs, trace, transfers
+from . import data, manage, resize, runs, trace, transfers
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,10 @@ TABLE: dict[str, Command] = {c.name: c for c in (
                                    hint="a number of CPUs, e.g. 0.5 or 2")},
             resize.resize, logged=True),
     Command("trace", {"run": _RUN, "offset": _OFFSET}, trace.read),
+    Command("rm", {"runs": Arg("strs", True, 1, MAX_LIST, hint="one or more run ids"),
+                   "force": Arg("int", False, 0, 1, default=0)}, manage.rm, logged=True),
+    Command("retry", {"run": _RUN, "process": Arg("str", False, 1, 255, hint="a process of the run")},
+            manage.retry, logged=True),
 )}
 SCHEMA: dict[str, dict[str, Arg]] = {name: c.args for name, c in TABLE.items()}
 COMMANDS = tuple(TABLE)
