@@ -625,9 +625,25 @@ def flow_lost() -> Flow:
     return Flow("lost", w, {"p": script}, {"out": [b"f(l1)", b"f(l2)", b"f(l3)"]}, set())
 
 
+def _lines(t: FakeTask) -> int:
+    x = t.read("a").decode()
+    t.write("out", f"{x}.1\n{x}.2\r\n\n{x}.3".encode())  # split="lines": 4 items
+    return 0
+
+
+def flow_split() -> Flow:
+    """output@split="lines" (flowd.collect._split_one): one item per line, in order,
+    built as a folder of unsynced files fsynced in one batch, renamed whole."""
+    w = wf(channels={"a": ["s1", "s2"], "out": []}, processes=[_proc("p", "a", "out")])
+    w.processes["p"].outputs[0].split = "lines"
+    want = [f"{x}.{k}".encode() if k else b"" for x in ("s1", "s2") for k in (1, 2, 0, 3)]
+    return Flow("split", w, {"p": _lines}, {"out": want}, {"out"})
+
+
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
          "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch,
-         "sources": flow_sources, "warm": flow_warm, "lost": flow_lost}
+         "sources": flow_sources, "warm": flow_warm, "lost": flow_lost,
+         "split": flow_split}
 
 
 class Sim:
