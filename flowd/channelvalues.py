@@ -54,9 +54,8 @@ def value_name(name: str, env: dict[str, str]) -> str:
                       f'write as="{_env_like(name)}"')
     if name in RESERVED or name.startswith(RESERVED_PREFIXES) or name.upper().startswith("FLOWD_"):
         raise Invalid(f"a value input's as={quote(name)} would set the environment variable {name}, "
-                      "which the shell, the interpreter or flowd rely on (reserved: "
-                      + ", ".join(sorted(RESERVED)) + ", and names starting with "
-                      + ", ".join(RESERVED_PREFIXES) + ")",
+                      "which the shell, the interpreter or flowd rely on (the reserved names are "
+                      "in docs/format.md, \"Value inputs\")",
                       f'write as="{name.lower()}_value"' if ENV_RE.match(name.lower() + "_value")
                       else 'write as="item"')
     if name in env:

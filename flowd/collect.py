@@ -155,18 +155,20 @@ class Collector:
                 lines = LineSplitter((src if cap is None else _Capped(src, cap, as_name)).read)
                 batch: list[str] = []
                 k = 0
-                while lines.more():
-                    if k >= MAX_SPLIT_ITEMS:
-                        raise TaskOutputError(f"output {as_name} has more than {MAX_SPLIT_ITEMS} lines; "
-                                              f"split=\"lines\" gives at most {MAX_SPLIT_ITEMS} items")
-                    path = os.path.join(tmp, f"{k:09d}")
-                    if fs.write_file(path, lines.line(), mode=ITEM_MODE, checksum=True, sync=False):
-                        batch.append(path)  # an empty item has no data to lose
-                    k += 1
-                    if len(batch) >= SPLIT_SYNC_BATCH:
-                        fs.sync_many(files=batch)
+                more = True
+                while more:
+                    more = lines.more()
+                    if more:
+                        if k >= MAX_SPLIT_ITEMS:
+                            raise TaskOutputError(f"output {as_name} has more than {MAX_SPLIT_ITEMS} "
+                                                  f"lines; split=\"lines\" gives at most {MAX_SPLIT_ITEMS} items")
+                        path = os.path.join(tmp, f"{k:09d}")
+                        if fs.write_file(path, lines.line(), mode=ITEM_MODE, checksum=True, sync=False):
+                            batch.append(path)  # an empty item has no data to lose
+                        k += 1
+                    if batch and (len(batch) >= SPLIT_SYNC_BATCH or not more):
+                        fs.sync_many(files=batch)  # one site: a full batch and the last one
                         batch = []
-                fs.sync_many(files=batch)
             fs.fsync_dir(tmp)
             fs.rename(tmp, dst, sync=False)
             _drop(wfd, [as_name])

@@ -191,9 +191,9 @@ def test_a_bad_value_name_is_refused_at_submission_with_its_line(daemon, workdir
   </process>""")
     res = daemon.flowctl("submit", path, check=2)
     err = res.stderr
-    assert f"{path}:6: error: <input>: a value input's as=\"my-words\"" in err, err
+    assert f"{path}:5: error: <input>: a value input's as=\"my-words\"" in err, err
     assert "(fix: write as=\"my_words\")" in err, err
-    assert f"{path}:7: error: <input>: a value input's as=\"PATH\" would set the environment " \
+    assert f"{path}:6: error: <input>: a value input's as=\"PATH\" would set the environment " \
            "variable PATH" in err, err
     assert "Traceback" not in err
 
@@ -224,7 +224,7 @@ def test_a_big_stdout_is_the_item_streamed_with_the_daemon_memory_flat(daemon, w
         assert os.path.getsize(path) == size
         with open(path, "rb") as f:
             assert f.read(len(line) * 3) == line * 3
-        logs = daemon.flowctl("logs", det["id"], "--json", check=0).stdout
+        logs = daemon.flowctl("logs", det["id"], mode, check=0).stdout
         assert "to stderr" in logs and "0123456789" not in logs, "the log keeps stderr only"
 
 
