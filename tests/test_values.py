@@ -17,7 +17,8 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from daemon_fixtures import REPO, wait_until
+from daemon_fixtures import REPO
+from test_swarm import docker_swarm  # noqa: F401  (the fixture: a Swarm manager)
 
 pytestmark = pytest.mark.docker
 EXAMPLES = os.path.join(REPO, "examples")
@@ -377,3 +378,34 @@ def test_a_1_gib_stdout_passes_with_the_daemon_memory_flat(daemon, workdir):
     assert vm_hwm(daemon.proc.pid) - before < 16 * 1024 * 1024
     detail = json.loads(daemon.flowctl("status", det["id"], "--json", check=0).stdout)
     assert {c["name"]: c["depth"] for c in detail["channels"]}["out"] == 1
+
+
+# -- Swarm ---------------------------------------------------------------------------------------
+
+@pytest.mark.swarm
+def test_values_stdout_and_split_on_swarm_jobs(daemon_factory, workdir, docker_swarm):
+    """executor = "swarm": values go in the job's Env, stdout is written by the
+    wrapper into /task on the shared spool, so both work as locally."""
+    from test_swarm import remove_spool_services
+
+    conf = write(os.path.join(workdir, "flowd.toml"),
+                 'executor = "swarm"\nmax_containers = 2\ndefault_memory = "64m"\n')
+    d = daemon_factory(extra_args=["--config", conf]).start()
+    try:
+        det = submit_wait(d, os.path.join(EXAMPLES, "wordcount-values", "workflow.xml"), check=0)
+        assert det["state"] == "succeeded", det
+        assert pull(d, det["id"], "report", os.path.join(workdir, "r")) == \
+            [b"9 words\n", b"8 words\n", b"3 words\n", b"1 words\n", b"8 words\n"]
+        det = submit_wait(d, workflow(folder(workdir), f"""
+  <channel name="in">{items(*HOSTILE[:4])}</channel><channel name="out"/>
+  <process name="p" image="flowd/busybox">
+    <input channel="in" as="word" value="yes"/>
+    <output channel="out" from="stdout"/>
+    <script>printf '%s' "$word"; if [ -e /task/pwned ]; then echo PWNED; fi</script>
+  </process>"""), check=0)
+        assert det["state"] == "succeeded", det
+        assert pull(d, det["id"], "out", os.path.join(workdir, "o")) == \
+            [h.encode() for h in HOSTILE[:4]]
+    finally:
+        d.stop()
+        remove_spool_services(docker_swarm, os.path.realpath(d.spool))
