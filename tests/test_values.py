@@ -144,14 +144,17 @@ def test_a_value_too_big_with_a_nul_or_not_utf8_fails_the_task_and_keeps_its_inp
     where = folder(workdir)
     big = b"x" * (128 * 1024 + 1)
     near = b"y" * (100 * 1024)
+    edge = b"z" * (128 * 1024 - len("v=") - 1)  # "v=" + item + its NUL: the kernel's 131072
     write(os.path.join(where, "big"), big)
     write(os.path.join(where, "nul"), b"a\x00b")
     write(os.path.join(where, "latin1"), b"caf\xe9")
     write(os.path.join(where, "near"), near)
+    write(os.path.join(where, "edge"), edge)
+    write(os.path.join(where, "edge1"), edge + b"z")
     body = ""
     for mode in MODES:
         body += f"""
-  <channel name="in_{mode}"><item file="big"/><item file="nul"/><item file="latin1"/><item file="near"/></channel>
+  <channel name="in_{mode}"><item file="big"/><item file="nul"/><item file="latin1"/><item file="near"/><item file="edge"/><item file="edge1"/></channel>
   <channel name="out_{mode}"/>
   <process name="{mode}" image="flowd/busybox" container="{mode}" retries="1" on-failure="continue">
     <input channel="in_{mode}" as="v" value="yes"/>
@@ -160,23 +163,26 @@ def test_a_value_too_big_with_a_nul_or_not_utf8_fails_the_task_and_keeps_its_inp
   </process>"""
     det = submit_wait(d, workflow(where, body), check=0)
     assert det["state"] == "succeeded", det
-    assert det["tasks_failed"] == 6, det["failures"]
+    assert det["tasks_failed"] == 8, det["failures"]
     why = reasons(det)
     for mode in MODES:
         got = sorted(why[mode])
-        assert len(got) == 3, got
+        assert len(got) == 4, got
+        assert any("is 131070 bytes; with its name" in r and "limit of 131072 bytes" in r
+                   for r in got), got
         assert any("over 128 KiB" in r for r in got), got
         assert any("NUL byte (at offset 1)" in r for r in got), got
         assert any("not UTF-8 text (byte 0xe9 at offset 3)" in r for r in got), got
         assert all(r.startswith("value input v: item ") for r in got), got
-        # the 100 KiB value went through
+        # the 100 KiB value went through, and the longest the kernel takes
         assert pull(d, det["id"], f"out_{mode}", os.path.join(workdir, mode)) == \
-            [f"{len(near)}\n".encode()]
+            [f"{len(near)}\n".encode(), f"{len(edge)}\n".encode()]
     for f in det["failures"]:
         assert f["attempts"] == 2, f  # retried like any failure
     kept = sorted(open(p, "rb").read() for p in glob.glob(
         os.path.join(d.spool, "**", "failed", "*", "in", "*"), recursive=True))
-    assert kept == sorted([big, b"a\x00b", b"caf\xe9"] * 2), "the failed tasks' inputs are kept"
+    assert kept == sorted([big, b"a\x00b", b"caf\xe9", edge + b"z"] * 2), \
+        "the failed tasks' inputs are kept"
 
 
 def test_a_bad_value_name_is_refused_at_submission_with_its_line(daemon, workdir):
