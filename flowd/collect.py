@@ -40,7 +40,7 @@ class Collector:
         """Copy the declared outputs from work/ into out/; returns (channel, rel) in order.
 
         ``outputs`` is the process's (channel, as-name[, split]) list; a split
-        of ``"lines"`` makes one item per line (``_split_one``). A regular file is
+        of ``"lines"`` makes one item per line (``_split_output``). A regular file is
         one item; a folder gives one item per regular file in it, by name; no
         file gives no item. Anything else (a link, a FIFO, a device, a folder
         in the folder, a hard link, an oversized file) is a TaskOutputError.
@@ -69,10 +69,7 @@ class Collector:
                 dst = os.path.join(outdir, f"{attempt}.{j}")
                 if os.path.lexists(dst):
                     continue  # an earlier collect of this attempt finished it
-                if split and split[0] == "lines":
-                    made = self._split_one(wfd, as_name, dst) or made
-                    continue
-                made = self._collect_one(wfd, as_name, dst) or made
+                made = self._collect_one(wfd, as_name, dst, split[0] if split else None) or made
         finally:
             os.close(wfd)
         result: list[tuple[str, str]] = []
@@ -89,8 +86,9 @@ class Collector:
             fs.fsync_dir(outdir)
         return result
 
-    def _collect_one(self, wfd: int, as_name: str, dst: str) -> bool:
-        """Copy one declared output into ``dst``; False when the script wrote none."""
+    def _collect_one(self, wfd: int, as_name: str, dst: str, split: str | None = None) -> bool:
+        """Copy one declared output into ``dst`` (``split="lines"``: one item per
+        line, ``_split_output``); False when the script wrote none."""
         fs = self.fs
         fd = _open_output(wfd, as_name, as_name)
         if fd is None:
@@ -98,6 +96,11 @@ class Collector:
         tmp = os.path.join(os.path.dirname(dst), "." + os.path.basename(dst) + ".tmp")
         try:
             st = os.fstat(fd)
+            if split == "lines":
+                self._split_output(fd, st, tmp, as_name)
+                fs.rename(tmp, dst, sync=False)
+                _drop(wfd, [as_name])
+                return True
             if stat.S_ISREG(st.st_mode):
                 self._check_output(st, as_name)
                 self._copy_output(fd, st, dst, as_name)  # via .A.J.tmp, renamed whole
@@ -107,9 +110,7 @@ class Collector:
             if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
                 os.fchmod(fd, 0o700)  # flowd's own folder, left unsearchable by the script
             names = _list_output(fd, as_name)
-            if os.path.lexists(tmp):
-                fs.rmtree(tmp)  # left by an earlier collect of this attempt
-            fs.mkdir(tmp, sync_parent=False)
+            self._new_tmp(tmp)
             for k, n in enumerate(names):
                 label = f"{as_name}/{n}"
                 ffd = _open_output(fd, n, label, folder_ok=False)
@@ -128,53 +129,45 @@ class Collector:
         finally:
             os.close(fd)
 
-    def _split_one(self, wfd: int, as_name: str, dst: str) -> bool:
+    def _new_tmp(self, tmp: str) -> None:
+        """An empty ``out/.A.J.tmp/`` (what an earlier collect of this attempt left goes)."""
+        if os.path.lexists(tmp):
+            self.fs.rmtree(tmp)
+        self.fs.mkdir(tmp, sync_parent=False)
+
+    def _split_output(self, fd: int, st: os.stat_result, tmp: str, as_name: str) -> None:
         """``output@split="lines"``: one item per line of the output file, in
-        order, streamed (flowd.channelvalues.LineSplitter). Built like a folder
-        output: ``out/.A.J.tmp/`` of files 000000000, 000000001... renamed whole
-        to ``out/A.J``. The item files are written unsynced and fsynced
-        ``SPLIT_SYNC_BATCH`` at a time (``Durable.sync_many``: one group commit
-        each), then the folder, before the rename: never one fsync round per line."""
+        order, streamed (flowd.channelvalues.LineSplitter), into ``tmp`` as
+        files 000000000, 000000001..., then renamed whole like a folder output.
+        The item files are written unsynced and fsynced ``SPLIT_SYNC_BATCH`` at
+        a time (``Durable.sync_many``: one group commit each), then the folder,
+        before the rename: never one fsync round per line."""
         fs = self.fs
-        fd = _open_output(wfd, as_name, as_name)
-        if fd is None:
-            return False
-        tmp = os.path.join(os.path.dirname(dst), "." + os.path.basename(dst) + ".tmp")
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise TaskOutputError(f"output {as_name} is a folder; split=\"lines\" takes a file "
-                                      "(or stdout)")
-            self._check_output(st, as_name)
-            if os.path.lexists(tmp):
-                fs.rmtree(tmp)  # left by an earlier collect of this attempt
-            fs.mkdir(tmp, sync_parent=False)
-            cap = self.max_output_bytes
-            src = os.fdopen(os.dup(fd), "rb", buffering=0)
-            with src:
-                lines = LineSplitter((src if cap is None else _Capped(src, cap, as_name)).read)
-                batch: list[str] = []
-                k = 0
-                more = True
-                while more:
-                    more = lines.more()
-                    if more:
-                        if k >= MAX_SPLIT_ITEMS:
-                            raise TaskOutputError(f"output {as_name} has more than {MAX_SPLIT_ITEMS} "
-                                                  f"lines; split=\"lines\" gives at most {MAX_SPLIT_ITEMS} items")
-                        path = os.path.join(tmp, f"{k:09d}")
-                        if fs.write_file(path, lines.line(), mode=ITEM_MODE, checksum=True, sync=False):
-                            batch.append(path)  # an empty item has no data to lose
-                        k += 1
-                    if batch and (len(batch) >= SPLIT_SYNC_BATCH or not more):
-                        fs.sync_many(files=batch)  # one site: a full batch and the last one
-                        batch = []
-            fs.fsync_dir(tmp)
-            fs.rename(tmp, dst, sync=False)
-            _drop(wfd, [as_name])
-            return True
-        finally:
-            os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise TaskOutputError(f"output {as_name} is a folder; split=\"lines\" takes a file "
+                                  "(or stdout)")
+        self._check_output(st, as_name)
+        self._new_tmp(tmp)
+        cap = self.max_output_bytes
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as src:
+            lines = LineSplitter((src if cap is None else _Capped(src, cap, as_name)).read)
+            batch: list[str] = []
+            k = 0
+            more = True
+            while more:
+                more = lines.more()
+                if more:
+                    if k >= MAX_SPLIT_ITEMS:
+                        raise TaskOutputError(f"output {as_name} has more than {MAX_SPLIT_ITEMS} lines; "
+                                              f"split=\"lines\" gives at most {MAX_SPLIT_ITEMS} items")
+                    path = os.path.join(tmp, f"{k:09d}")
+                    if fs.write_file(path, lines.line(), mode=ITEM_MODE, checksum=True, sync=False):
+                        batch.append(path)  # an empty item has no data to lose
+                    k += 1
+                if batch and (len(batch) >= SPLIT_SYNC_BATCH or not more):
+                    fs.sync_many(files=batch)  # one site: a full batch and the last one
+                    batch = []
+        fs.fsync_dir(tmp)
 
     def _copy_output(self, fd: int, st: os.stat_result, path: str, label: str, *,
                      sync_dir: bool = False) -> None:

@@ -632,7 +632,7 @@ def _lines(t: FakeTask) -> int:
 
 
 def flow_split() -> Flow:
-    """output@split="lines" (flowd.collect._split_one): one item per line, in order,
+    """output@split="lines" (flowd.collect.Collector._split_output): one item per line, in order,
     built as a folder of unsynced files fsynced in one batch, renamed whole."""
     w = wf(channels={"a": ["s1", "s2"], "out": []}, processes=[_proc("p", "a", "out")])
     w.processes["p"].outputs[0].split = "lines"

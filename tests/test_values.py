@@ -6,12 +6,9 @@ containers. Waits are for conditions, never for durations.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import re
-import subprocess
-import tarfile
 import uuid
 from xml.sax.saxutils import escape
 
@@ -19,6 +16,7 @@ import pytest
 
 from daemon_fixtures import REPO
 from test_swarm import docker_swarm  # noqa: F401  (the fixture: a Swarm manager)
+from test_warm import no_shell_image  # noqa: F401  (the fixture: an image without /bin/sh)
 
 pytestmark = pytest.mark.docker
 EXAMPLES = os.path.join(REPO, "examples")
@@ -257,21 +255,6 @@ def test_stdout_over_the_output_cap_fails_the_task(daemon_factory, workdir):
     det = submit_wait(d, workflow(folder(workdir), body), check=1)
     assert det["state"] == "failed", det
     assert "limit" in det["failures"][0]["reason"], det["failures"]
-
-
-@pytest.fixture(scope="module")
-def no_shell_image(docker_client):
-    """flowd-test/nosh: FROM scratch with one static file and no /bin/sh (docker import)."""
-    tag = "flowd-test/nosh:latest"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = b"nothing to run here\n"
-        info = tarfile.TarInfo("hello.txt")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    res = subprocess.run(["docker", "import", "-", tag], input=buf.getvalue(), capture_output=True)
-    assert res.returncode == 0, res.stderr
-    return tag
 
 
 def test_stdout_and_values_in_an_image_without_a_shell_fail_clearly(daemon, workdir, no_shell_image):
