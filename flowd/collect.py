@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import stat
 
+from .channelvalues import MAX_SPLIT_ITEMS, SPLIT_SYNC_BATCH, LineSplitter
 from .fsops import Durable, file_kind
 
 MAX_OUTPUT_FILES = 10_000  # per output name, when the script writes a folder
@@ -22,7 +23,7 @@ class TaskOutputError(Exception):
     """The script's outputs break the rules (a task failure, not a crash)."""
 
 
-def collect(fs: Durable, work: str, outdir: str, attempt: int, outputs: list[tuple[str, str]],
+def collect(fs: Durable, work: str, outdir: str, attempt: int, outputs: list[tuple],
             max_output_bytes: int | None = None) -> list[tuple[str, str]]:
     """Copy the declared outputs from ``work`` into ``outdir``: see ``Collector.collect``."""
     return Collector(fs, work, outdir, max_output_bytes).collect(attempt, outputs)
@@ -35,10 +36,11 @@ class Collector:
         self.fs, self.work, self.outdir = fs, work, outdir
         self.max_output_bytes = max_output_bytes
 
-    def collect(self, attempt: int, outputs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    def collect(self, attempt: int, outputs: list[tuple]) -> list[tuple[str, str]]:
         """Copy the declared outputs from work/ into out/; returns (channel, rel) in order.
 
-        ``outputs`` is the process's (channel, as-name) list. A regular file is
+        ``outputs`` is the process's (channel, as-name[, split]) list; a split
+        of ``"lines"`` makes one item per line (``_split_output``). A regular file is
         one item; a folder gives one item per regular file in it, by name; no
         file gives no item. Anything else (a link, a FIFO, a device, a folder
         in the folder, a hard link, an oversized file) is a TaskOutputError.
@@ -63,15 +65,15 @@ class Collector:
         made = False
         wfd = os.open(work, _DIR_OPEN)
         try:
-            for j, (channel, as_name) in enumerate(outputs):
+            for j, (channel, as_name, *split) in enumerate(outputs):
                 dst = os.path.join(outdir, f"{attempt}.{j}")
                 if os.path.lexists(dst):
                     continue  # an earlier collect of this attempt finished it
-                made = self._collect_one(wfd, as_name, dst) or made
+                made = self._collect_one(wfd, as_name, dst, split[0] if split else None) or made
         finally:
             os.close(wfd)
         result: list[tuple[str, str]] = []
-        for j, (channel, _) in enumerate(outputs):
+        for j, (channel, *_) in enumerate(outputs):
             rel = f"out/{attempt}.{j}"
             dst = os.path.join(outdir, f"{attempt}.{j}")
             if os.path.isdir(dst):
@@ -84,8 +86,9 @@ class Collector:
             fs.fsync_dir(outdir)
         return result
 
-    def _collect_one(self, wfd: int, as_name: str, dst: str) -> bool:
-        """Copy one declared output into ``dst``; False when the script wrote none."""
+    def _collect_one(self, wfd: int, as_name: str, dst: str, split: str | None = None) -> bool:
+        """Copy one declared output into ``dst`` (``split="lines"``: one item per
+        line, ``_split_output``); False when the script wrote none."""
         fs = self.fs
         fd = _open_output(wfd, as_name, as_name)
         if fd is None:
@@ -93,6 +96,11 @@ class Collector:
         tmp = os.path.join(os.path.dirname(dst), "." + os.path.basename(dst) + ".tmp")
         try:
             st = os.fstat(fd)
+            if split == "lines":
+                self._split_output(fd, st, tmp, as_name)
+                fs.rename(tmp, dst, sync=False)
+                _drop(wfd, [as_name])
+                return True
             if stat.S_ISREG(st.st_mode):
                 self._check_output(st, as_name)
                 self._copy_output(fd, st, dst, as_name)  # via .A.J.tmp, renamed whole
@@ -102,9 +110,7 @@ class Collector:
             if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
                 os.fchmod(fd, 0o700)  # flowd's own folder, left unsearchable by the script
             names = _list_output(fd, as_name)
-            if os.path.lexists(tmp):
-                fs.rmtree(tmp)  # left by an earlier collect of this attempt
-            fs.mkdir(tmp, sync_parent=False)
+            self._new_tmp(tmp)
             for k, n in enumerate(names):
                 label = f"{as_name}/{n}"
                 ffd = _open_output(fd, n, label, folder_ok=False)
@@ -122,6 +128,46 @@ class Collector:
             return True
         finally:
             os.close(fd)
+
+    def _new_tmp(self, tmp: str) -> None:
+        """An empty ``out/.A.J.tmp/`` (what an earlier collect of this attempt left goes)."""
+        if os.path.lexists(tmp):
+            self.fs.rmtree(tmp)
+        self.fs.mkdir(tmp, sync_parent=False)
+
+    def _split_output(self, fd: int, st: os.stat_result, tmp: str, as_name: str) -> None:
+        """``output@split="lines"``: one item per line of the output file, in
+        order, streamed (flowd.channelvalues.LineSplitter), into ``tmp`` as
+        files 000000000, 000000001..., then renamed whole like a folder output.
+        The item files are written unsynced and fsynced ``SPLIT_SYNC_BATCH`` at
+        a time (``Durable.sync_many``: one group commit each), then the folder,
+        before the rename: never one fsync round per line."""
+        fs = self.fs
+        if stat.S_ISDIR(st.st_mode):
+            raise TaskOutputError(f"output {as_name} is a folder; split=\"lines\" takes a file "
+                                  "(or stdout)")
+        self._check_output(st, as_name)
+        self._new_tmp(tmp)
+        cap = self.max_output_bytes
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as src:
+            lines = LineSplitter((src if cap is None else _Capped(src, cap, as_name)).read)
+            batch: list[str] = []
+            k = 0
+            more = True
+            while more:
+                more = lines.more()
+                if more:
+                    if k >= MAX_SPLIT_ITEMS:
+                        raise TaskOutputError(f"output {as_name} has more than {MAX_SPLIT_ITEMS} lines; "
+                                              f"split=\"lines\" gives at most {MAX_SPLIT_ITEMS} items")
+                    path = os.path.join(tmp, f"{k:09d}")
+                    if fs.write_file(path, lines.line(), mode=ITEM_MODE, checksum=True, sync=False):
+                        batch.append(path)  # an empty item has no data to lose
+                    k += 1
+                if batch and (len(batch) >= SPLIT_SYNC_BATCH or not more):
+                    fs.sync_many(files=batch)  # one site: a full batch and the last one
+                    batch = []
+        fs.fsync_dir(tmp)
 
     def _copy_output(self, fd: int, st: os.stat_result, path: str, label: str, *,
                      sync_dir: bool = False) -> None:

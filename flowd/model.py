@@ -43,11 +43,20 @@ class Channel:
 
 @dataclass
 class Port:
-    """A process input or output: the channel and the file name in /task."""
+    """A process input or output: the channel and the file name in /task.
+
+    ``value`` (inputs): the item is also the environment variable ``as_name``.
+    ``source`` (outputs): ``file`` (the script writes /task/<as>) or ``stdout``
+    (the script's standard output is the item). ``split`` (outputs): ``lines``
+    makes one item per line. See flowd/channelvalues.py.
+    """
 
     channel: str
     as_name: str
     line: int | None = None
+    value: bool = False
+    source: str = "file"
+    split: str | None = None
 
 
 @dataclass

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from flowd import model, rules, values
+from flowd import channelvalues, model, rules, values
 from flowd.errors import Problem, WorkflowError
 from flowd.filerefs import FileRefs
 from flowd.limits import MAX_DEPTH, MAX_XML_BYTES
@@ -77,8 +77,8 @@ ATTRS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "item": ((), ("file",)),
     "items": (("glob",), ()),
     "process": (("name",), PROCESS_ATTRS),
-    "input": (("channel",), ("as",)),
-    "output": (("channel",), ("as",)),
+    "input": (("channel",), ("as", "value")),
+    "output": (("channel",), ("as", "from", "split")),
     "env": (("name", "value"), ()),
     "script": ((), ("file",)),
     "mux": (("from", "to"), ()),
@@ -633,6 +633,7 @@ class _Builder:
         env: dict[str, str] = {}
         env_lines: dict[str, int | None] = {}
         as_lines: dict[str, int | None] = {}
+        port_els: list = []  # (Port, its element)
         scripts = []
         for child in kids:
             self.check_shape(child)
@@ -653,6 +654,8 @@ class _Builder:
                     continue
                 as_lines[as_name] = child.sourceline
                 port = Port(channel=channel, as_name=as_name, line=child.sourceline)
+                self.port_attrs(child, port)
+                port_els.append((port, child))
                 (inputs if child.tag == "input" else outputs).append(port)
             elif child.tag == "env":
                 ename, evalue = child.get("name"), child.get("value")
@@ -669,6 +672,7 @@ class _Builder:
             elif child.tag == "script":
                 scripts.append(child)
         script, script_file = self.script_of(el, label, scripts)
+        self.check_ports(port_els, env, label)
 
         if name is None:
             return
@@ -699,6 +703,32 @@ class _Builder:
             script_file=script_file,
             line=el.sourceline,
         )
+
+    def port_attrs(self, el, port: Port) -> None:
+        """value= of an <input>, from= and split= of an <output> (flowd.channelvalues)."""
+        attrs = (("value", channelvalues.VALUE_CHOICES),) if el.tag == "input" else \
+            (("from", channelvalues.FROM_CHOICES), ("split", channelvalues.SPLIT_CHOICES))
+        for attr, options in attrs:
+            if el.get(attr) is None:
+                continue
+            got = self.checked(el, values.choice, attr, el.get(attr), options)
+            if attr == "value":
+                port.value = got == "yes"
+            elif attr == "from" and got is not None:
+                port.source = got
+            elif attr == "split" and got == "lines":
+                port.split = got
+
+    def check_ports(self, port_els: list, env: dict, label: str) -> None:
+        """A value input's name is an environment variable's; one output at most takes stdout."""
+        for port, el in port_els:
+            if port.value:
+                self.checked(el, channelvalues.value_name, port.as_name, env)
+        stdout = [(p, el) for p, el in port_els if p.source == "stdout"]
+        for _, extra in stdout[1:]:
+            self.error(extra, f"{label} has a second output with from=\"stdout\" "
+                       f"(the first is at line {stdout[0][0].line}); a script has one standard output",
+                       "take stdout for one output; let the script write the others as files")
 
     def script_of(self, el, label: str, scripts: list) -> tuple[str | None, str | None]:
         """The text of a process's one <script> and the file it came from, if any."""

@@ -317,7 +317,7 @@ class Run:
         rec = act.rec
         proc = self.wf.processes[rec.name]
         try:
-            outs = self.tasks.collect(rec, [(p.channel, p.as_name) for p in proc.outputs])
+            outs = self.tasks.collect(rec, [(p.channel, p.as_name, p.split) for p in proc.outputs])
         except TaskOutputError as e:
             self.failures.failed(act, f"bad output: {e}")
             return

@@ -55,6 +55,9 @@ def task_spec(run, rec: TaskRecord) -> X.TaskSpec:
         container=proc.container or run.limits.default_container, placement=list(proc.placement),
         # never feed a damaged item to a script (checked by the executor, off the loop)
         verify=[(ch, seq, run.store.input_path(rec, seq)) for ch, seq in rec.inputs],
+        values=[(port.as_name, f"item {seq} of channel {ch}", run.store.input_path(rec, seq))
+                for port, (ch, seq) in zip(proc.inputs, rec.inputs) if port.value],
+        stdout=next((p.as_name for p in proc.outputs if p.source == "stdout"), ""),
     )
 
 

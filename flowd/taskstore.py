@@ -208,7 +208,7 @@ class TaskStore:
 
 
     # -- 3. collect ------------------------------------------------------------
-    def collect(self, rec: TaskRecord, outputs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    def collect(self, rec: TaskRecord, outputs: list[tuple]) -> list[tuple[str, str]]:
         """Copy the declared outputs from work/ into out/; (channel, rel) in order.
         See ``flowd.collect.collect``: an item is a new file flowd makes, never
         the container's own."""

@@ -53,6 +53,9 @@ EXAMPLES = {  # used in "fix:" hints
     "placement": 'placement="node.labels.disk==ssd"',
     "mode": 'mode="service"',
     "as": 'as="input.txt"',
+    "value": 'value="yes"',
+    "from": 'from="stdout"',
+    "split": 'split="lines"',
 }
 
 _q = quote

@@ -698,10 +698,25 @@ def flow_rm() -> Flow:
                 removed=True)
 
 
+def _lines(t: FakeTask) -> int:
+    x = t.read("a").decode()
+    t.write("out", f"{x}.1\n{x}.2\r\n\n{x}.3".encode())  # split="lines": 4 items
+    return 0
+
+
+def flow_split() -> Flow:
+    """output@split="lines" (flowd.collect.Collector._split_output): one item per line, in order,
+    built as a folder of unsynced files fsynced in one batch, renamed whole."""
+    w = wf(channels={"a": ["s1", "s2"], "out": []}, processes=[_proc("p", "a", "out")])
+    w.processes["p"].outputs[0].split = "lines"
+    want = [f"{x}.{k}".encode() if k else b"" for x in ("s1", "s2") for k in (1, 2, 0, 3)]
+    return Flow("split", w, {"p": _lines}, {"out": want}, {"out"})
+
+
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
          "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch,
          "sources": flow_sources, "warm": flow_warm, "lost": flow_lost,
-         "retry": flow_retry, "rm": flow_rm}
+         "retry": flow_retry, "rm": flow_rm, "split": flow_split}
 
 
 class Sim:

@@ -26,7 +26,7 @@ def test_validate_rejects_every_invalid_file_with_exit_2_naming_the_line(path, c
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("name", ["wordcount", "join", "filter"])
+@pytest.mark.parametrize("name", ["wordcount", "join", "filter", "wordcount-values"])
 def test_validate_accepts_the_examples(name, capsys):
     assert cli.main(["validate", str(EXAMPLES / name / "workflow.xml")]) == 0
     assert "valid" in capsys.readouterr().out

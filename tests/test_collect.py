@@ -791,3 +791,95 @@ def test_remove_tree_as_non_root_removes_what_it_can_and_reports_the_rest(shared
     assert len(res["reaper_logged"]) == 1, res["reaper_logged"]
     assert "delete it as root" in res["reaper_logged"][0]
 
+
+
+# -- output@split="lines" (flowd.channelvalues.LineSplitter, Collector._split_one) ----------
+
+def _split(tmp_path, data: bytes, cap: int | None = None, name: str = "t") -> list[bytes]:
+    store, rec = new_task(str(tmp_path / name))
+    with open(os.path.join(store.task_path(rec, "work"), "lines"), "wb") as f:
+        f.write(data)
+    result = TaskStore(store, max_output_bytes=cap).collect(rec, [("l", "lines", "lines")])
+    for _, rel in result:
+        path = store.task_path(rec, rel)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == ITEM_MODE
+        assert checksum.check(path) is None
+    return [open(store.task_path(rec, rel), "rb").read() for _, rel in result]
+
+
+@pytest.mark.parametrize("data,want", [
+    (b"", []),
+    (b"\n", [b""]),
+    (b"a", [b"a"]),
+    (b"a\nb\n", [b"a", b"b"]),
+    (b"a\n\nb", [b"a", b"", b"b"]),
+    (b"a\r\nb\r\n", [b"a", b"b"]),
+    (b"a\rb\r", [b"a\rb\r"]),
+    (b"a\r\r\n", [b"a\r"]),
+    (b"\x00\xff\n\xfe", [b"\x00\xff", b"\xfe"]),
+])
+def test_split_lines_rules(tmp_path, data, want):
+    assert _split(tmp_path, data) == want
+
+
+def test_split_streams_a_line_longer_than_a_chunk_and_many_lines_in_order(tmp_path):
+    long = b"x" * (3 * CHUNK + 7)
+    assert _split(tmp_path, long + b"\r\n" + long, name="long") == [long, long]
+    n = 5000  # several fsync batches
+    data = b"".join(b"%d\n" % i for i in range(n))
+    assert _split(tmp_path, data, name="many") == [b"%d" % i for i in range(n)]
+
+
+def test_split_fsyncs_in_batches_not_once_per_line(tmp_path, monkeypatch):
+    from flowd import channelvalues
+
+    calls = []
+    real = Durable.sync_many
+    monkeypatch.setattr(Durable, "sync_many", lambda self, **kw: calls.append(
+        len(list(kw.get("files", ())))) or real(self, **kw))
+    n = 3 * channelvalues.SPLIT_SYNC_BATCH + 5
+    _split(tmp_path, b"".join(b"line %d\n" % i for i in range(n)))
+    b = channelvalues.SPLIT_SYNC_BATCH
+    file_rounds = [c for c in calls if c][1:]  # the first: the claim's task.json
+    assert file_rounds == [b, b, b, 5], file_rounds
+
+
+def test_split_bounds_and_refusals(tmp_path, monkeypatch):
+    from flowd import collect as collect_mod
+
+    with pytest.raises(TaskOutputError, match="12 bytes; the limit is 10"):
+        _split(tmp_path, b"a\n" * 6, cap=10, name="cap")
+    monkeypatch.setattr(collect_mod, "MAX_SPLIT_ITEMS", 3)
+    with pytest.raises(TaskOutputError, match="more than 3 lines"):
+        _split(tmp_path, b"1\n2\n3\n4\n", name="many")
+    assert _split(tmp_path, b"1\n2\n3\n", name="three") == [b"1", b"2", b"3"]
+    store, rec = new_task(str(tmp_path / "folder"))
+    os.mkdir(os.path.join(store.task_path(rec, "work"), "lines"))
+    with pytest.raises(TaskOutputError, match="is a folder"):
+        TaskStore(store).collect(rec, [("l", "lines", "lines")])
+
+
+def test_split_is_idempotent_after_a_crash_at_any_point(tmp_path):
+    data = b"one\ntwo\r\n\nthree"
+    want = [b"one", b"two", b"", b"three"]
+    store, rec = new_task(str(tmp_path / "clean"))
+    with open(os.path.join(store.task_path(rec, "work"), "lines"), "wb") as f:
+        f.write(data)
+    points0 = store.fs.points
+    TaskStore(store).collect(rec, [("l", "lines", "lines")])
+    total = store.fs.points - points0
+    for n in range(1, total + 1):
+        base = str(tmp_path / f"crash{n}")
+        store, rec = new_task(base)
+        with open(os.path.join(store.task_path(rec, "work"), "lines"), "wb") as f:
+            f.write(data)
+        store.fs = Durable(crash_at=n, crash_mode="raise")
+        with pytest.raises(SimulatedCrash):
+            TaskStore(store).collect(rec, [("l", "lines", "lines")])
+        again = RunStore(store.root, Durable())
+        rec2 = TaskStore(again)._load_task(rec.dirname)
+        result = TaskStore(again).collect(rec2, [("l", "lines", "lines")])
+        got = [open(again.task_path(rec2, rel), "rb").read() for _, rel in result]
+        assert got == want, f"crash at point {n} of {total}"
+        assert os.listdir(again.task_path(rec2, "out")) == ["1.0"], n
+        _remove(base)

@@ -39,7 +39,7 @@ import crashsim as C
 EXPECTED_POINTS = {"one": 156, "join": 166, "pipeline": 275, "faults": 261, "cancel": 152,
                    "muxbatch": 80, "sources": 300, "warm": 251, "lost": 165,
                    # session 6: flowctl retry after a failed run; flowctl rm of "one" once it ended
-                   "retry": 291, "rm": 159}
+                   "retry": 291, "rm": 159, "split": 139}
 
 SUITE_SEEDS = [1]  # random-order seeds in the everyday suite
 FULL_SEEDS = [1, 2, 3, 4, 5]

@@ -842,3 +842,24 @@ def test_fuzz_mutated_valid_files_only_ever_raise_workflow_error(fuzz_dir, seed,
         pos %= len(data) + 1
         data[pos:pos + cut] = insert
     _check_clean(write(fuzz_dir, bytes(data), "fuzz.xml"))
+
+
+def test_value_from_and_split_are_read_and_kept_in_the_runs_json_form():
+    wf, warnings = load_workflow(VALID / "values.xml")
+    assert warnings == []
+    lines, count = wf.processes["lines"], wf.processes["count"]
+    assert (lines.inputs[0].value, lines.outputs[0].source, lines.outputs[0].split) == \
+        (False, "stdout", "lines")
+    assert (count.inputs[0].value, count.inputs[0].as_name) == (True, "line")
+    assert (count.outputs[0].source, count.outputs[0].split) == ("file", None)
+    again = Workflow.from_dict(json.loads(json.dumps(wf.to_dict())))
+    assert again == wf
+    # a run.json written before these attributes existed reads as before
+    old = wf.to_dict()
+    for p in old["processes"].values():
+        for port in p["inputs"] + p["outputs"]:
+            for key in ("value", "source", "split"):
+                del port[key]
+    back = Workflow.from_dict(old)
+    ports = back.processes["count"].inputs + back.processes["lines"].outputs
+    assert [(p.value, p.source, p.split) for p in ports] == [(False, "file", None)] * 2

@@ -76,6 +76,10 @@ class TaskSpec:
     group_add: list[str] = field(default_factory=list)  # extra gids (flowd's, for another uid)
     container: str = "fresh"  # "warm": run in a kept container of this process (process@container)
     placement: list[str] = field(default_factory=list)  # Swarm constraints (process@placement, to come)
+    # Value inputs (input@value): [(variable, what, host path)], read by the
+    # executor on its thread (flowd.channelvalues.value_env) into the environment.
+    values: list[tuple[str, str, str]] = field(default_factory=list)
+    stdout: str = ""  # output@from="stdout": the as-name in /task that gets the script's stdout
 
     @property
     def key(self) -> tuple[str, str]:

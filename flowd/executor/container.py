@@ -59,13 +59,16 @@ def wrapper(spec: TaskSpec) -> str:
     # Nothing is ever world-writable. The outputs are copied, never used.
     outs = " ".join(sh_quote(f"{TASK_DIR}/{o}") for o in spec.outputs)
     chmod = f"chmod -R ug+rwX {outs} 2>/dev/null; " if outs else ""
+    # output@from="stdout": the script's stdout is that output's file, collected
+    # like any other (the log then keeps stderr only)
+    stdout = f" >{sh_quote(f'{TASK_DIR}/{spec.stdout}')}" if spec.stdout else ""
     return (
         "umask 007; "
         f"cd {TASK_DIR} || exit 125; "
         f"if ! command -v {interp} >/dev/null 2>&1; then "
         f"echo 'flowd: the image has no {interp} for lang=\"{spec.lang}\"; "
         f"use an image that has it, or another lang' >&2; exit 127; fi; "
-        f"{interp} {SCRIPT_PATH}; rc=$?; "
+        f"{interp} {SCRIPT_PATH}{stdout}; rc=$?; "
         f"{chmod}exit $rc"
     )
 

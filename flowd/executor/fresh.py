@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ..channelvalues import with_values
 from ..errors import EngineError, EngineUnavailable, FlowError, ImageUnavailable, NotFound
 from .base import DAMAGED, ERROR, KILLED, MISSING, TaskSpec, check_inputs, live_log_path
 from .container import (LABEL_ATTEMPT, LABEL_POOL, LABEL_PROCESS, LABEL_RUN, LABEL_SPOOL, LABEL_TASK,
@@ -42,6 +43,10 @@ class FreshContainers:
         damaged = check_inputs(spec)  # here, not in the loop: it reads every input whole
         if damaged is not None:
             self.owner._result(t, DAMAGED, **damaged)
+            return
+        spec, why = with_values(spec)  # input@value: read here, off the loop
+        if why is not None:
+            self.owner._result(t, ERROR, message=why)
             return
         try:
             # No removal of a leftover container up front: create() meets a

@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..channelvalues import with_values
 from ..errors import EngineError, EngineUnavailable, FlowError, NotFound
 from ..textsafe import for_log
 from .base import (DAMAGED, ERROR, KILLED, MISSING, Report, Settings, TaskSpec, check_inputs, done_future,
@@ -220,6 +221,10 @@ class SwarmJobs:
         damaged = check_inputs(spec)
         if damaged is not None:
             self.owner._result(j, DAMAGED, **damaged)
+            return
+        spec, why = with_values(spec)  # input@value: into the job's Env
+        if why is not None:
+            self.owner._result(j, ERROR, message=why)
             return
         if self.owner._kill_requested(spec):
             self.owner._result(j, KILLED, message="killed before it started")

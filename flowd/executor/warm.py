@@ -40,6 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..channelvalues import with_values
 from ..errors import EngineUnavailable, FlowError
 from ..reaper import remove_tree
 from . import usage
@@ -214,6 +215,10 @@ class WarmPool:
         damaged = check_inputs(spec)
         if damaged is not None:
             self.owner._result(t, DAMAGED, **damaged)
+            return
+        spec, why = with_values(spec)  # input@value: in this task's env file only
+        if why is not None:
+            self.owner._result(t, ERROR, message=why)
             return
         if self._kill_requested(spec.key):
             self.owner._result(t, KILLED, message="killed before it started")

@@ -89,7 +89,10 @@ def is_ready(line: str) -> bool:
 
 
 def env_file(env: dict[str, str]) -> bytes:
-    """``export NAME='value'`` lines (names are checked at submission; NUL cannot be in a value)."""
+    """``export NAME='value'`` lines (names are checked at submission; NUL cannot be in a
+    value: ``env`` comes from XML, and value inputs are refused with one by
+    flowd.channelvalues). Single quotes: the agent's ``.`` reads every byte of a
+    value literally, whatever it holds (``$(...)``, quotes, newlines)."""
     return "".join(f"export {k}={sh_quote(v)}\n" for k, v in env.items()).encode()
 
 
@@ -131,7 +134,9 @@ class WarmSlot:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o640 if self.shared else 0o600)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # the env file may hold value inputs of 128 KiB each
+                view = view[os.write(fd, view):]
         finally:
             os.close(fd)
         os.rename(tmp, os.path.join(self.ctl, name))
