@@ -27,13 +27,16 @@ from . import __version__
 from . import commands
 from .protocol import socket_path
 from .commands import runs as run_commands
+from .commands.events import answer_events
 from .config import Config
 from .control import Control
 from .creation import Creator, _Creation
 from .disk import DISK_CHECK_EVERY, Disk
+from .events import Hub
 from .errors import AlreadyRunning, DiskFull, StorageError, UsageError
 from .executor import base as X
 from .fsops import Durable
+from .metrics import serve_metrics
 from .reaper import Reaper
 from .intake import Intake
 from .notify import Notifier
@@ -64,6 +67,8 @@ class Daemon:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.runs: dict[str, Run] = {}
         self.waiters = Waiters(WAITERS_PER_PEER, MAX_WAITERS)  # status --wait requests
+        self.hub = Hub()  # the live event stream and the metrics' counters (flowd/events.py)
+        self.metrics_http = None  # config metrics_listen's server (flowd/metrics.py)
         self.staging = Staging(self.uploads_dir, self.fs, max_age=UPLOAD_MAX_AGE)  # uploads and pushes
         self.creating: dict[str, _Creation] = {}  # runs whose folders are being made
         self.creator = Creator(self)
@@ -138,6 +143,7 @@ class Daemon:
                 log.error("run %s cannot be loaded and is left as it is: %s", name, for_log(e))
                 continue
             self.runs[run.id] = run
+            run.hub = self.hub
         self.staging.reset()  # uploads do not outlive the daemon
 
     def _install_signals(self) -> None:
@@ -168,7 +174,9 @@ class Daemon:
             deadline = time.monotonic()
             while not self.stop_requested:
                 self.control.wait(max(0, math.ceil((deadline - time.monotonic()) * 1000)))
-                deadline = self.step(time.monotonic())
+                now = time.monotonic()
+                deadline = self.step(now)
+                self.hub.metrics.loop_took(time.monotonic() - now)
         finally:
             self.close()
         return 0
@@ -205,6 +213,7 @@ class Daemon:
         self.intake = Intake(self.spool, self.creator.submit_bundle, fs=self.fs,
                              run_ids=self.creator.ids)  # SPOOL/incoming/ drops
         self.control.bind(self.cfg.socket_gid())
+        self.metrics_http = serve_metrics(self)  # config metrics_listen; None when empty
         if signals:
             self._install_signals()
         for run in self.runs.values():
@@ -252,6 +261,8 @@ class Daemon:
         self._more = self._tick_runs()
         if self.waiters:
             run_commands.answer_waiters(self, now)
+        if self.hub.subs:
+            answer_events(self, now)
         if self.staging.open and now >= self.staging.next_deadline():
             for up in self.staging.expire(now):
                 log.info("%s %s of uid %s expired after %.0f s, unfinished (%d bytes "
@@ -272,6 +283,8 @@ class Daemon:
             deadlines.append(self._next_watchdog)
         if self.waiters:
             deadlines.append(self.waiters.next_deadline())
+        if self.hub.subs:
+            deadlines.append(self.hub.next_deadline())
         if self.staging.open:
             deadlines.append(self.staging.next_deadline())
         return min(deadlines)
@@ -291,6 +304,8 @@ class Daemon:
             self.fs.reaper.close()
         if self.executor is not None:
             self.executor.close()
+        if self.metrics_http is not None:
+            self.metrics_http.close()
         self.control.close()
         if self._signals:
             signal.set_wakeup_fd(-1)
