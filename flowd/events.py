@@ -27,8 +27,8 @@ from collections import deque
 
 QUEUE = 1000  # events one subscription holds for its reader
 BATCH = 200  # events one answer carries
-MAX_SUBS = 64  # subscriptions, all users together
-PER_USER = 8  # subscriptions one uid may hold
+MAX_SUBS = 128  # subscriptions, all users together
+PER_USER = 32  # subscriptions one uid may hold (a benchmark runs 20)
 IDLE = 60.0  # seconds a subscription lives without a request
 MAX_WAIT = 30.0  # seconds one request may wait for events
 MAX_TEXT = 300  # characters of any string in an event (a reason, a name)
