@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from daemon_fixtures import env_for_subprocess, wait_until
+from daemon_fixtures import env_for_subprocess, on_a_terminal, wait_until
 
 from flowctl.client import Client
 from flowctl.live import Progress, describe
@@ -224,6 +224,18 @@ def test_watch_follows_the_run_on_the_stream(daemon_factory, workdir, docker_ima
     assert f"{run}: failed, 0 tasks done, 0 running, 1 failed" in res.stderr
     assert "\x1b" not in res.stderr
     assert f"run       {run}\n" in res.stdout and "state     failed" in res.stdout
+
+
+def test_watch_on_a_terminal_draws_a_board(daemon_factory, workdir, docker_images):
+    d = daemon_factory().start()
+    run = d.flowctl("submit", write(os.path.join(workdir, "wf", "two.xml"), TWO), check=0).stdout.strip()
+    status, out = on_a_terminal([sys.executable, "-m", "flowctl", "--socket", d.socket, "watch", run],
+                                whole=True)
+    text = out.decode()
+    assert status == 0, text
+    assert "  copy  [" in text and "  total [" in text  # a bar per process, and the total
+    assert "2 done, 0 running, 0 queued, 0 failed" in text  # the last board drawn
+    assert "elapsed" in text and "state     succeeded" in text
 
 
 # -- without a daemon --------------------------------------------------------------
