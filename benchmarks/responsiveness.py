@@ -117,20 +117,8 @@ def main() -> int:
     spool = os.path.join(root, "spool")
     wfdir = os.path.join(root, "wf")
     os.makedirs(wfdir)
-    items = "\n".join(f"    <item>{i}</item>" for i in range(args.items))
     with open(os.path.join(wfdir, "workflow.xml"), "w") as f:
-        f.write(f"""<workflow name="responsiveness" mode="service">
-  <channel name="a">
-{items}
-  </channel>
-  <channel name="x"/><channel name="y"/><channel name="go"/><channel name="out"/>
-  <mux from="a" to="x y"/>
-  <process name="p" image="flowd/busybox">
-    <input channel="x"/><input channel="go"/><output channel="out"/>
-    <script>cp x out</script>
-  </process>
-</workflow>
-""")
+        f.write(waiting_workflow(args.items))
     daemon, env, _ = start_daemon(root, sock, spool)
 
     def submit_and_move(client: Client):
@@ -161,6 +149,24 @@ def main() -> int:
           f"{t_moved - t_made:.1f} s ({args.items / (t_moved - t_made):.0f} items/s)")
     report(idle, busy, "ping")
     return 0
+
+
+def waiting_workflow(items: int) -> str:
+    """A service run whose channel ``a`` (``items`` items) a mux copies to ``x`` and
+    ``y``; its process waits on ``go``, which nothing fills: no container runs."""
+    lines = "\n".join(f"    <item>{i}</item>" for i in range(items))
+    return f"""<workflow name="responsiveness" mode="service">
+  <channel name="a">
+{lines}
+  </channel>
+  <channel name="x"/><channel name="y"/><channel name="go"/><channel name="out"/>
+  <mux from="a" to="x y"/>
+  <process name="p" image="flowd/busybox">
+    <input channel="x"/><input channel="go"/><output channel="out"/>
+    <script>cp x out</script>
+  </process>
+</workflow>
+"""
 
 
 def start_daemon(root: str, sock: str, spool: str) -> tuple[subprocess.Popen, dict, str]:
@@ -249,20 +255,13 @@ def events_mode(args) -> int:
     wf = os.path.join(root, "wf", "workflow.xml")
     os.makedirs(os.path.dirname(wf))
     with open(wf, "w") as f:
-        f.write("""<workflow name="events" mode="service">
-  <channel name="in"/><channel name="go"/><channel name="out"/>
-  <process name="p" image="flowd/busybox">
-    <input channel="in"/><input channel="go"/><output channel="out"/>
-    <script>cp in out</script>
-  </process>
-</workflow>
-""")
+        f.write(waiting_workflow(0))  # pushed to x: nothing moves or runs
     daemon, env, _ = start_daemon(root, sock, spool)
     readers: list[subprocess.Popen] = []
 
     def push_all(client: Client):
         for i in range(items):
-            client.push(run, "in", io.BytesIO(b"%d" % i))
+            client.push(run, "x", io.BytesIO(b"%d" % i))
         return None
 
     try:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from daemon_fixtures import env_for_subprocess, on_a_terminal, wait_until
+from helpers import write_file as write
 
 from flowctl.client import Client
 from flowctl.live import Progress, describe
@@ -46,13 +47,6 @@ SERVICE = """<workflow name="svc" mode="service">
   </process>
 </workflow>
 """
-
-
-def write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
 
 
 def reader(d, *args):

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from daemon_fixtures import wait_until
+from helpers import write_file as write
 from prometheus_client import parser  # .ci/setup-host installs it (tests only)
 
 from flowd import metrics as M
@@ -30,13 +31,6 @@ WF = """<workflow name="m">
   </process>
 </workflow>
 """
-
-
-def write(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
 
 
 def samples(text: str) -> dict:
