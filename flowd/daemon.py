@@ -185,6 +185,7 @@ class Daemon:
         """Everything before the loop: spool, executor, recovery, socket, intake.
         ``signals=False`` (tests in-process) leaves the signal handlers alone."""
         self._prepare_spool()
+        self.metrics_http = serve_metrics(self)  # config metrics_listen (None when empty), before any thread
         # Folders out of the protocol (retired tasks, old work/) are deleted off
         # the loop, in SPOOL/trash/; what a script made undeletable stays there.
         self.fs.reaper = Reaper(os.path.join(self.spool, "trash"))
@@ -213,7 +214,6 @@ class Daemon:
         self.intake = Intake(self.spool, self.creator.submit_bundle, fs=self.fs,
                              run_ids=self.creator.ids)  # SPOOL/incoming/ drops
         self.control.bind(self.cfg.socket_gid())
-        self.metrics_http = serve_metrics(self)  # config metrics_listen; None when empty
         if signals:
             self._install_signals()
         for run in self.runs.values():
