@@ -22,6 +22,15 @@ them (it only hard-links a file it owns with one link). The baseline is the
 same ``status`` against the same daemon, idle, in the same run.
 
     python benchmarks/responsiveness.py --mode spool [--drop-mib 1024] [--pings 200]
+
+Mode ``events``: a service run gets ``--items`` items pushed one by one (each
+push an ``item_pushed`` event) while a client pings; first with no event
+reader, then with 20 ``flowctl events --json`` readers, one of them stopped
+(SIGSTOP: its queue fills, and it is to be told what it lost). The ratio
+(with readers / without) says what readers cost everyone else; a stopped
+reader must cost nothing more than a reading one.
+
+    python benchmarks/responsiveness.py --mode events [--items 3000] [--readers 20]
 """
 from __future__ import annotations
 
@@ -90,13 +99,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--pings", type=int, default=200, help="idle pings for the baseline")
-    ap.add_argument("--mode", choices=("run", "spool"), default="run",
-                    help="run: submit a big run (default); spool: a big spool drop")
+    ap.add_argument("--mode", choices=("run", "spool", "events"), default="run",
+                    help="run: submit a big run (default); spool: a big spool drop; events: "
+                         "pushes with and without event readers")
+    ap.add_argument("--readers", type=int, default=20, help="events mode: readers (one stopped)")
     ap.add_argument("--drop-mib", type=int, default=1024,
                     help="spool mode: the drop's size in MiB (at most 1024, a drop's limit)")
     args = ap.parse_args()
     if args.mode == "spool":
         return spool_mode(args)
+    if args.mode == "events":
+        return events_mode(args)
 
     root = tempfile.mkdtemp(prefix="flowd-resp-", dir="/var/tmp")
     sockdir = tempfile.mkdtemp(prefix="flowd-resp-")
@@ -104,20 +117,8 @@ def main() -> int:
     spool = os.path.join(root, "spool")
     wfdir = os.path.join(root, "wf")
     os.makedirs(wfdir)
-    items = "\n".join(f"    <item>{i}</item>" for i in range(args.items))
     with open(os.path.join(wfdir, "workflow.xml"), "w") as f:
-        f.write(f"""<workflow name="responsiveness" mode="service">
-  <channel name="a">
-{items}
-  </channel>
-  <channel name="x"/><channel name="y"/><channel name="go"/><channel name="out"/>
-  <mux from="a" to="x y"/>
-  <process name="p" image="flowd/busybox">
-    <input channel="x"/><input channel="go"/><output channel="out"/>
-    <script>cp x out</script>
-  </process>
-</workflow>
-""")
+        f.write(waiting_workflow(args.items))
     daemon, env, _ = start_daemon(root, sock, spool)
 
     def submit_and_move(client: Client):
@@ -148,6 +149,24 @@ def main() -> int:
           f"{t_moved - t_made:.1f} s ({args.items / (t_moved - t_made):.0f} items/s)")
     report(idle, busy, "ping")
     return 0
+
+
+def waiting_workflow(items: int) -> str:
+    """A service run whose channel ``a`` (``items`` items) a mux copies to ``x`` and
+    ``y``; its process waits on ``go``, which nothing fills: no container runs."""
+    lines = "\n".join(f"    <item>{i}</item>" for i in range(items))
+    return f"""<workflow name="responsiveness" mode="service">
+  <channel name="a">
+{lines}
+  </channel>
+  <channel name="x"/><channel name="y"/><channel name="go"/><channel name="out"/>
+  <mux from="a" to="x y"/>
+  <process name="p" image="flowd/busybox">
+    <input channel="x"/><input channel="go"/><output channel="out"/>
+    <script>cp x out</script>
+  </process>
+</workflow>
+"""
 
 
 def start_daemon(root: str, sock: str, spool: str) -> tuple[subprocess.Popen, dict, str]:
@@ -222,6 +241,62 @@ def spool_mode(args) -> int:
           f"became a run in {t_taken - t0:.1f} s (copied: {per * files / 2**20 / (t_taken - t0):.0f}"
           f" MiB/s)")
     report(idle, busy, "status")
+    return 0
+
+
+def events_mode(args) -> int:
+    import io
+
+    items = args.items if args.items != 20_000 else 3000
+    root = tempfile.mkdtemp(prefix="flowd-resp-", dir="/var/tmp")
+    sockdir = tempfile.mkdtemp(prefix="flowd-resp-")
+    sock = os.path.join(sockdir, "flowd.sock")
+    spool = os.path.join(root, "spool")
+    wf = os.path.join(root, "wf", "workflow.xml")
+    os.makedirs(os.path.dirname(wf))
+    with open(wf, "w") as f:
+        f.write(waiting_workflow(0))  # pushed to x: nothing moves or runs
+    daemon, env, _ = start_daemon(root, sock, spool)
+    readers: list[subprocess.Popen] = []
+
+    def push_all(client: Client):
+        for i in range(items):
+            client.push(run, "x", io.BytesIO(b"%d" % i))
+        return None
+
+    try:
+        run = subprocess.run([sys.executable, "-m", "flowctl", "submit", wf], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        alone, alone_busy, _ = idle_then_busy(sock, args.pings, push_all)
+        for i in range(args.readers):
+            readers.append(subprocess.Popen([sys.executable, "-m", "flowctl", "events", "--json"],
+                                            env=env, stdout=subprocess.DEVNULL))
+        client = Client(sock, timeout=120)
+        while True:  # every reader subscribed
+            text = client.call("metrics")[0]["text"]
+            if int(text.split("\nflowd_event_readers ")[1].split()[0]) >= args.readers:
+                break
+            time.sleep(0.1)
+        readers[0].send_signal(signal.SIGSTOP)  # the stopped one
+        idle, busy, _ = idle_then_busy(sock, args.pings, push_all)
+        Client(sock, timeout=120).call("cancel", {"runs": [run]})
+    finally:
+        for r in readers:
+            r.send_signal(signal.SIGCONT)
+            r.terminate()
+            r.wait(30)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        shutil.rmtree(sockdir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"{items} pushes (one item_pushed event each), without readers:")
+    report(alone, alone_busy, "ping")
+    print(f"the same with {args.readers} event readers, one of them stopped:")
+    report(idle, busy, "ping")
+    a, b = summary(alone_busy), summary(busy)
+    print(f"ratio with readers / without, while pushing: median {b[0] / a[0]:.2f}, "
+          f"p99 {b[1] / a[1]:.2f}, max {b[2] / a[2]:.2f}")
     return 0
 
 

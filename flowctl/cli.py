@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--json", action="store_true")
 
+    p = add("events", help="the daemon's live events, one a line (with RUN: until the run ends)")
+    p.add_argument("run", nargs="?")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+
+    p = add("metrics", help="the daemon's metrics in the Prometheus text format")
+
     p = add("validate", help="check a workflow file without a daemon")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
@@ -307,13 +313,33 @@ def _wait(client: Client, run: str, quiet: bool) -> dict:
 
 
 def _watch(client: Client, run: str, quiet: bool) -> dict | None:
-    """``_wait``, where Ctrl-C stops watching (None), not the run."""
+    """Follow the run on the event stream (flowctl/live.py) to its end; Ctrl-C
+    stops watching (None), not the run."""
+    from . import live
+
     try:
-        return _wait(client, run, quiet)
+        return live.watch(client, functools.partial(_riding, client, run), run, quiet)
     except KeyboardInterrupt:
         print(_t(f"flowctl: stopped watching; run {run} goes on (`flowctl watch {run}` follows "
                  f"it again, `flowctl cancel {run}` stops it)"), file=sys.stderr)
         return None
+
+
+def _riding(client: Client, run: str, cmd: str, args: dict, timeout: float) -> dict:
+    return _call_riding(client, run, cmd, args, timeout)
+
+
+def cmd_events(client: Client, args) -> int:
+    from . import live
+
+    return live.events(client, lambda cmd, a, timeout: client.call(cmd, a, timeout=timeout)[0],
+                       args.run, args.json)
+
+
+def cmd_metrics(client: Client, args) -> int:
+    result, _ = client.call("metrics")
+    sys.stdout.write(result["text"])
+    return 0
 
 
 def _follow(client: Client, run: str, as_json: bool) -> int:
@@ -658,6 +684,8 @@ COMMANDS = {
     **tracecmd.COMMANDS,
     "rm": cmd_rm,
     "retry": cmd_retry,
+    "events": cmd_events,
+    "metrics": cmd_metrics,
 }
 
 

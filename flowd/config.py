@@ -62,6 +62,10 @@ KEYS: dict[str, tuple[object, str]] = {
     "keep_finished": ("", "how long a finished run is kept before flowd deletes it, e.g. \"7d\" "
                           "or \"12h\" (empty: kept until `flowctl rm`)"),
     "log_level": ("info", "debug, info, warning or error"),
+    "metrics_listen": ("", "serve the metrics at http://HOST:PORT/metrics, e.g. \"127.0.0.1:9464\" "
+                           "(empty: not served; flowctl metrics prints them always); needs a restart"),
+    "metrics_listen_public": (False, "let metrics_listen be an address that is not loopback "
+                                     "(anyone who reaches it reads the metrics)"),
 }
 
 
@@ -92,6 +96,8 @@ class Config:
     min_free_space: int = 256 * 1024 * 1024
     log_level: str = "info"
     keep_finished: float | None = None  # seconds; None: forever
+    metrics_listen: str = ""
+    metrics_listen_public: bool = False
     source: str | None = None  # the file it came from
     file_values: dict = field(default_factory=dict)  # the keys as the file set them (for reload)
 
@@ -214,6 +220,13 @@ def load(path: str | None, *, required: bool = False) -> Config:
             raise UsageError(f"{path}: {key} = {value!r}: {e}") from None
         setattr(cfg, key, value)
         cfg.file_values[key] = value
+    if cfg.metrics_listen:
+        from .metrics import parse_listen
+
+        try:
+            parse_listen(cfg.metrics_listen, cfg.metrics_listen_public)
+        except ValueError as e:
+            raise UsageError(f"{path}: metrics_listen = {cfg.metrics_listen!r}: {e}") from None
     if cfg.default_memory and cfg.max_memory and cfg.default_memory > cfg.max_memory:
         raise UsageError(f"{path}: default_memory ({cfg.default_memory} bytes) is more than "
                          f"max_memory ({cfg.max_memory} bytes); lower the one or raise the other")

@@ -27,13 +27,16 @@ from . import __version__
 from . import commands
 from .protocol import socket_path
 from .commands import runs as run_commands
+from .commands.events import answer_events
 from .config import Config
 from .control import Control
 from .creation import Creator, _Creation
 from .disk import DISK_CHECK_EVERY, Disk
+from .events import Hub
 from .errors import AlreadyRunning, DiskFull, StorageError, UsageError
 from .executor import base as X
 from .fsops import Durable
+from .metrics import serve_metrics
 from .reaper import Reaper
 from .intake import Intake
 from .notify import Notifier
@@ -65,6 +68,8 @@ class Daemon:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.runs: dict[str, Run] = {}
         self.waiters = Waiters(WAITERS_PER_PEER, MAX_WAITERS)  # status --wait requests
+        self.hub = Hub()  # the live event stream and the metrics' counters (flowd/events.py)
+        self.metrics_http = None  # config metrics_listen's server (flowd/metrics.py)
         self.staging = Staging(self.uploads_dir, self.fs, max_age=UPLOAD_MAX_AGE)  # uploads and pushes
         self.creating: dict[str, _Creation] = {}  # runs whose folders are being made
         self.creator = Creator(self)
@@ -140,6 +145,7 @@ class Daemon:
                 log.error("run %s cannot be loaded and is left as it is: %s", name, for_log(e))
                 continue
             self.runs[run.id] = run
+            run.hub = self.hub
         self.staging.reset()  # uploads do not outlive the daemon
 
     def _install_signals(self) -> None:
@@ -170,7 +176,9 @@ class Daemon:
             deadline = time.monotonic()
             while not self.stop_requested:
                 self.control.wait(max(0, math.ceil((deadline - time.monotonic()) * 1000)))
-                deadline = self.step(time.monotonic())
+                now = time.monotonic()
+                deadline = self.step(now)
+                self.hub.metrics.loop_took(time.monotonic() - now)
         finally:
             self.close()
         return 0
@@ -179,6 +187,7 @@ class Daemon:
         """Everything before the loop: spool, executor, recovery, socket, intake.
         ``signals=False`` (tests in-process) leaves the signal handlers alone."""
         self._prepare_spool()
+        self.metrics_http = serve_metrics(self)  # config metrics_listen (None when empty), before any thread
         # Folders out of the protocol (retired tasks, old work/) are deleted off
         # the loop, in SPOOL/trash/; what a script made undeletable stays there.
         self.fs.reaper = Reaper(os.path.join(self.spool, "trash"))
@@ -256,6 +265,8 @@ class Daemon:
         self.removal.step(now)  # before the waiters: a deleted run's are answered now
         if self.waiters:
             run_commands.answer_waiters(self, now)
+        if self.hub.subs:
+            answer_events(self, now)
         if self.staging.open and now >= self.staging.next_deadline():
             for up in self.staging.expire(now):
                 log.info("%s %s of uid %s expired after %.0f s, unfinished (%d bytes "
@@ -276,6 +287,8 @@ class Daemon:
             deadlines.append(self._next_watchdog)
         if self.waiters:
             deadlines.append(self.waiters.next_deadline())
+        if self.hub.subs:
+            deadlines.append(self.hub.next_deadline())
         if self.staging.open:
             deadlines.append(self.staging.next_deadline())
         return min(deadlines)
@@ -295,6 +308,8 @@ class Daemon:
             self.fs.reaper.close()
         if self.executor is not None:
             self.executor.close()
+        if self.metrics_http is not None:
+            self.metrics_http.close()
         self.control.close()
         if self._signals:
             signal.set_wakeup_fd(-1)

@@ -40,7 +40,8 @@ def reload(d) -> None:
     for key, value in old.file_values.items():
         setattr(from_file, key, value)
     pinned = {k for k in ("spool", "socket", "log_level") if getattr(old, k) != getattr(from_file, k)}
-    for key in ("spool", "socket", "socket_group", "socket_mode", "executor", "swarm_probe_image"):
+    for key in ("spool", "socket", "socket_group", "socket_mode", "executor", "swarm_probe_image",
+                "metrics_listen", "metrics_listen_public"):
         if getattr(new, key) != getattr(from_file, key) and key not in pinned:
             log.warning("reload: %s changed in %s; it takes effect only when flowd restarts "
                         "(systemctl restart flowd; a new spool also needs ReadWritePaths=)", key, path)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from . import retrying
 from . import scheduler as S
 from .errors import Conflict, DiskFull, NotFound
+from .events import QUIET, since
 from .executor import base as X
 from .fsops import Durable
 from .model import Workflow
@@ -48,6 +49,7 @@ class Run:
     # A tick gives the loop back after this long: a mux with 100,000 items to
     # move moves them in slices, and the daemon serves its socket in between.
     tick_budget = 0.05  # seconds
+    hub = QUIET  # the daemon's event hub (flowd/events.py), set when the daemon holds the run
 
     def __init__(self, root: str, fs: Durable, wf: Workflow, meta: dict, executor: X.Executor,
                  limits: Limits):
@@ -198,6 +200,7 @@ class Run:
             return 0
         if self.state == S.QUEUED:
             self._set_state(S.RUNNING, started_at=time.time())
+            self.hub.emit("run_started", self.id, workflow=self.wf.name)
         started = 0
         deadline = time.monotonic() + self.tick_budget
         while True:  # a mux move can make more work ready at once
@@ -252,6 +255,7 @@ class Run:
         act.parked = False
         act.started_at = time.time()
         self.executor.start(act.spec)
+        self.hub.emit("task_started", self.id, process=rec.name, task=rec.task_id, attempt=attempt)
 
     def on_result(self, res: X.TaskResult) -> None:
         self.on_results([res])
@@ -325,6 +329,8 @@ class Run:
             self.failures.failed(act, f"could not collect outputs: {for_log(e)}")
             return
         outputs = self.tasks.commit(rec, outs)
+        self.hub.emit("task_succeeded", self.id, process=rec.name, task=rec.task_id,
+                      attempt=rec.attempt, seconds=since(act.started_at))
         self.executor.remove(act.spec)
         del self.active[rec.dirname]
         self._committed.append((rec, outputs))  # applied with the others of this batch
@@ -373,6 +379,8 @@ class Run:
         if state in S.FINAL_STATES:
             self._set_state(state, finished_at=time.time())
             log.info("run %s (%s) %s", self.id, self.wf.name, state)
+            self.hub.emit("run_finished", self.id, workflow=self.wf.name, state=state,
+                          message=self.meta.get("message", ""))
 
     def _set_state(self, state: str, **extra) -> None:
         self.meta.update(extra, state=state)
@@ -393,6 +401,7 @@ class Run:
         self.check_push(channel)
         seq = self.store.put_file(channel, path, stamped=stamped)
         self.sched.add_item(channel, seq)
+        self.hub.emit("item_pushed", self.id, channel=channel, item=seq)
         return seq
 
 UNFINISHED = ".new-"  # a run folder being made: removed at start if a crash left it

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from . import scheduler as S
+from .events import since
 from .storescan import Scan
 from .textsafe import for_log
 
@@ -58,6 +59,8 @@ class Failures:
                  for_log(reason))
         if action is None:
             action = run.sched.on_failure(rec.name, rec.attempt)
+        run.hub.emit("task_retried" if action.kind == S.RETRY else "task_failed", run.id, process=rec.name,
+                     task=rec.task_id, attempt=rec.attempt, reason=reason, seconds=since(act.started_at))
         if action.kind == S.RETRY:
             run.start(act, action.attempt)  # in an empty work/ (Run.start)
             return

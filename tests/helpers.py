@@ -22,3 +22,13 @@ def proc(name: str, inputs: str = "", outputs: str = "", **kw) -> Process:
         name=name, image="flowd/busybox", script=kw.pop("script", "true"),
         inputs=[Port(c, c) for c in inputs.split()],
         outputs=[Port(c, c) for c in outputs.split()], **kw)
+
+
+def write_file(path: str, text: str) -> str:
+    """Write ``text`` at ``path`` (its folders made); returns ``path``."""
+    import os
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path

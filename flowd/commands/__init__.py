@@ -19,7 +19,7 @@ from typing import Callable
 
 from .. import protocol as P
 from ..protocol import CHUNK, MAX_LIST, MAX_SEQ, MAX_SIZE, MAX_STRING, MAX_WAIT, UPLOAD_ID, Arg
-from . import data, manage, resize, runs, trace, transfers
+from . import data, events, manage, resize, runs, trace, transfers
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ TABLE: dict[str, Command] = {c.name: c for c in (
                    "force": Arg("int", False, 0, 1, default=0)}, manage.rm, logged=True),
     Command("retry", {"run": _RUN, "process": Arg("str", False, 1, 255, hint="a process of the run")},
             manage.retry, logged=True),
+    Command("events", {"sub": Arg("str", False, 16, 16, pattern=UPLOAD_ID,
+                                  hint="the id the first events request gave"),
+                       "run": Arg("str", False, 1, 64, hint="a run id or a unique prefix of it"),
+                       "wait": Arg("num", False, 0, 30, default=0)}, events.events),
+    Command("metrics", {}, events.metrics),
 )}
 SCHEMA: dict[str, dict[str, Arg]] = {name: c.args for name, c in TABLE.items()}
 COMMANDS = tuple(TABLE)
