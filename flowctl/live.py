@@ -202,7 +202,10 @@ def watch(client, call, run: str, quiet: bool) -> dict:
             if stream.ends(ev):
                 break
         display.show(progress, force=progress.state in FINAL)
-    detail = call("status", {"run": stream.run}, client.timeout)["run"]
+    try:  # `flowctl rm --force` deletes a run as soon as it has ended
+        detail = call("status", {"run": stream.run}, client.timeout)["run"]
+    except NotFound:
+        detail = None
     if detail is None:
         raise NotFound(f"run {run} is gone (removed while it was followed)")
     return detail

@@ -36,6 +36,7 @@ from .textsafe import for_log
 log = logging.getLogger("flowd.run")
 
 RETRYING = "retrying"  # run.json: the dead letters (failed/ names) a retry puts back
+ATTEMPTS_BEFORE = "attempts_before"  # run.json: task folder -> its last attempt before a retry
 
 
 def retry(run, process: str | None = None) -> dict:
@@ -62,7 +63,13 @@ def retry(run, process: str | None = None) -> dict:
                        f"again (fix: flowctl retry {run.id} without --process, or with "
                        f"--process {p})")
     names = [info["dirname"] for info in letters]
-    meta = dict(run.meta, **{RETRYING: names, "state": S.RUNNING})
+    # Their attempts go on from the last one (Run.first_attempt): the earlier logs stay.
+    before = run.meta.get(ATTEMPTS_BEFORE)
+    before = dict(before) if isinstance(before, dict) else {}
+    for info in letters:
+        if isinstance(info.get("attempts"), int):
+            before[info["dirname"]] = info["attempts"]
+    meta = dict(run.meta, **{RETRYING: names, "state": S.RUNNING, ATTEMPTS_BEFORE: before})
     meta.pop("finished_at", None)
     meta.pop("message", None)
     meta["retried"] = int(meta.get("retried") or 0) + 1

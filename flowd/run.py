@@ -143,7 +143,7 @@ class Run:
             if rec.kind == S.MUX:
                 self._commit_mux(rec)  # a mux claim is finished the same way every time
                 continue
-            self._carry_out(act, self.sched.on_resume(rec.attempt))
+            self._carry_out(act, self.sched.on_resume(rec.attempt, self.first_attempt(rec)))
         self._apply_committed()
         self._check_end()
 
@@ -155,6 +155,14 @@ class Run:
     @property
     def finished(self) -> bool:
         return self.meta["state"] in S.FINAL_STATES
+
+    def first_attempt(self, rec: TaskRecord) -> int:
+        """The number of a task's first attempt: 1, or for a task ``flowctl retry``
+        put back, one more than its last before (flowd/retrying.py), so that no
+        attempt's log or trace record is taken for another's."""
+        before = self.meta.get(retrying.ATTEMPTS_BEFORE)
+        n = before.get(rec.dirname) if isinstance(before, dict) else None
+        return n + 1 if isinstance(n, int) and 0 <= n < 1_000_000 else 1
 
     def running_containers(self) -> int:
         return sum(1 for a in self.active.values() if a.rec.kind == S.PROCESS and not a.parked)
@@ -214,7 +222,7 @@ class Run:
                     continue
                 act = Active(rec)
                 self.active[rec.dirname] = act
-                self.start(act, 1)
+                self.start(act, self.first_attempt(rec))
                 started += 1
                 if capacity is not None:
                     capacity -= 1
@@ -276,7 +284,7 @@ class Run:
                     log.debug("run %s: dropping stale result %s", self.id, res)
                     continue
                 action = self.sched.on_result(act.rec.name, act.rec.attempt, _outcome(res),
-                                               stopping=act.stopping)
+                                               stopping=act.stopping, first=self.first_attempt(act.rec))
                 ended = self.trace.begin(act, res)
                 self._carry_out(act, action, res)
                 self.trace.end(ended, act)

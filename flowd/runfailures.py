@@ -58,7 +58,7 @@ class Failures:
         log.info("run %s: task %s attempt %d failed: %s", run.id, rec.dirname, rec.attempt,
                  for_log(reason))
         if action is None:
-            action = run.sched.on_failure(rec.name, rec.attempt)
+            action = run.sched.on_failure(rec.name, rec.attempt, run.first_attempt(rec))
         run.hub.emit("task_retried" if action.kind == S.RETRY else "task_failed", run.id, process=rec.name,
                      task=rec.task_id, attempt=rec.attempt, reason=reason, seconds=since(act.started_at))
         if action.kind == S.RETRY:

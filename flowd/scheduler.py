@@ -220,14 +220,16 @@ class Scheduler:
         self.stopping = True
 
     # -- what to do with a task (every decision on a task's life is here) ---------
-    def on_resume(self, attempt: int) -> Action:
+    def on_resume(self, attempt: int, first: int = 1) -> Action:
         """A process task found claimed at start-up, whose last attempt is ``attempt``
-        (0: claimed but never started)."""
+        (0: claimed but never started; ``first``: its first attempt's number, more
+        than 1 for a task ``flowctl retry`` gave another round)."""
         if attempt == 0:
-            return Action(RELEASE) if self.stopping else Action(START, 1)
+            return Action(RELEASE) if self.stopping else Action(START, first)
         return Action(ADOPT, attempt, kill=self.stopping)
 
-    def on_result(self, name: str, attempt: int, outcome: str, *, stopping: bool) -> Action:
+    def on_result(self, name: str, attempt: int, outcome: str, *, stopping: bool,
+                  first: int = 1) -> Action:
         """An attempt of a task of process ``name`` ended with ``outcome``;
         ``stopping``: a kill was asked for this task (cancel, or a stop)."""
         if stopping:
@@ -240,11 +242,13 @@ class Scheduler:
             return Action(START, attempt)  # it never ran: the same attempt again
         if outcome == OK:
             return Action(COLLECT)
-        return self.on_failure(name, attempt)
+        return self.on_failure(name, attempt, first)
 
-    def on_failure(self, name: str, attempt: int) -> Action:
-        """Attempt ``attempt`` failed (its script, or its outputs): retry or give up."""
-        if attempt <= self.wf.processes[name].retries and not self.stopping:
+    def on_failure(self, name: str, attempt: int, first: int = 1) -> Action:
+        """Attempt ``attempt`` failed (its script, or its outputs): retry or give up.
+        Attempt numbers go on across a ``flowctl retry`` (its logs are kept), and
+        each round has the process's ``retries``: it counts from ``first``."""
+        if attempt - first + 1 <= self.wf.processes[name].retries and not self.stopping:
             return Action(RETRY, attempt + 1)
         return Action(DEAD_LETTER)
 

@@ -261,6 +261,12 @@ def test_retry_after_an_oom_and_a_bigger_memory_finishes_the_run(daemon_factory,
     assert done["state"] == "succeeded" and done["tasks_failed"] == 0 and done["failures"] == []
     assert pull(d, run, "out", os.path.join(workdir, "o")) == [b"p(a)\n", b"p(b)\n", b"p(c)\n"]
     assert _starts(run, t1) == ["2", "3"]  # b again, then c; a never again
+    # b's attempt numbers go on: its first attempt's log and trace row stay beside the new
+    rows = [json.loads(line) for line in d.flowctl("trace", run, "--json", check=0).stdout.splitlines()]
+    assert sorted((r["task"], r["attempt"], r["state"] == "succeeded") for r in rows) == [
+        ("1", 1, True), ("2", 1, False), ("2", 2, True), ("3", 1, True)], rows
+    assert sorted(n for n in os.listdir(os.path.join(d.spool, "runs", run, "logs"))
+                  if ".p.2." in n) == ["p.p.2.1.log", "p.p.2.2.log"]
     assert not os.listdir(os.path.join(d.spool, "runs", run, "failed"))
     assert f"run {run}: 1 failed task(s) retried" in d.log(full=True)
     assert f"run {run}: retry by root (uid 0) allowed" in d.log(full=True)

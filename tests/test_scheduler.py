@@ -180,6 +180,15 @@ def test_a_failed_attempt_is_retried_with_the_next_number_until_retries_run_out(
     assert eng.on_failure("p", 3) == E.Action(E.DEAD_LETTER)  # bad outputs: the same rule
 
 
+
+def test_after_flowctl_retry_attempts_go_on_from_the_last_with_the_retries_again():
+    eng = _one(retries=1)
+    # the task failed at attempts 1 and 2; the retry's round starts at 3
+    assert eng.on_resume(0, first=3) == E.Action(E.START, 3)
+    assert eng.on_result("p", 3, E.FAILED_ATTEMPT, stopping=False, first=3) == E.Action(E.RETRY, 4)
+    assert eng.on_result("p", 4, E.FAILED_ATTEMPT, stopping=False, first=3) == E.Action(E.DEAD_LETTER)
+    assert eng.on_failure("p", 3, 3) == E.Action(E.RETRY, 4)
+
 def test_each_way_an_attempt_ends_has_its_action():
     eng = _one()
     assert eng.on_result("p", 1, E.OK, stopping=False) == E.Action(E.COLLECT)
