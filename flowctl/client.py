@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import signal
 import socket
 import stat
+import threading
 import time
 
 import zmq
@@ -26,6 +29,13 @@ from flowd.errors import DaemonUnreachable, FlowError, ProtocolError, UsageError
 
 START_HINT = "start it with `systemctl start flowd`, or run `flowd --socket {path}` in another terminal"
 POLL_SLICE = 0.25  # seconds a wait for the daemon polls before Python runs pending signal handlers
+
+
+# Files of at most BATCH_FILE_BYTES are uploaded many to a request (upload_files):
+# at most BATCH_FILES of them, CHUNK bytes and BATCH_PATH_CHARS of paths.
+BATCH_FILE_BYTES = 64 * 1024
+BATCH_FILES = 500
+BATCH_PATH_CHARS = 64 * 1024
 
 
 class NotRunning(DaemonUnreachable):
@@ -256,7 +266,21 @@ class Client:
         for _, local in files:
             total += os.path.getsize(local)
         upload = self.call("upload_begin", {"size": total})[0]["upload"]
+        batch: list[tuple[str, bytes]] = []  # small files, sent many to a request
+        batch_bytes = batch_chars = 0
         for name, local in files:
+            if os.path.getsize(local) <= BATCH_FILE_BYTES:
+                with open(local, "rb") as f:
+                    data = f.read(BATCH_FILE_BYTES + 1)
+                if len(data) <= BATCH_FILE_BYTES:
+                    if len(batch) >= BATCH_FILES or batch_bytes + len(data) > P.CHUNK \
+                            or batch_chars + len(name) > BATCH_PATH_CHARS:
+                        self._upload_files(upload, batch)
+                        batch, batch_bytes, batch_chars = [], 0, 0
+                    batch.append((name, data))
+                    batch_bytes += len(data)
+                    batch_chars += len(name) + 8
+                    continue
             with open(local, "rb") as f:
                 offset = 0
                 while True:
@@ -267,53 +291,59 @@ class Client:
                     offset += len(chunk)
                     if not chunk:
                         break
+        if batch:
+            self._upload_files(upload, batch)
         return upload
 
-    def download(self, run: str, channel: str, seq: int, dest: str) -> int:
-        """Write one item to ``dest`` (via ``dest.part``); returns its size.
+    def _upload_files(self, upload: str, batch: list[tuple[str, bytes]]) -> None:
+        self.call("upload_files", {"upload": upload, "paths": [n for n, _ in batch],
+                                   "sizes": [len(d) for _, d in batch]},
+                  b"".join(d for _, d in batch))
 
-        ``--out`` may be a shared folder, so nothing there is followed: the
-        temporary file is made new (O_CREAT|O_EXCL|O_NOFOLLOW; whatever is
-        already at ``dest.part`` is reported, never opened), and a symbolic
-        link at ``dest`` is refused (the rename itself replaces a name and
-        never writes through a link)."""
-        part = dest + ".part"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(part, flags, 0o666)
-        except FileExistsError:
-            raise LocalFileError(f"{part} is in the way: {_what_is(part)}; flowctl writes each "
-                                 "item to a new NAME.part first and never opens one it did not "
-                                 "make (fix: remove it, or pull into another --out folder)") from None
-        except OSError as e:
-            raise LocalFileError(f"cannot write {part}: {e.strerror}") from None
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                while True:
-                    _, data = self.call("read", {"run": run, "channel": channel, "seq": seq,
-                                                 "offset": size, "length": P.CHUNK})
-                    if not data:
-                        break
-                    f.write(data)
-                    size += len(data)
-                    if len(data) < P.CHUNK:
-                        break
-            if os.path.islink(dest):
-                raise LocalFileError(f"{dest} is in the way: {_what_is(dest)}; flowctl does not "
-                                     "replace a symbolic link (fix: remove it, or pull into "
-                                     "another --out folder)")
-            try:
-                os.replace(part, dest)
-            except OSError as e:
-                raise LocalFileError(f"cannot write {dest}: {e.strerror}") from None
-        except BaseException:
-            try:
-                os.unlink(part)  # ours: made by the O_EXCL open above
-            except OSError:
-                pass
-            raise
-        return size
+    def pull(self, run: str, channel: str, out: str):
+        """Yield (item, local file) for each item of the channel, oldest first,
+        as it is written into ``out``: many small items come in one answer
+        (``pull``), bigger ones are read a chunk at a time (``download``). The
+        items are those in the channel when the pull began."""
+        after = upto = 0
+        while True:
+            result, data = self.call("pull", {"run": run, "channel": channel, "after": after,
+                                              "upto": upto})
+            run, upto, data, at = result["run"], result["upto"], data or b"", 0
+            for item in result["items"]:
+                dest = os.path.join(out, _item_name(item))
+                if item["inline"]:
+                    size = item["size"]
+                    if at + size > len(data):
+                        raise ProtocolError("flowd sent fewer bytes than its pull answer lists; "
+                                            "this is a flowd bug")
+                    chunk = data[at:at + size]
+                    with _signals_held():  # a few syscalls: made whole, or not begun
+                        _write_new(dest, lambda f: f.write(chunk))
+                    at += size
+                else:
+                    size = self.download(run, channel, item["seq"], dest)
+                after = item["seq"]
+                yield dict(item, run=run, size=size), dest
+            if result["done"] or not result["items"]:
+                return
+
+    def download(self, run: str, channel: str, seq: int, dest: str) -> int:
+        """Write one item to ``dest`` (``_write_new``); returns its size."""
+        def fill(f) -> int:
+            size = 0
+            while True:
+                _, data = self.call("read", {"run": run, "channel": channel, "seq": seq,
+                                             "offset": size, "length": P.CHUNK})
+                if not data:
+                    break
+                f.write(data)
+                size += len(data)
+                if len(data) < P.CHUNK:
+                    break
+            return size
+
+        return _write_new(dest, fill)
 
     def push(self, run: str, channel: str, src) -> dict:
         """Stream ``src`` (a binary file object) as one new item; durable when this returns."""
@@ -345,6 +375,146 @@ class Client:
             n += len(data)
             if len(data) < P.CHUNK:
                 return n
+
+
+def _item_name(item: dict) -> str:
+    name = item.get("name")
+    if not isinstance(name, str) or not name or "/" in name or "\0" in name \
+            or name in (".", ".."):
+        raise FlowError(f"flowd gave the item {item.get('seq')!r} the name {name!r}, which is "
+                        "not a plain file name; this is a flowd bug")
+    return name
+
+
+_TMPFILE_LINKS = True  # an unnamed file can be linked in (O_TMPFILE and /proc): not known to fail
+
+
+def _write_new(dest: str, fill):
+    """Write a file at ``dest`` whole or not at all: ``fill(f)`` writes it.
+
+    The file is made unnamed in ``dest``'s folder (O_TMPFILE) and linked in
+    once complete, so a pull that stops half-way, however it stops (Ctrl-C,
+    the daemon gone, a kill), leaves no partial file behind. Where the
+    filesystem has no O_TMPFILE (or it cannot be linked in through /proc)
+    it is written as ``dest.part`` and renamed, and the ``.part`` is removed
+    on any error, Ctrl-C, or SIGTERM/SIGHUP (``flowctl pull`` makes those an
+    interruption); only a kill -9 then can leave one.
+
+    ``--out`` may be a shared folder, so nothing there is followed: a name
+    is only ever made new (link(2), or O_CREAT|O_EXCL|O_NOFOLLOW: whatever is
+    already at ``dest.part`` is reported, never opened), and a symbolic link
+    at ``dest`` is refused (a link or rename replaces a name, never writes
+    through one). An existing ``dest`` is replaced by a rename from a new
+    random ``dest.HEX.part``.
+    Returns what ``fill`` returned.
+    """
+    global _TMPFILE_LINKS
+    folder = os.path.dirname(dest) or "."
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    if not _TMPFILE_LINKS or not hasattr(os, "O_TMPFILE"):
+        return _write_part(dest, fill)
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | cloexec, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise LocalFileError(f"cannot write in {folder}: {e.strerror}") from None
+        _TMPFILE_LINKS = False
+        return _write_part(dest, fill)
+    with os.fdopen(fd, "w+b") as f:
+        result = fill(f)
+        f.flush()
+        _refuse_link(dest)
+        try:
+            os.link(f"/proc/self/fd/{fd}", dest, follow_symlinks=True)
+        except FileExistsError:  # replace the old file: a new random name, renamed over it
+            for _ in range(100):
+                part = f"{dest}.{os.urandom(6).hex()}.part"
+                try:
+                    os.link(f"/proc/self/fd/{fd}", part, follow_symlinks=True)
+                    break
+                except FileExistsError:
+                    continue  # someone else's: never touched
+                except OSError as e:
+                    raise LocalFileError(f"cannot write {part}: {e.strerror}") from None
+            else:
+                raise LocalFileError(f"cannot find a free temporary name beside {dest}")
+            try:
+                os.replace(part, dest)
+            except BaseException:
+                _quiet_unlink(part)  # ours: made by the link above
+                raise
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EOPNOTSUPP):
+                raise LocalFileError(f"cannot write {dest}: {e.strerror}") from None
+            # No link from /proc here (some sandboxes, no /proc): NAME.part from now on.
+            _TMPFILE_LINKS = False
+            f.seek(0)
+            _write_part(dest, lambda part: shutil.copyfileobj(f, part, P.CHUNK))
+    return result
+
+
+def _write_part(dest: str, fill):
+    part = dest + ".part"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    made = False
+    try:
+        # A Ctrl-C (SIGTERM, SIGHUP) waits until the .part is known to be ours,
+        # so that the cleanup below always sees what it must remove.
+        with _signals_held():
+            try:
+                fd = os.open(part, flags, 0o666)
+            except FileExistsError:
+                raise LocalFileError(
+                    f"{part} is in the way: {_what_is(part)}; flowctl writes each "
+                    "item to a new NAME.part first and never opens one it did not "
+                    "make (fix: remove it, or pull into another --out folder)") from None
+            except OSError as e:
+                raise LocalFileError(f"cannot write {part}: {e.strerror}") from None
+            made = True
+        with os.fdopen(fd, "wb") as f:
+            result = fill(f)
+        _refuse_link(dest)
+        try:
+            os.replace(part, dest)
+        except OSError as e:
+            raise LocalFileError(f"cannot write {dest}: {e.strerror}") from None
+    except BaseException:
+        if made:
+            _quiet_unlink(part)  # ours: made by the O_EXCL open above
+        raise
+    return result
+
+
+class _signals_held:
+    """Hold SIGINT, SIGTERM and SIGHUP back (on the main thread) for a few
+    syscalls: they are delivered when the block ends."""
+
+    SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+        return False
+
+
+def _refuse_link(dest: str) -> None:
+    if os.path.islink(dest):
+        raise LocalFileError(f"{dest} is in the way: {_what_is(dest)}; flowctl does not "
+                             "replace a symbolic link (fix: remove it, or pull into "
+                             "another --out folder)")
+
+
+def _quiet_unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _regular_size(src) -> int | None:
