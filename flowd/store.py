@@ -146,8 +146,15 @@ class RunStore:
             with open(src, "rb") as f:  # another filesystem: copied, then synced with the rest
                 self.fs.write_file(dst, f, mode=ITEM_MODE, checksum=True, sync=False)
             return seq
-        _chmod_nofollow(dst, ITEM_MODE)
-        checksum.stamp_file(dst)
+        fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # one open: mode and stamp
+        try:
+            os.fchmod(fd, ITEM_MODE)
+            summer = checksum.Summer()
+            while chunk := os.read(fd, 1 << 20):
+                summer.update(chunk)
+            checksum.stamp(fd, summer)
+        finally:
+            os.close(fd)
         return seq
 
     def alloc(self) -> int:
