@@ -218,10 +218,22 @@ def main() -> int:
         t_py = wall([sys.executable, "-c", "pass"], env, 7)
         t_status = wall(flowctl + ["status"], env, 7)
         t_status_run = wall(flowctl + ["status", run], env, 7)
+        ask = []  # the daemon's part: the request alone, from a client already connected
+        for _ in range(21):
+            t = time.perf_counter()
+            client.call("status")
+            ask.append(time.perf_counter() - t)
+        ask_run = []
+        for _ in range(21):
+            t = time.perf_counter()
+            client.call("status", {"run": run})
+            ask_run.append(time.perf_counter() - t)
         line(f"status ({args.runs} runs)", t_status, "ms", "status",
-             f"python -c pass {t_py * 1000:.0f} ms")
+             f"python -c pass {t_py * 1000:.0f} ms; the request alone "
+             f"{statistics.median(ask) * 1000:.1f} ms")
         line("status RUN (a channel of N items)", t_status_run, "ms", "status_run",
-             f"python -c pass {t_py * 1000:.0f} ms")
+             f"python -c pass {t_py * 1000:.0f} ms; the request alone "
+             f"{statistics.median(ask_run) * 1000:.1f} ms")
 
         out = os.path.join(root, "pulled")
         t_pull = wall(flowctl + ["pull", run, "a", "--out", out], env)

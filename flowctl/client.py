@@ -316,29 +316,48 @@ class Client:
 
     def pull(self, run: str, channel: str, out: str):
         """Yield (item, local file) for each item of the channel, oldest first,
-        as it is written into ``out``: many small items come in one answer
+        once it is written into ``out``: many small items come in one answer
         (``pull``), bigger ones are read a chunk at a time (``download``). The
-        items are those in the channel when the pull began."""
-        after = upto = 0
+        items are those in the channel when the pull began. While a batch of
+        small items is written the next one is asked for already."""
+        args = {"run": run, "channel": channel, "after": 0, "upto": 0}
+        req = self._send(self._connect(), "pull", args, None)
         while True:
-            result, data = self.call("pull", {"run": run, "channel": channel, "after": after,
-                                              "upto": upto})
-            run, upto, data, at = result["run"], result["upto"], data or b"", 0
-            for item in result["items"]:
-                dest = os.path.join(out, _item_name(item))
-                if item["inline"]:
-                    size = item["size"]
-                    if at + size > len(data):
-                        raise ProtocolError("flowd sent fewer bytes than its pull answer lists; "
-                                            "this is a flowd bug")
-                    with _signals_held():  # a few syscalls: made whole, or not begun
+            reply = self._receive(self._connect(), {req}, time.monotonic() + self.timeout)
+            if reply is None:
+                raise self._no_answer(self.timeout)
+            _, result, data = P.decode_reply(reply)
+            run, items, data = result["run"], result["items"], data or b""
+            if items and sum(i["size"] for i in items if i["inline"]) > len(data):
+                raise ProtocolError("flowd sent fewer bytes than its pull answer lists; "
+                                    "this is a flowd bug")
+            more = not result["done"] and bool(items)
+            if more:
+                args.update(run=run, after=items[-1]["seq"], upto=result["upto"])
+                if all(i["inline"] for i in items):  # nothing else to ask meanwhile
+                    req = self._send(self._connect(), "pull", args, None)
+                    more = False
+            at, k = 0, 0
+            while k < len(items):
+                done = []
+                with _signals_held():  # small items: each made whole, or not begun
+                    while k < len(items) and items[k]["inline"]:
+                        item, size = items[k], items[k]["size"]
+                        dest = os.path.join(out, _item_name(item))
                         _write_small(dest, data[at:at + size])
-                    at += size
-                else:
+                        at += size
+                        k += 1
+                        done.append((dict(item, run=run), dest))
+                yield from done
+                if k < len(items):
+                    item = items[k]
+                    dest = os.path.join(out, _item_name(item))
                     size = self.download(run, channel, item["seq"], dest)
-                after = item["seq"]
-                yield dict(item, run=run, size=size), dest
-            if result["done"] or not result["items"]:
+                    k += 1
+                    yield dict(item, run=run, size=size), dest
+            if more:
+                req = self._send(self._connect(), "pull", args, None)
+            elif result["done"] or not items:
                 return
 
     def download(self, run: str, channel: str, seq: int, dest: str) -> int:
@@ -433,16 +452,15 @@ def _write_new(dest: str, fill):
     once complete, so a pull that stops half-way, however it stops (Ctrl-C,
     the daemon gone, a kill), leaves no partial file behind. Where the
     filesystem has no O_TMPFILE (or it cannot be linked in through /proc)
-    it is written as ``dest.part`` and renamed, and the ``.part`` is removed
+    it is written as ``dest.HEX.part`` and renamed, and the ``.part`` is removed
     on any error, Ctrl-C, or SIGTERM/SIGHUP (``flowctl pull`` makes those an
     interruption); only a kill -9 then can leave one.
 
     ``--out`` may be a shared folder, so nothing there is followed: a name
-    is only ever made new (link(2), or O_CREAT|O_EXCL|O_NOFOLLOW: whatever is
-    already at ``dest.part`` is reported, never opened), and a symbolic link
-    at ``dest`` is refused (a link or rename replaces a name, never writes
-    through one). An existing ``dest`` is replaced by a rename from a new
-    random ``dest.HEX.part``.
+    is only ever made new (link(2), or O_CREAT|O_EXCL|O_NOFOLLOW, under a
+    random ``dest.HEX.part``: whatever someone put there is never opened), and
+    a symbolic link at ``dest`` is refused (a link or rename replaces a name,
+    never writes through one). An existing ``dest`` is replaced by a rename.
     Returns what ``fill`` returned.
     """
     global _TMPFILE_LINKS
@@ -462,24 +480,12 @@ def _write_new(dest: str, fill):
         f.flush()
         _refuse_link(dest)
         try:
-            os.link(f"/proc/self/fd/{fd}", dest, follow_symlinks=True)
-        except FileExistsError:  # replace the old file: a new random name, renamed over it
-            for _ in range(100):
-                part = f"{dest}.{os.urandom(6).hex()}.part"
-                try:
-                    os.link(f"/proc/self/fd/{fd}", part, follow_symlinks=True)
-                    break
-                except FileExistsError:
-                    continue  # someone else's: never touched
-                except OSError as e:
-                    raise LocalFileError(f"cannot write {part}: {e.strerror}") from None
-            else:
-                raise LocalFileError(f"cannot find a free temporary name beside {dest}")
             try:
-                os.replace(part, dest)
-            except BaseException:
-                _quiet_unlink(part)  # ours: made by the link above
-                raise
+                os.link(f"/proc/self/fd/{fd}", dest, follow_symlinks=True)
+            except FileExistsError:  # replace the old file: a new random name, renamed over it
+                _link_over(f"/proc/self/fd/{fd}", dest)
+        except LocalFileError:
+            raise
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EOPNOTSUPP):
                 raise LocalFileError(f"cannot write {dest}: {e.strerror}") from None
@@ -517,23 +523,46 @@ def _write_small(dest: str, data: bytes) -> None:
     os.close(fd)
 
 
+def _link_over(src: str, dest: str) -> None:
+    """Link ``src`` in place of the file ``dest``: as a new random
+    ``dest.HEX.part`` (someone else's is never touched), renamed over it."""
+    for _ in range(100):
+        part = f"{dest}.{os.urandom(6).hex()}.part"
+        try:
+            os.link(src, part, follow_symlinks=True)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise LocalFileError(f"cannot find a free temporary name beside {dest}")
+    try:
+        os.replace(part, dest)
+    except BaseException:
+        _quiet_unlink(part)  # ours: made by the link above
+        raise
+
+
 def _write_part(dest: str, fill):
-    part = dest + ".part"
+    """Write ``dest`` as a new ``dest.HEX.part`` (a random name: one someone
+    else put there is never opened), renamed over ``dest`` when whole."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     made = False
+    part = dest + ".part"
     try:
         # A Ctrl-C (SIGTERM, SIGHUP) waits until the .part is known to be ours,
         # so that the cleanup below always sees what it must remove.
         with _signals_held():
-            try:
-                fd = os.open(part, flags, 0o666)
-            except FileExistsError:
-                raise LocalFileError(
-                    f"{part} is in the way: {_what_is(part)}; flowctl writes each "
-                    "item to a new NAME.part first and never opens one it did not "
-                    "make (fix: remove it, or pull into another --out folder)") from None
-            except OSError as e:
-                raise LocalFileError(f"cannot write {part}: {e.strerror}") from None
+            for _ in range(100):
+                part = f"{dest}.{os.urandom(6).hex()}.part"
+                try:
+                    fd = os.open(part, flags, 0o666)
+                    break
+                except FileExistsError:
+                    continue  # someone else's: never opened
+                except OSError as e:
+                    raise LocalFileError(f"cannot write {part}: {e.strerror}") from None
+            else:
+                raise LocalFileError(f"cannot find a free temporary name beside {dest}")
             made = True
         with os.fdopen(fd, "wb") as f:
             result = fill(f)
