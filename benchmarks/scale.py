@@ -48,6 +48,18 @@ GOAL = {"submit": 10.0, "rss_grow": 10.0, "rss_restart_grow": 10.0, "pull": 10.0
         "status": 0.100, "status_run": 0.100, "logs": 1.0}
 
 
+# A service run whose process waits on a channel nothing fills: no container runs.
+WAITING = """<workflow name="{name}" mode="service">
+  <channel name="a">{items}</channel>
+  <channel name="go"/><channel name="out"/>
+  <process name="p" image="flowd/busybox">
+    <input channel="a"/><input channel="go"/><output channel="out"/>
+    <script>cp a out</script>
+  </process>
+</workflow>
+"""
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -165,26 +177,10 @@ def main() -> int:
     for i in range(n):
         with open(os.path.join(wfdir, "data", f"{i:08}.txt"), "w") as f:
             f.write(f"item {i}\n")
-    with open(os.path.join(wfdir, "workflow.xml"), "w") as f:
-        f.write("""<workflow name="scale" mode="service">
-  <channel name="a"><items glob="data/*.txt"/></channel>
-  <channel name="go"/><channel name="out"/>
-  <process name="p" image="flowd/busybox">
-    <input channel="a"/><input channel="go"/><output channel="out"/>
-    <script>cp a out</script>
-  </process>
-</workflow>
-""")
-    with open(os.path.join(wfdir, "small.xml"), "w") as f:
-        f.write("""<workflow name="small" mode="service">
-  <channel name="a"><item>1</item><item>2</item></channel>
-  <channel name="go"/><channel name="out"/>
-  <process name="p" image="flowd/busybox">
-    <input channel="a"/><input channel="go"/><output channel="out"/>
-    <script>cp a out</script>
-  </process>
-</workflow>
-""")
+    for name, items in (("workflow.xml", '<items glob="data/*.txt"/>'),
+                        ("small.xml", "<item>1</item><item>2</item>")):
+        with open(os.path.join(wfdir, name), "w") as f:
+            f.write(WAITING.format(name=name[:-4], items=items))
     print(f"{n} items, {args.runs} runs, spool under {root}; {os.cpu_count()} CPUs", flush=True)
     os.sync()
     # fsync each: a tenth of the files, times ten (100,000 fsyncs take minutes here)
