@@ -99,12 +99,6 @@ class RunStore:
         self.fs.write_file(self.path(name), json.dumps(data, indent=1, sort_keys=True).encode())
 
     # -- items ---------------------------------------------------------------
-    def put(self, channel: str, data: bytes | Iterable[bytes] | BinaryIO) -> int:
-        """Append an item (streamed); durable when this returns."""
-        seq = self.alloc()
-        self.fs.write_file(self.item_path(channel, seq), data, checksum=True)
-        return seq
-
     def put_file(self, channel: str, src: str, *, stamped: bool = False) -> int:
         """Append a copy of ``src`` (a hard link when possible: items never change).
 
