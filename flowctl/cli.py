@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -543,25 +544,32 @@ def cmd_resize(client: Client, args) -> int:
 
 
 def cmd_pull(client: Client, args) -> int:
-    result, _ = client.call("items", {"run": args.run, "channel": args.channel})
     out = check_out_dir(args.out)
     written = []
-    for item in result["items"]:
-        name = item["name"]
-        if not isinstance(name, str) or not name or "/" in name or "\0" in name \
-                or name in (".", ".."):
-            raise FlowError(f"flowd gave the item {item.get('seq')!r} the name {name!r}, which is "
-                            "not a plain file name; this is a flowd bug")
-        dest = os.path.join(out, name)
-        size = client.download(result["run"], args.channel, item["seq"], dest)
-        written.append({"file": dest, "size": size, "seq": item["seq"]})
+    run = args.run
+    # A SIGTERM or SIGHUP (a closed terminal) stops the pull as Ctrl-C does: an item
+    # being written is removed, never left half there.
+    before = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for item, dest in client.pull(args.run, args.channel, out):
+            run = item["run"]
+            written.append({"file": dest, "size": item["size"], "seq": item["seq"]})
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if not written:  # the run and channel were still checked by the daemon
+        run = client.call("items", {"run": args.run, "channel": args.channel})[0]["run"]
     if args.json:
-        print(json.dumps({"run": result["run"], "channel": args.channel, "files": written}, indent=1))
+        print(json.dumps({"run": run, "channel": args.channel, "files": written}, indent=1))
     else:
         for w in written:
             print(_t(w["file"]))
         print(_t(f"{len(written)} items from {args.channel} written to {out}"), file=sys.stderr)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def cmd_push(client: Client, args) -> int:

@@ -14,18 +14,28 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import stat
+import sys
+import threading
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from flowd import protocol as P
 from flowd.errors import DaemonUnreachable, FlowError, ProtocolError, UsageError
 
 START_HINT = "start it with `systemctl start flowd`, or run `flowd --socket {path}` in another terminal"
 POLL_SLICE = 0.25  # seconds a wait for the daemon polls before Python runs pending signal handlers
+
+
+# Files of at most BATCH_FILE_BYTES are uploaded many to a request (upload_files):
+# at most BATCH_FILES of them, CHUNK bytes and BATCH_PATH_CHARS of paths.
+BATCH_FILE_BYTES = 64 * 1024
+BATCH_FILES = 500
+BATCH_PATH_CHARS = 64 * 1024
+UPLOAD_WINDOW = 2  # batches in flight at once
 
 
 class NotRunning(DaemonUnreachable):
@@ -158,7 +168,7 @@ class Client:
         # A connection that ended before this send (ZeroMQ may have reconnected
         # since) loses nothing of this request: forget its event.
         while self._monitor is not None and self._monitor.poll(0):
-            recv_monitor_message(self._monitor)
+            self._monitor.recv_multipart()
         try:
             sock.send_multipart(frames)
         except zmq.Again:  # no live connection (IMMEDIATE) for --timeout seconds
@@ -190,8 +200,7 @@ class Client:
                     return reply
                 continue  # a late answer to an earlier request
             if self._monitor is not None and self._monitor in ready:
-                event = recv_monitor_message(self._monitor)
-                if event.get("event") == zmq.EVENT_DISCONNECTED:
+                if _monitor_event(self._monitor.recv_multipart()) == zmq.EVENT_DISCONNECTED:
                     self.close()
                     raise DaemonStopped(f"flowd stopped: it closed the connection on {self.path} "
                                         "before it answered")
@@ -251,12 +260,29 @@ class Client:
 
     # -- file transfer ---------------------------------------------------
     def upload(self, files: list[tuple[str, str]]) -> str:
-        """Send (name in bundle, local path) pairs in chunks; returns the upload id."""
-        total = 0
-        for _, local in files:
-            total += os.path.getsize(local)
-        upload = self.call("upload_begin", {"size": total})[0]["upload"]
-        for name, local in files:
+        """Send (name in bundle, local path) pairs in chunks; returns the upload id.
+
+        Small files go many to a request (``upload_files``), and up to
+        ``UPLOAD_WINDOW`` such requests are in flight at once: the next batch is
+        read here while the daemon writes the last one. Big files go a chunk at
+        a time (``upload_chunk``)."""
+        sizes = [os.path.getsize(local) for _, local in files]
+        upload = self.call("upload_begin", {"size": sum(sizes)})[0]["upload"]
+        batch: list[tuple[str, bytes]] = []  # small files, sent many to a request
+        batch_bytes = batch_chars = 0
+        inflight: list[str] = []  # request ids of batches sent, oldest first
+        for (name, local), size in zip(files, sizes):
+            if size <= BATCH_FILE_BYTES:
+                data = _read_small(local)
+                if len(data) <= BATCH_FILE_BYTES:
+                    if len(batch) >= BATCH_FILES or batch_bytes + len(data) > P.CHUNK \
+                            or batch_chars + len(name) > BATCH_PATH_CHARS:
+                        self._upload_files(upload, batch, inflight)
+                        batch, batch_bytes, batch_chars = [], 0, 0
+                    batch.append((name, data))
+                    batch_bytes += len(data)
+                    batch_chars += len(name) + 8
+                    continue
             with open(local, "rb") as f:
                 offset = 0
                 while True:
@@ -267,53 +293,89 @@ class Client:
                     offset += len(chunk)
                     if not chunk:
                         break
+        if batch:
+            self._upload_files(upload, batch, inflight)
+        while inflight:
+            self._answer(inflight.pop(0))
         return upload
 
-    def download(self, run: str, channel: str, seq: int, dest: str) -> int:
-        """Write one item to ``dest`` (via ``dest.part``); returns its size.
+    def _upload_files(self, upload: str, batch: list[tuple[str, bytes]], inflight: list[str]) -> None:
+        sock = self._connect()
+        inflight.append(self._send(sock, "upload_files", {
+            "upload": upload, "paths": [n for n, _ in batch], "sizes": [len(d) for _, d in batch]},
+            b"".join(d for _, d in batch)))
+        while len(inflight) >= UPLOAD_WINDOW:
+            self._answer(inflight.pop(0))  # the daemon answers in order
 
-        ``--out`` may be a shared folder, so nothing there is followed: the
-        temporary file is made new (O_CREAT|O_EXCL|O_NOFOLLOW; whatever is
-        already at ``dest.part`` is reported, never opened), and a symbolic
-        link at ``dest`` is refused (the rename itself replaces a name and
-        never writes through a link)."""
-        part = dest + ".part"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(part, flags, 0o666)
-        except FileExistsError:
-            raise LocalFileError(f"{part} is in the way: {_what_is(part)}; flowctl writes each "
-                                 "item to a new NAME.part first and never opens one it did not "
-                                 "make (fix: remove it, or pull into another --out folder)") from None
-        except OSError as e:
-            raise LocalFileError(f"cannot write {part}: {e.strerror}") from None
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                while True:
-                    _, data = self.call("read", {"run": run, "channel": channel, "seq": seq,
-                                                 "offset": size, "length": P.CHUNK})
-                    if not data:
-                        break
-                    f.write(data)
-                    size += len(data)
-                    if len(data) < P.CHUNK:
-                        break
-            if os.path.islink(dest):
-                raise LocalFileError(f"{dest} is in the way: {_what_is(dest)}; flowctl does not "
-                                     "replace a symbolic link (fix: remove it, or pull into "
-                                     "another --out folder)")
-            try:
-                os.replace(part, dest)
-            except OSError as e:
-                raise LocalFileError(f"cannot write {dest}: {e.strerror}") from None
-        except BaseException:
-            try:
-                os.unlink(part)  # ours: made by the O_EXCL open above
-            except OSError:
-                pass
-            raise
-        return size
+    def _answer(self, req_id: str) -> dict:
+        """The answer to request ``req_id``, sent earlier (the error it carries is raised)."""
+        reply = self._receive(self._connect(), {req_id}, time.monotonic() + self.timeout)
+        if reply is None:
+            raise self._no_answer(self.timeout)
+        return P.decode_reply(reply)[1]
+
+    def pull(self, run: str, channel: str, out: str):
+        """Yield (item, local file) for each item of the channel, oldest first,
+        once it is written into ``out``: many small items come in one answer
+        (``pull``), bigger ones are read a chunk at a time (``download``). The
+        items are those in the channel when the pull began. While a batch of
+        small items is written the next one is asked for already."""
+        args = {"run": run, "channel": channel, "after": 0, "upto": 0}
+        req = self._send(self._connect(), "pull", args, None)
+        while True:
+            reply = self._receive(self._connect(), {req}, time.monotonic() + self.timeout)
+            if reply is None:
+                raise self._no_answer(self.timeout)
+            _, result, data = P.decode_reply(reply)
+            run, items, data = result["run"], result["items"], data or b""
+            if items and sum(i["size"] for i in items if i["inline"]) > len(data):
+                raise ProtocolError("flowd sent fewer bytes than its pull answer lists; "
+                                    "this is a flowd bug")
+            more = not result["done"] and bool(items)
+            if more:
+                args.update(run=run, after=items[-1]["seq"], upto=result["upto"])
+                if all(i["inline"] for i in items):  # nothing else to ask meanwhile
+                    req = self._send(self._connect(), "pull", args, None)
+                    more = False
+            at, k = 0, 0
+            while k < len(items):
+                done = []
+                with _signals_held():  # small items: each made whole, or not begun
+                    while k < len(items) and items[k]["inline"]:
+                        item, size = items[k], items[k]["size"]
+                        dest = os.path.join(out, _item_name(item))
+                        _write_small(dest, data[at:at + size])
+                        at += size
+                        k += 1
+                        done.append((dict(item, run=run), dest))
+                yield from done
+                if k < len(items):
+                    item = items[k]
+                    dest = os.path.join(out, _item_name(item))
+                    size = self.download(run, channel, item["seq"], dest)
+                    k += 1
+                    yield dict(item, run=run, size=size), dest
+            if more:
+                req = self._send(self._connect(), "pull", args, None)
+            elif result["done"] or not items:
+                return
+
+    def download(self, run: str, channel: str, seq: int, dest: str) -> int:
+        """Write one item to ``dest`` (``_write_new``); returns its size."""
+        def fill(f) -> int:
+            size = 0
+            while True:
+                _, data = self.call("read", {"run": run, "channel": channel, "seq": seq,
+                                             "offset": size, "length": P.CHUNK})
+                if not data:
+                    break
+                f.write(data)
+                size += len(data)
+                if len(data) < P.CHUNK:
+                    break
+            return size
+
+        return _write_new(dest, fill)
 
     def push(self, run: str, channel: str, src) -> dict:
         """Stream ``src`` (a binary file object) as one new item; durable when this returns."""
@@ -345,6 +407,207 @@ class Client:
             n += len(data)
             if len(data) < P.CHUNK:
                 return n
+
+
+def _read_small(path: str) -> bytes:
+    """A small file's bytes (at most BATCH_FILE_BYTES + 1 of them)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return os.read(fd, BATCH_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def _monitor_event(frames: list[bytes]) -> int:
+    """The event number of a ZeroMQ monitor message (its first frame: a 16-bit
+    event, then a 32-bit value). zmq.utils.monitor does this too, but importing
+    it imports asyncio: a fifth of flowctl's start-up."""
+    return int.from_bytes(frames[0][:2], sys.byteorder) if frames and len(frames[0]) >= 2 else 0
+
+
+def _copy(src, dst) -> None:
+    while True:
+        data = src.read(P.CHUNK)
+        if not data:
+            return
+        dst.write(data)
+
+
+def _item_name(item: dict) -> str:
+    name = item.get("name")
+    if not isinstance(name, str) or not name or "/" in name or "\0" in name \
+            or name in (".", ".."):
+        raise FlowError(f"flowd gave the item {item.get('seq')!r} the name {name!r}, which is "
+                        "not a plain file name; this is a flowd bug")
+    return name
+
+
+_TMPFILE_LINKS = True  # an unnamed file can be linked in (O_TMPFILE and /proc): not known to fail
+
+
+def _write_new(dest: str, fill):
+    """Write a file at ``dest`` whole or not at all: ``fill(f)`` writes it.
+
+    The file is made unnamed in ``dest``'s folder (O_TMPFILE) and linked in
+    once complete, so a pull that stops half-way, however it stops (Ctrl-C,
+    the daemon gone, a kill), leaves no partial file behind. Where the
+    filesystem has no O_TMPFILE (or it cannot be linked in through /proc)
+    it is written as ``dest.HEX.part`` and renamed, and the ``.part`` is removed
+    on any error, Ctrl-C, or SIGTERM/SIGHUP (``flowctl pull`` makes those an
+    interruption); only a kill -9 then can leave one.
+
+    ``--out`` may be a shared folder, so nothing there is followed: a name
+    is only ever made new (link(2), or O_CREAT|O_EXCL|O_NOFOLLOW, under a
+    random ``dest.HEX.part``: whatever someone put there is never opened), and
+    a symbolic link at ``dest`` is refused (a link or rename replaces a name,
+    never writes through one). An existing ``dest`` is replaced by a rename.
+    Returns what ``fill`` returned.
+    """
+    global _TMPFILE_LINKS
+    folder = os.path.dirname(dest) or "."
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    if not _TMPFILE_LINKS or not hasattr(os, "O_TMPFILE"):
+        return _write_part(dest, fill)
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | cloexec, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise LocalFileError(f"cannot write in {folder}: {e.strerror}") from None
+        _TMPFILE_LINKS = False
+        return _write_part(dest, fill)
+    with os.fdopen(fd, "w+b") as f:
+        result = fill(f)
+        f.flush()
+        _refuse_link(dest)
+        try:
+            try:
+                os.link(f"/proc/self/fd/{fd}", dest, follow_symlinks=True)
+            except FileExistsError:  # replace the old file: a new random name, renamed over it
+                _link_over(f"/proc/self/fd/{fd}", dest)
+        except LocalFileError:
+            raise
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EOPNOTSUPP):
+                raise LocalFileError(f"cannot write {dest}: {e.strerror}") from None
+            # No link from /proc here (some sandboxes, no /proc): NAME.part from now on.
+            _TMPFILE_LINKS = False
+            f.seek(0)
+            _write_part(dest, lambda part: _copy(f, part))
+    return result
+
+
+def _write_small(dest: str, data: bytes) -> None:
+    """Write a small item (in memory) at ``dest``, with Ctrl-C, SIGTERM and
+    SIGHUP held back by the caller: made new under its own name, in one
+    write (no temporary name to rename: half the file creations of a pull of
+    100,000 items), and removed again if that write fails. A file already at
+    ``dest`` is replaced as ``_write_new`` does; a link there is refused."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(dest, flags, 0o666)
+    except FileExistsError:
+        _write_new(dest, lambda f: f.write(data))
+        return
+    except OSError as e:
+        raise LocalFileError(f"cannot write {dest}: {e.strerror}") from None
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException as e:
+        os.close(fd)
+        _quiet_unlink(dest)  # ours: made by the O_EXCL open above
+        if isinstance(e, OSError):
+            raise LocalFileError(f"cannot write {dest}: {e.strerror}") from None
+        raise
+    os.close(fd)
+
+
+def _link_over(src: str, dest: str) -> None:
+    """Link ``src`` in place of the file ``dest``: as a new random
+    ``dest.HEX.part`` (someone else's is never touched), renamed over it."""
+    for _ in range(100):
+        part = f"{dest}.{os.urandom(6).hex()}.part"
+        try:
+            os.link(src, part, follow_symlinks=True)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise LocalFileError(f"cannot find a free temporary name beside {dest}")
+    try:
+        os.replace(part, dest)
+    except BaseException:
+        _quiet_unlink(part)  # ours: made by the link above
+        raise
+
+
+def _write_part(dest: str, fill):
+    """Write ``dest`` as a new ``dest.HEX.part`` (a random name: one someone
+    else put there is never opened), renamed over ``dest`` when whole."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    made = False
+    part = dest + ".part"
+    try:
+        # A Ctrl-C (SIGTERM, SIGHUP) waits until the .part is known to be ours,
+        # so that the cleanup below always sees what it must remove.
+        with _signals_held():
+            for _ in range(100):
+                part = f"{dest}.{os.urandom(6).hex()}.part"
+                try:
+                    fd = os.open(part, flags, 0o666)
+                    break
+                except FileExistsError:
+                    continue  # someone else's: never opened
+                except OSError as e:
+                    raise LocalFileError(f"cannot write {part}: {e.strerror}") from None
+            else:
+                raise LocalFileError(f"cannot find a free temporary name beside {dest}")
+            made = True
+        with os.fdopen(fd, "wb") as f:
+            result = fill(f)
+        _refuse_link(dest)
+        try:
+            os.replace(part, dest)
+        except OSError as e:
+            raise LocalFileError(f"cannot write {dest}: {e.strerror}") from None
+    except BaseException:
+        if made:
+            _quiet_unlink(part)  # ours: made by the O_EXCL open above
+        raise
+    return result
+
+
+class _signals_held:
+    """Hold SIGINT, SIGTERM and SIGHUP back (on the main thread) for a few
+    syscalls: they are delivered when the block ends."""
+
+    SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+        return False
+
+
+def _refuse_link(dest: str) -> None:
+    if os.path.islink(dest):
+        raise LocalFileError(f"{dest} is in the way: {_what_is(dest)}; flowctl does not "
+                             "replace a symbolic link (fix: remove it, or pull into "
+                             "another --out folder)")
+
+
+def _quiet_unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _regular_size(src) -> int | None:

@@ -23,7 +23,6 @@ A container that exits non-zero is a task *result*, never an exception.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 
 class FlowError(Exception):
@@ -46,16 +45,28 @@ class UsageError(FlowError):
     exit_status = 2
 
 
-@dataclass
 class Problem:
-    """One finding in a workflow file: where it is and how to fix it."""
+    """One finding in a workflow file: where it is and how to fix it.
 
-    file: str
-    line: int | None
-    element: str | None
-    message: str
-    fix: str | None = None
-    severity: str = "error"  # or "warning"
+    A plain class, not a dataclass: flowctl imports this module on every
+    command, and dataclasses (with inspect) would add a fifth to its start-up."""
+
+    __slots__ = ("file", "line", "element", "message", "fix", "severity")
+
+    def __init__(self, file: str, line: int | None, element: str | None, message: str,
+                 fix: str | None = None, severity: str = "error"):  # severity: or "warning"
+        self.file, self.line, self.element = file, line, element
+        self.message, self.fix, self.severity = message, fix, severity
+
+    def __eq__(self, other) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # as a dataclass with eq: mutable, unhashable
+
+    def __repr__(self) -> str:
+        return "Problem(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"

@@ -88,8 +88,26 @@ class FileRefs:
                           "use a narrower pattern, or fewer files") from None
         files: list[str] = []
         outside: list[str] = []
+        parents: dict[str, bool] = {}  # folder -> whether its real path is inside base
         for rel in matches:
             rel = posixpath.normpath(rel.replace(os.sep, "/"))
+            # A plain file (not a link) is inside when its folder's real path is:
+            # one realpath per folder, not per file (100,000 files in one folder).
+            parent, name = posixpath.split(rel)
+            try:
+                st = os.lstat(os.path.join(self.base, rel))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and name not in ("", ".", ".."):
+                ok = parents.get(parent)
+                if ok is None:
+                    ok = parents[parent] = inside(
+                        os.path.realpath(os.path.join(self.base, parent)), self.base)
+                if ok:
+                    files.append(rel)
+                else:
+                    outside.append(rel)
+                continue
             real = os.path.realpath(os.path.join(self.base, rel))
             if not inside(real, self.base):
                 outside.append(rel)

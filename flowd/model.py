@@ -8,7 +8,7 @@ each run, so a restarted daemon never needs to parse XML again.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 FORMAT_VERSION = 1
@@ -134,6 +134,13 @@ class Workflow:
             names.extend(i.file for i in ch.items if i.file)
         names.extend(p.script_file for p in self.processes.values() if p.script_file)
         return sorted(set(names))
+
+    def without_items(self) -> "Workflow":
+        """A copy without the initial items: once a run is made they are in its
+        channels on disk, and a run of 100,000 items keeps no list of them."""
+        if not any(ch.items for ch in self.channels.values()):
+            return self
+        return replace(self, channels={k: replace(ch, items=[]) for k, ch in self.channels.items()})
 
     # -- JSON form -----------------------------------------------------
     def to_dict(self) -> dict:

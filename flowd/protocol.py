@@ -40,7 +40,8 @@ class Arg:
     """One request argument: its type, whether it is required, and its range.
 
     ``kind`` is ``str``, ``int`` (a JSON integer, never a bool or a float),
-    ``num`` (an int or a finite float), or ``strs`` (a list of strings). An
+    ``num`` (an int or a finite float), ``strs`` (a list of strings) or
+    ``ints`` (a list of integers from 0 to ``MAX_SEQ``). An
     optional argument that is absent or null takes ``default``. ``lo``/``hi``
     bound a number, or a string's or list's length; ``pattern`` a string.
     """
@@ -78,6 +79,15 @@ class Arg:
                 raise bad(f"must list {int(self.lo or 0)} to {int(self.hi or MAX_LIST)} values")
             if any(len(v) > MAX_STRING for v in value):
                 raise bad(f"holds a string over {MAX_STRING} characters")
+            return value
+        if self.kind == "ints":  # a list of whole numbers, each 0 to MAX_SEQ
+            if not isinstance(value, list) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise bad(f"must be a list of whole numbers, not {_json_type(value)}")
+            if not (self.lo or 0) <= len(value) <= (self.hi or MAX_LIST):
+                raise bad(f"must list {int(self.lo or 0)} to {int(self.hi or MAX_LIST)} values")
+            if any(not 0 <= v <= MAX_SEQ for v in value):
+                raise bad(f"holds a number outside 0 to {MAX_SEQ}")
             return value
         # numbers: bool is an int to Python, never to the protocol
         if isinstance(value, bool) or not isinstance(value, (int, float)):

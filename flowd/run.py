@@ -86,16 +86,17 @@ class Run:
         fs.rmtree(tmp)
         store = RunStore.layout(tmp, fs, wf.channels)
         fs.rename(bundle, store.path("bundle"), sync=False)  # run.json's write fsyncs the folder
+        # Scripts and items are written unsynced, then made durable at once (sync_fs).
         for proc in wf.processes.values():
-            fs.write_file(store.path("scripts", proc.name), proc.script.encode(), sync_dir=False)
-        fs.fsync_dir(store.path("scripts"))
+            fs.write_file(store.path("scripts", proc.name), proc.script.encode(), sync=False)
         for ch in wf.channels.values():
             for item in ch.items:
                 if item.file is not None:
-                    store.put_file(ch.name, store.path("bundle", item.file))
+                    store.put_initial_file(ch.name, store.path("bundle", item.file))
                 else:
-                    store.put(ch.name, (item.text or "").encode())
-        fs.write_file(store.path("workflow.json"), json.dumps(wf.to_dict()).encode(),
+                    store.put_initial(ch.name, (item.text or "").encode())
+        fs.sync_fs(tmp)  # all of the folder, before run.json and the rename make the run live
+        fs.write_file(store.path("workflow.json"), json.dumps(wf.without_items().to_dict()).encode(),
                       sync_dir=False)  # the folder is fsynced by run.json's write, next
         meta = initial_meta(meta, run_id, wf)
         store.write_meta(meta)
@@ -114,7 +115,7 @@ class Run:
         if wf is None:
             with open(os.path.join(root, "workflow.json"), "rb") as f:
                 wf = Workflow.from_dict(json.load(f))
-        run = cls(root, fs, wf, meta, executor, limits)
+        run = cls(root, fs, wf.without_items(), meta, executor, limits)  # items are on disk
         retrying.recover(run)  # a retry a crash cut short is finished first (flowd/retrying.py)
         run._load()
         return run

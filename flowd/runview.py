@@ -10,12 +10,15 @@ import time
 
 from .errors import NotFound, StorageError
 from . import owners
+from . import protocol as P
 from . import scheduler as S
 from .executor import base as X
 from .store import parse_log_name, seq_name
 
 LOG_TAIL_BYTES = 2048
 MAX_RUNNING_SHOWN = 200  # running tasks listed in a run's detail (the rest are counted)
+PULL_ITEMS = 1000  # items one pull request answers at most
+PULL_INLINE = 256 * 1024  # items of at most this many bytes come in the pull's data frame
 
 
 class RunView:
@@ -109,6 +112,44 @@ class RunView:
             out.append({"seq": seq, "name": seq_name(seq), "size": size})
         return out
 
+    def pull(self, channel: str, after: int, upto: int) -> tuple[dict, bytes]:
+        """The channel's items past ``after`` and at most ``upto`` (0: the newest
+        now, which the answer gives back for the next calls), oldest first: up to
+        ``PULL_ITEMS`` of them, the small ones' bytes in the data frame (at most
+        ``CHUNK`` in all), the others only named (read with ``read``). ``done``:
+        no item is left to give."""
+        if channel not in self.run.wf.channels:
+            raise NotFound(f"run {self.run.id} has no channel {channel!r}; it has: "
+                           + ", ".join(self.run.wf.channels))
+        q = self.run.sched.queues[channel]
+        if not upto:
+            upto = q[-1] if q else 0
+        items, chunks, total, done = [], [], 0, True
+        for seq in q.after(after):
+            if seq > upto:
+                break
+            if len(items) >= PULL_ITEMS:
+                done = False
+                break
+            try:
+                with self.run.store.open_item(channel, seq) as f:
+                    size = os.fstat(f.fileno()).st_size
+                    inline = size <= PULL_INLINE and total + size <= P.CHUNK
+                    if inline:
+                        data = f.read(size + 1)
+                        inline = len(data) == size  # items never change; but be sure
+                        if inline:
+                            chunks.append(data)
+                            total += size
+            except NotFound:
+                continue  # taken by a task meanwhile
+            items.append({"seq": seq, "name": seq_name(seq), "size": size, "inline": inline})
+            if total >= P.CHUNK:
+                done = False
+                break
+        return {"run": self.run.id, "channel": channel, "upto": upto, "items": items,
+                "done": done}, b"".join(chunks)
+
     def logs(self, process: str | None = None, task: str | None = None) -> list[dict]:
         """The run's task logs, oldest first: [{name, process, task, attempt,
         size, running}]. A running attempt's log is its live file (see
@@ -118,7 +159,10 @@ class RunView:
                            + ", ".join(self.run.wf.processes))
         found: dict[str, dict] = {}
         folder = self.run.store.path("logs")
-        for entry in sorted(os.listdir(folder), key=lambda n: n.startswith(".")):  # finals first
+        # One task's logs are looked up by name: a run of 100,000 tasks has as
+        # many logs, and `logs --task` (or a follow of one task) must not list them all.
+        names = self._task_log_names(process, str(task)) if task else os.listdir(folder)
+        for entry in sorted(names, key=lambda n: n.startswith(".")):  # finals first
             running = entry.startswith(".") and entry.endswith(".live")
             name = entry[1:-len(".live")] if running else entry
             parsed = parse_log_name(name)
@@ -137,6 +181,25 @@ class RunView:
         return sorted(found.values(), key=lambda d: (
             d["running"], 0 if d["running"] else d["mtime"],
             int(d["task"]) if d["task"].isdigit() else 0, d["attempt"]))
+
+    def _task_log_names(self, process: str | None, task: str) -> list[str]:
+        """The names (final and live) of task ``task``'s logs that exist: attempt
+        1, 2, ... up to its process's last possible attempt (retries + 1), and
+        on while there are more."""
+        folder = self.run.store.path("logs")
+        out = []
+        for proc in self.run.wf.processes.values():
+            if process and proc.name != process:
+                continue
+            attempt = 1
+            while True:
+                final = f"p.{proc.name.replace('#', '')}.{task}.{attempt}.log"
+                have = [n for n in (final, f".{final}.live") if os.path.lexists(os.path.join(folder, n))]
+                if not have and attempt > proc.retries + 1:
+                    break
+                out.extend(have)
+                attempt += 1
+        return out
 
     def read_log(self, name: str, offset: int, length: int) -> bytes:
         if parse_log_name(name) is None:

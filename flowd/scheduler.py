@@ -26,11 +26,10 @@ Rules (docs/format.md, "Semantics"):
 """
 from __future__ import annotations
 
-import bisect
-from collections import deque
 from dataclasses import dataclass, field
 
 from .model import Workflow
+from .seqqueue import SeqQueue
 
 # Run states (docs/format.md)
 QUEUED = "queued"
@@ -92,7 +91,7 @@ class ProcessCounts:
 @dataclass
 class Scheduler:
     wf: Workflow
-    queues: dict[str, deque[int]] = field(default_factory=dict)  # each sorted, oldest first
+    queues: dict[str, SeqQueue] = field(default_factory=dict)  # each sorted, oldest first (compact)
     fired: set[str] = field(default_factory=set)
     stopping: bool = False  # a task failed under on-failure="stop", or cancel
     cancelled: bool = False
@@ -108,7 +107,7 @@ class Scheduler:
     def load(self, queues: dict[str, object]) -> None:
         """Set channels' queues (item numbers in any order)."""
         for ch, seqs in queues.items():
-            self.queues[ch] = deque(sorted(seqs))
+            self.queues[ch] = seqs if isinstance(seqs, SeqQueue) else SeqQueue(seqs)
 
     def adopt(self, claim: Claim) -> None:
         """A task found claimed at start-up (its inputs are not in the queues)."""
@@ -187,11 +186,7 @@ class Scheduler:
             self.add_item(ch, seq)
 
     def add_item(self, channel: str, seq: int) -> None:
-        q = self.queues[channel]
-        if not q or seq > q[-1]:
-            q.append(seq)
-        else:
-            bisect.insort(q, seq)
+        self.queues[channel].insort(seq)
 
     def released(self, kind: str, name: str, task_id: str, skip: frozenset[int] = frozenset()) -> None:
         """The task's inputs went back to their channels, in their old places

@@ -38,7 +38,7 @@ from .fsops import Durable
 
 UPLOAD_MAX_AGE = 3600.0  # seconds an upload may stay open
 MAX_PER_UID = 16  # uploads and pushes open at once, per uid
-MAX_ENTRIES = 100_000  # files and folders in one upload
+MAX_ENTRIES = 110_000  # files and folders in one upload: a glob of 100,000 files (MAX_GLOB_MATCHES), its folders and more
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+ -]{0,254}$")
 PUSH_FILE = "item"
 

@@ -3,7 +3,8 @@
 Layout of one run (``SPOOL/runs/RUN/``)::
 
     run.json                 state, times, message (rewritten atomically)
-    workflow.json            the validated model; the daemon never re-parses XML
+    workflow.json            the validated model without its initial items (they are
+                             in channels/); the daemon never re-parses XML
     bundle/                  the workflow file and the files it names, as sent
     scripts/PROCESS          each process's script, mounted read-only
     channels/CHANNEL/SEQ     items; SEQ is a 16-digit number, global to the run,
@@ -78,14 +79,13 @@ class RunStore:
     def layout(cls, root: str, fs: Durable, channels: Iterable[str]) -> "RunStore":
         """Make the folders of a new run under ``root`` (not yet in place).
 
-        ``root`` itself is not fsynced here: the caller writes files in it
-        (``run.json`` last, which fsyncs it) before renaming it into place.
+        Nothing is fsynced here: the caller makes the whole folder durable
+        (``Durable.sync_fs``, then run.json) before renaming it into place.
         """
         for d in ("", "channels", "tasks", "failed", "fired", "logs", "scripts"):
             fs.mkdir(os.path.join(root, d) if d else root, sync_parent=False)
         for ch in channels:
             fs.mkdir(os.path.join(root, "channels", ch), sync_parent=False)
-        fs.fsync_dir(os.path.join(root, "channels"))
         return cls(root, fs)
 
     # -- metadata ----------------------------------------------------------
@@ -101,12 +101,6 @@ class RunStore:
         self.fs.write_file(self.path(name), json.dumps(data, indent=1, sort_keys=True).encode())
 
     # -- items ---------------------------------------------------------------
-    def put(self, channel: str, data: bytes | Iterable[bytes] | BinaryIO) -> int:
-        """Append an item (streamed); durable when this returns."""
-        seq = self.alloc()
-        self.fs.write_file(self.item_path(channel, seq), data, checksum=True)
-        return seq
-
     def put_file(self, channel: str, src: str, *, stamped: bool = False) -> int:
         """Append a copy of ``src`` (a hard link when possible: items never change).
 
@@ -127,6 +121,36 @@ class RunStore:
         # Outside the try: a failed fsync is fatal, never retried as a copy.
         self.fs.fsync_file(dst)
         self.fs.fsync_dir(os.path.dirname(dst))
+        return seq
+
+    # -- a new run's initial items, in bulk (Run.create) --------------------------
+    def put_initial(self, channel: str, data: bytes) -> int:
+        """Append an item to a run folder not yet in place, without fsync: the
+        caller makes them all durable at once (``Durable.sync_fs``) before the
+        folder takes its live name."""
+        seq = self.alloc()
+        self.fs.create(self.item_path(channel, seq), data, mode=ITEM_MODE, checksum=True)
+        return seq
+
+    def put_initial_file(self, channel: str, src: str) -> int:
+        """``put_initial`` of a copy of ``src`` (an upload's file: hard-linked when possible)."""
+        seq = self.alloc()
+        dst = self.item_path(channel, seq)
+        try:
+            self.fs.link(src, dst)
+        except StorageError:
+            with open(src, "rb") as f:  # another filesystem: copied, then synced with the rest
+                self.fs.write_file(dst, f, mode=ITEM_MODE, checksum=True, sync=False)
+            return seq
+        fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # one open: mode and stamp
+        try:
+            os.fchmod(fd, ITEM_MODE)
+            summer = checksum.Summer()
+            while chunk := os.read(fd, 1 << 20):
+                summer.update(chunk)
+            checksum.stamp(fd, summer)
+        finally:
+            os.close(fd)
         return seq
 
     def alloc(self) -> int:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 from typing import Iterable
 
+from .seqqueue import SeqQueue
 from .store import DONE_LOG, RunStore, _is_seq
 
 
@@ -21,22 +23,25 @@ class Scan:
     def __init__(self, store: RunStore):
         self.store = store
 
-    def channels(self, channels: Iterable[str]) -> dict[str, list[int]]:
-        """Each channel's items in FIFO order; removes half-written temp files."""
-        queues: dict[str, list[int]] = {}
+    def channels(self, channels: Iterable[str]) -> dict[str, SeqQueue]:
+        """Each channel's items in FIFO order; removes half-written temp files.
+        Read as a stream into compact queues: 100,000 items never become a list
+        of names or of Python ints."""
+        queues: dict[str, SeqQueue] = {}
         top = 0
         for ch in channels:
             folder = self.store.path("channels", ch)
-            seqs = []
-            for name in os.listdir(folder):
-                if _is_seq(name):
-                    seqs.append(int(name))
-                elif name.startswith("."):
-                    self.store.fs.unlink(os.path.join(folder, name))
-            seqs.sort()
-            queues[ch] = seqs
-            if seqs:
-                top = max(top, seqs[-1])
+            seqs = array("q")
+            with os.scandir(folder) as it:
+                for entry in it:
+                    name = entry.name
+                    if _is_seq(name):
+                        seqs.append(int(name))
+                    elif name.startswith("."):
+                        self.store.fs.unlink(os.path.join(folder, name))
+            queues[ch] = q = SeqQueue(seqs)
+            if q:
+                top = max(top, q[-1])
         self.store.next_seq = max(self.store.next_seq, top + 1)
         return queues
 

@@ -20,7 +20,6 @@ C0, DEL and C1, the Unicode format characters that reorder or hide text
 """
 from __future__ import annotations
 
-import logging
 import re
 
 # C0 (but \t \n, handled per function), DEL, C1, and the invisible reorderers.
@@ -65,28 +64,42 @@ def _escape_control(text: str) -> str:
     return _CONTROL.sub(_escape, text)
 
 
-class LogFormatter(logging.Formatter):
-    """The daemon's log lines, one record per line whatever went into it.
+def __getattr__(name: str):
+    """``LogFormatter`` is made on first use: flowctl, which never logs, does
+    not import logging (a tenth of its start-up)."""
+    if name == "LogFormatter":
+        cls = globals()["LogFormatter"] = _log_formatter()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    A safety net behind ``for_log``: control characters left in a message are
-    escaped (backslashes are not doubled, so a value ``for_log`` escaped
-    already reads the same); a traceback's lines follow indented by a tab,
-    each escaped, so no line of it can pass for a record of its own.
-    """
 
-    def format(self, record: logging.LogRecord) -> str:
-        record.message = _escape_control(record.getMessage())
-        if self.usesTime():
-            record.asctime = self.formatTime(record, self.datefmt)
-        s = self.formatMessage(record)
-        extra = []
-        if record.exc_info:
-            if not record.exc_text:
-                record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            extra.append(record.exc_text)
-        if record.stack_info:
-            extra.append(self.formatStack(record.stack_info))
-        for block in extra:
-            s += "".join("\n\t" + _escape_control(line) for line in block.splitlines())
-        return s
+def _log_formatter():
+    import logging
+
+    class LogFormatter(logging.Formatter):
+        """The daemon's log lines, one record per line whatever went into it.
+
+        A safety net behind ``for_log``: control characters left in a message are
+        escaped (backslashes are not doubled, so a value ``for_log`` escaped
+        already reads the same); a traceback's lines follow indented by a tab,
+        each escaped, so no line of it can pass for a record of its own.
+        """
+
+        def format(self, record: logging.LogRecord) -> str:
+            record.message = _escape_control(record.getMessage())
+            if self.usesTime():
+                record.asctime = self.formatTime(record, self.datefmt)
+            s = self.formatMessage(record)
+            extra = []
+            if record.exc_info:
+                if not record.exc_text:
+                    record.exc_text = self.formatException(record.exc_info)
+            if record.exc_text:
+                extra.append(record.exc_text)
+            if record.stack_info:
+                extra.append(self.formatStack(record.stack_info))
+            for block in extra:
+                s += "".join("\n\t" + _escape_control(line) for line in block.splitlines())
+            return s
+
+    return LogFormatter

@@ -187,6 +187,10 @@ class SiteRecorder:
 
     synced_file = synced_dir
 
+    def synced_all(self, path: str, site: str | None = None) -> None:
+        if site is not None:  # Durable.sync_fs (a site); sync_all at start has none
+            self.sites.add(site)
+
 
 class DiskModel:
     """What a power loss could leave on disk (see the module docstring)."""
@@ -297,8 +301,12 @@ class DiskModel:
         ino = self._keep(path, os.lstat(path))
         self.data[ino] = self._read(ino)
 
-    def synced_all(self, path: str) -> None:
-        """syncfs: all that is in the page cache now is durable."""
+    def synced_all(self, path: str, site: str | None = None) -> None:
+        """syncfs: all that is in the page cache now is durable (on the one
+        filesystem the sweeps use). ``site``: Durable.sync_fs's, a point the
+        mutation check can leave out; the start's sync_all has none."""
+        if site is not None:
+            self._site(site)
         self.baseline()
 
     # the power loss

@@ -403,3 +403,23 @@ def test_a_process_without_memory_has_the_cap_as_its_limit_and_reserves_only_def
     h.run.tick(8)
     (spec,) = h.ex.started
     assert (spec.memory, spec.memory_reservation) == (default_memory or 8 << 30, reserved)
+
+
+def test_logs_of_one_task_among_many_are_found_by_name(tmp_path, monkeypatch):
+    """A run with thousands of task logs: ``logs --task`` lists that task's
+    attempts (a finished one, then the running one), without reading the folder."""
+    w = wf(channels={"a": ["x"], "b": []}, processes=[proc("p", "a", "b", retries=2)])
+    h = Harness(tmp_path, w, {"p": lambda t: 0})
+    logs = os.path.join(h.path, "logs")
+    for task in range(1, 3001):
+        with open(os.path.join(logs, f"p.p.{task}.1.log"), "wb") as f:
+            f.write(b"done\n")
+    with open(os.path.join(logs, ".p.p.1234.2.log.live"), "wb") as f:
+        f.write(b"running\n")
+    assert len(h.run.view.logs()) == 3001  # all of them, the running one last
+    monkeypatch.setattr(os, "listdir", lambda *a: pytest.fail("logs --task listed the folder"))
+    got = h.run.view.logs(task="1234")
+    assert [(e["task"], e["attempt"], e["running"], e["size"]) for e in got] == \
+        [("1234", 1, False, 5), ("1234", 2, True, 8)]
+    assert h.run.view.logs("p", task="77")[0]["name"] == "p.p.77.1.log"
+    assert h.run.view.logs(task="99999") == []

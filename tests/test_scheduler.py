@@ -225,3 +225,25 @@ def test_resume_starts_never_started_claims_and_adopts_started_ones():
     assert eng.stopping  # what a cancel is to the scheduler: claim nothing more
     assert eng.on_resume(0) == E.Action(E.RELEASE)  # cancelled: never start it
     assert eng.on_resume(3) == E.Action(E.ADOPT, 3, kill=True)  # find it, and stop it
+
+
+def test_a_channel_queue_keeps_fifo_order_through_takes_and_put_backs():
+    """SeqQueue (a channel's compact queue) behaves as the sorted deque it replaced."""
+    from flowd.seqqueue import COMPACT_AT, SeqQueue
+
+    q = SeqQueue([5, 1, 3])
+    assert list(q) == [1, 3, 5] and len(q) == 3 and q[0] == 1 and q[-1] == 5
+    assert q.popleft() == 1
+    q.insort(1)  # a released item goes back to its old place
+    q.insort(4)
+    q.append(9)
+    assert list(q) == [1, 3, 4, 5, 9] and list(q.after(3)) == [4, 5, 9]
+    big = SeqQueue(range(3 * COMPACT_AT, 0, -1))  # given in any order
+    taken = [big.popleft() for _ in range(2 * COMPACT_AT)]  # compacts on the way
+    assert taken == list(range(1, 2 * COMPACT_AT + 1))
+    big.insort(7)
+    assert list(big) == [7] + list(range(2 * COMPACT_AT + 1, 3 * COMPACT_AT + 1))
+    assert list(big.after(3 * COMPACT_AT - 2)) == [3 * COMPACT_AT - 1, 3 * COMPACT_AT]
+    while big:
+        big.popleft()
+    assert not big and len(big) == 0 and list(big.after(0)) == []

@@ -10,6 +10,12 @@ def items(d, args, payload, **kw):
     return {"run": run.id, "channel": args["channel"], "items": run.view.items(args["channel"])}
 
 
+def pull(d, args, payload, **kw):
+    # many items to a request, small ones with their bytes (flowctl pull)
+    run = find_run(d, args["run"])
+    return run.view.pull(args["channel"], args["after"], args["upto"])
+
+
 def read(d, args, payload, **kw):
     # 1 <= length <= CHUNK and offset >= 0 (checked at the edge): never a whole item
     run = find_run(d, args["run"])
