@@ -545,7 +545,7 @@ def _fails_once(t: FakeTask) -> int:
     return _f("f")(t)
 
 
-def _cancel_expect(seen: dict[str, list[bytes]]):
+def _cancel_expect(seen: dict[str, list[bytes]], sim: "Sim | None" = None):
     items = [b"c1", b"c2", b"c3", b"c4"]
     k = len(seen.get("out", []))
     problems = [] if k >= 2 else [f"only {k} outputs before the cancel"]
@@ -721,10 +721,47 @@ def flow_split() -> Flow:
     return Flow("split", w, {"p": _lines}, {"out": want}, {"out"})
 
 
+def _push_client(sim: "Sim", run: Run) -> None:
+    """`flowctl push RUN a FILE` while the run runs, once answered: the file as the
+    daemon stages it (plain writes), then Run.push (commands/transfers.py push_end).
+    A push a crash cut short is sent again after the restart, as its user would."""
+    if sim.client_acked:
+        return
+    if run.finished:
+        sim.problems.append("the run ended before the push was answered")
+        sim.client_acked = True
+        return
+    path = os.path.join(sim.uploads, "push")
+    with open(path, "wb") as f:
+        f.write(b"p1")
+    sim.pushes += 1
+    run.push("a", path)
+    sim.client_acked = True
+
+
+def _push_expect(seen: dict[str, list[bytes]], sim: "Sim"):
+    """An answered push is there once. One a crash cut short before its answer may
+    have landed already: sent again, it is there twice at most (a push is at least
+    once; docs/flowctl.md, push), never lost."""
+    k = seen.get("out", []).count(b"f(p1)")
+    problems = [] if 1 <= k <= sim.pushes else [f"the pushed item is there {k} times after "
+                                                 f"{sim.pushes} push(es)"]
+    return {"out": [b"f(q1)", b"f(q2)"] + [b"f(p1)"] * max(k, 1)}, problems
+
+
+def flow_push() -> Flow:
+    """An item pushed into a running run (RunStore.put_file: link, stamp, fsyncs):
+    it is processed like the others, once."""
+    w = wf(channels={"a": ["q1", "q2"], "out": []}, processes=[_proc("p", "a", "out")])
+    return Flow("push", w, {"p": _f("f")}, {}, set(), client=_push_client, expect=_push_expect,
+                slow={"p": 1})
+
+
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
          "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch,
          "sources": flow_sources, "warm": flow_warm, "lost": flow_lost,
-         "retry": flow_retry, "rm": flow_rm, "split": flow_split}
+         "retry": flow_retry, "rm": flow_rm, "split": flow_split,
+         "push": flow_push}
 
 
 class Sim:
@@ -742,6 +779,7 @@ class Sim:
         self.accepted = False
         self.cancel_acked = False
         self.client_acked = False  # flows retry and rm: the daemon answered the client
+        self.pushes = 0  # flow push: lives that sent the push (answered or not)
         self.problems: list[str] = []  # found during a life (flow rm: the run half there)
         self.lives = 0
         self.recovery_points = 0
@@ -883,7 +921,7 @@ class Sim:
         seen["failed/"] = dead
         expected = dict(flow.expected)
         if flow.expect is not None:
-            expected, more = flow.expect(seen)
+            expected, more = flow.expect(seen, self)
             problems += more
         expected["failed/"] = flow.failed
         for ch, items in seen.items():

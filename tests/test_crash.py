@@ -46,7 +46,8 @@ import crashsim as C
 EXPECTED_POINTS = {"one": 146, "join": 146, "pipeline": 267, "faults": 246, "cancel": 138,
                    "muxbatch": 70, "sources": 291, "warm": 239, "lost": 154,
                    # session 6: flowctl retry after a failed run; flowctl rm of "one" once it ended
-                   "retry": 279, "rm": 149, "split": 131}
+                   "retry": 279, "rm": 149, "split": 131,
+                   "push": 141}
 
 SUITE_SEEDS = [1]  # random-order seeds in the everyday suite
 FULL_SEEDS = [1, 2, 3, 4, 5]
