@@ -4,7 +4,7 @@ Every run here is in-process (``tests/crashsim.py``): ``Durable(crash_mode="rais
 stops the "daemon" at the n-th durability point, every object in memory is
 thrown away, and a new life opens the run from disk as a restarted daemon does.
 
-- crash sweep: kill -9 at every point of seven workflows, restart, drain;
+- crash sweep: kill -9 at every point of every workflow in crashsim.FLOWS (13), restart, drain;
 - lost writes: a power loss at every point (and after the end), with every
   unsynced write dropped, then a random subset per seed;
 - double crash: a second crash at every point of the recovery;
