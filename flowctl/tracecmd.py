@@ -15,7 +15,6 @@ import os
 import sys
 from typing import Iterator
 
-from flowd import trace as T
 from flowd.errors import FlowError, UsageError
 from flowd.textsafe import for_terminal as _t
 
@@ -48,6 +47,8 @@ def add_parsers(add) -> None:
 
 def records(client, run: str, process: str | None = None) -> Iterator[list[dict]]:
     """The run's trace records, a page at a time, oldest first."""
+    from flowd import trace as T  # here: flowctl's other commands start without it
+
     offset = 0
     while True:
         result, data = client.call("trace", {"run": run, "offset": offset})
@@ -59,6 +60,8 @@ def records(client, run: str, process: str | None = None) -> Iterator[list[dict]
 
 
 def cmd_trace(client, args) -> int:
+    from flowd import trace as T
+
     out = sys.stdout
     n = 0
     if args.csv:
@@ -141,6 +144,8 @@ TAIL_BYTES = 2048
 
 def _failed_tails(client, run: str, rows: list[dict]) -> dict[str, str]:
     """The log tail of the first MAX_TAILS failed attempts: "task.attempt" -> text."""
+    from flowd import trace as T
+
     out: dict[str, str] = {}
     for row in rows:
         if row["state"] == T.SUCCEEDED or not isinstance(row.get("task"), str):
