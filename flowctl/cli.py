@@ -28,7 +28,7 @@ from flowd import units
 from flowd.errors import FlowError, NotFound, UsageError, WorkflowError
 from flowd.textsafe import for_terminal as _t
 
-from . import fmt, tracecmd
+from . import cachecmd, fmt, tracecmd
 from .client import Client, DaemonStopped, LocalFileError, NotRunning, check_out_dir
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".", help="folder to write to (default: here)")
     p.add_argument("--json", action="store_true")
     tracecmd.add_parsers(add)  # trace, report
+    cachecmd.add_parsers(add)  # why, cache
     return ap
 
 
@@ -690,6 +691,7 @@ COMMANDS = {
     "graph": cmd_graph,
     "resize": cmd_resize,
     **tracecmd.COMMANDS,
+    **cachecmd.COMMANDS,
     "rm": cmd_rm,
     "retry": cmd_retry,
     "events": cmd_events,

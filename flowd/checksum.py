@@ -1,4 +1,4 @@
-"""Item checksums: a CRC-32 and the size, kept in an extended attribute of the file.
+"""Item checksums: a CRC-32, the size and a SHA-256, kept in an extended attribute of the file.
 
 The attribute lives in the inode, so it moves with every rename and is
 shared by the hard links a mux makes; the file's fsync makes it durable with
@@ -8,10 +8,17 @@ executor, on its own thread: ``executor.base.check_inputs``): a flipped
 byte or a truncated file is found and the item quarantined, never fed to a
 script and never deleted. On a filesystem without user extended attributes
 items carry no stamp and are not checked (flowd says so once in its log).
+
+The SHA-256 is the item's content hash for the cache (flowd/cache.py): it is
+computed in the same pass as the CRC, once per item, when the item is
+written, so a cache key never reads an item again. The stamp is
+``CRC:SIZE:SHA256`` (items written before the hash was added have
+``CRC:SIZE``: their hash is computed when a key needs it, streamed).
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import zlib
@@ -43,19 +50,21 @@ log.addFilter(_FirstTimeOnly(_NO_XATTRS))
 
 
 class Summer:
-    """A running CRC-32 and size, fed while data is written."""
+    """A running CRC-32, size and SHA-256, fed while data is written."""
 
     def __init__(self) -> None:
         self.crc = 0
         self.size = 0
+        self.sha = hashlib.sha256()
 
     def update(self, data) -> None:
         self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
+        self.sha.update(data)
 
     @property
     def value(self) -> bytes:
-        return f"{self.crc:08x}:{self.size}".encode()
+        return f"{self.crc:08x}:{self.size}:{self.sha.hexdigest()}".encode()
 
 
 def of_file(path: str) -> Summer:
@@ -112,7 +121,7 @@ def check(path: str) -> str | None:
             return "it has no checksum stamp (it did not enter its channel through flowd)"
         return f"its checksum cannot be read: {e.strerror}"
     try:
-        crc_hex, size_text = stored.split(":")
+        crc_hex, size_text = stored.split(":")[:2]
         want_crc, want_size = int(crc_hex, 16), int(size_text)
     except ValueError:
         return f"its checksum record is unreadable ({stored!r})"
@@ -122,3 +131,17 @@ def check(path: str) -> str | None:
     if got.crc != want_crc:
         return f"checksum mismatch: CRC-32 {got.crc:08x}, {want_crc:08x} when it was stored"
     return None
+
+
+def content_hash(path: str) -> str:
+    """The item's SHA-256 (hex): from its stamp, or read whole (streamed) when
+    the stamp has none (an item written before the hash was kept, or a
+    filesystem without extended attributes). The stamp is trusted as the CRC
+    is: ``check`` found the bytes unchanged before the item is used."""
+    try:
+        parts = os.getxattr(path, XATTR, follow_symlinks=False).decode().split(":")
+        if len(parts) == 3 and len(parts[2]) == 64:
+            return parts[2]
+    except (OSError, UnicodeDecodeError):
+        pass
+    return of_file(path).sha.hexdigest()

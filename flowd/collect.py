@@ -23,6 +23,21 @@ class TaskOutputError(Exception):
     """The script's outputs break the rules (a task failure, not a crash)."""
 
 
+def collected(outdir: str, attempt: int, channels: list[str]) -> list[tuple[str, str]]:
+    """What ``out/`` holds as attempt ``attempt``'s outputs, read back: (channel,
+    rel) in order; output J is ``out/A.J``, a file or a folder of items by name
+    (a collect makes them, and so does a cache hit: flowd/cache.py)."""
+    result: list[tuple[str, str]] = []
+    for j, channel in enumerate(channels):
+        rel = f"out/{attempt}.{j}"
+        dst = os.path.join(outdir, f"{attempt}.{j}")
+        if os.path.isdir(dst):
+            result += [(channel, f"{rel}/{n}") for n in sorted(os.listdir(dst))]
+        elif os.path.lexists(dst):
+            result.append((channel, rel))
+    return result
+
+
 def collect(fs: Durable, work: str, outdir: str, attempt: int, outputs: list[tuple],
             max_output_bytes: int | None = None) -> list[tuple[str, str]]:
     """Copy the declared outputs from ``work`` into ``outdir``: see ``Collector.collect``."""
@@ -72,14 +87,7 @@ class Collector:
                 made = self._collect_one(wfd, as_name, dst, split[0] if split else None) or made
         finally:
             os.close(wfd)
-        result: list[tuple[str, str]] = []
-        for j, (channel, *_) in enumerate(outputs):
-            rel = f"out/{attempt}.{j}"
-            dst = os.path.join(outdir, f"{attempt}.{j}")
-            if os.path.isdir(dst):
-                result += [(channel, f"{rel}/{n}") for n in sorted(os.listdir(dst))]
-            elif os.path.lexists(dst):
-                result.append((channel, rel))
+        result = collected(outdir, attempt, [channel for channel, *_ in outputs])
         if made or result:
             # also when an earlier collect of this attempt made them all: its
             # fsync of out/ may never have run (a kill -9 right before it)

@@ -61,6 +61,8 @@ KEYS: dict[str, tuple[object, str]] = {
                         "runs, as root may (empty: none; others may change only their own runs)"),
     "keep_finished": ("", "how long a finished run is kept before flowd deletes it, e.g. \"7d\" "
                           "or \"12h\" (empty: kept until `flowctl rm`)"),
+    "cache_max_size": ("10g", "room the cache of process@cache=\"yes\" outputs may take, e.g. \"50g\"; "
+                              "least recently used entries go first (empty: no bound)"),
     "log_level": ("info", "debug, info, warning or error"),
     "metrics_listen": ("", "serve the metrics at http://HOST:PORT/metrics, e.g. \"127.0.0.1:9464\" "
                            "(empty: not served; flowctl metrics prints them always); needs a restart"),
@@ -96,6 +98,7 @@ class Config:
     min_free_space: int = 256 * 1024 * 1024
     log_level: str = "info"
     keep_finished: float | None = None  # seconds; None: forever
+    cache_max_size: int | None = 10 * 1024 ** 3  # bytes; None: no bound (flowd/cache.py)
     metrics_listen: str = ""
     metrics_listen_public: bool = False
     source: str | None = None  # the file it came from
@@ -186,7 +189,7 @@ def load(path: str | None, *, required: bool = False) -> Config:
         try:
             if key == "socket_mode":
                 value = int(value, 8)
-            elif key in ("default_memory", "max_output_size", "max_memory"):
+            elif key in ("default_memory", "max_output_size", "max_memory", "cache_max_size"):
                 value = parse_size(value) if value else None
             elif key == "max_upload_size":
                 value = parse_size(value)

@@ -25,6 +25,7 @@ from typing import Callable
 
 from . import __version__
 from . import commands
+from .cache import Cache
 from .protocol import socket_path
 from .commands import runs as run_commands
 from .commands.events import answer_events
@@ -86,6 +87,7 @@ class Daemon:
         self._signals = False  # handlers installed (prepare)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.executor: X.Executor | None = None
+        self.cache: Cache | None = None  # process@cache="yes" (flowd/cache.py), opened in prepare
         self.intake: Intake | None = None
         self.limits = Limits(pids_limit=cfg.pids_limit, max_output_bytes=cfg.max_output_size,
                              default_memory=cfg.memory_for_unset, reserved_memory=cfg.default_memory,
@@ -116,7 +118,7 @@ class Daemon:
             raise UsageError(f"cannot create the socket's folder {sock_dir}: {e.strerror}") from None
         self._locks.append(_lock(self.socket_path + ".lock", f"socket {self.socket_path}"))
         # renames must never cross filesystems (EXDEV is not atomic)
-        for d in (self.runs_dir, self.uploads_dir):
+        for d in (self.runs_dir, self.uploads_dir, os.path.join(self.spool, "cache")):
             if os.stat(d).st_dev != os.stat(self.spool).st_dev:
                 raise UsageError(f"{d} is on another filesystem than {self.spool}; "
                                  "keep the whole spool on one filesystem")
@@ -128,6 +130,7 @@ class Daemon:
         rename or delete each other's drops, flowd as the owner can); runs/
         and uploads/ are flowd's alone (pull results with flowctl)."""
         return [(self.spool, 0o750), (self.runs_dir, 0o700), (self.uploads_dir, 0o700),
+                (os.path.join(self.spool, "cache"), 0o700),
                 (os.path.join(self.spool, "incoming"), 0o3770),
                 (os.path.join(self.spool, "rejected"), 0o750)]
 
@@ -145,7 +148,7 @@ class Daemon:
                 log.error("run %s cannot be loaded and is left as it is: %s", name, for_log(e))
                 continue
             self.runs[run.id] = run
-            run.hub = self.hub
+            run.hub, run.cache = self.hub, self.cache
         self.staging.reset()  # uploads do not outlive the daemon
 
     def _install_signals(self) -> None:
@@ -211,6 +214,9 @@ class Daemon:
                                            pool_dir=os.path.join(self.spool, "pool"))
         else:
             self.executor = self._executor_factory(self.report)
+        self.cache = Cache(os.path.join(self.spool, "cache"), self.fs, self.cfg.cache_max_size,
+                           report=self.report)
+        self.cache.open()  # an entry a crash cut short goes; cache_max_size is kept
         t0 = time.monotonic()
         self._open_runs()
         self.intake = Intake(self.spool, self.creator.submit_bundle, fs=self.fs,
@@ -308,6 +314,8 @@ class Daemon:
             self.fs.reaper.close()
         if self.executor is not None:
             self.executor.close()
+        if self.cache is not None:
+            self.cache.close()
         if self.metrics_http is not None:
             self.metrics_http.close()
         self.control.close()

@@ -17,6 +17,7 @@ LANGS = ("sh", "bash", "python", "node")
 NETWORKS = ("none", "bridge")
 ON_FAILURE = ("stop", "continue")
 CONTAINERS = ("fresh", "warm")  # process@container: a new container per task, or kept ones
+CACHE_CHOICES = ("yes", "no")  # process@cache: reuse the outputs of an identical earlier task (flowd/cache.py)
 MODES = ("batch", "service")
 
 
@@ -77,6 +78,7 @@ class Process:
     on_failure: str = "stop"
     container: str | None = None  # "fresh" or "warm"; None: the daemon's default_container
     placement: list[str] = field(default_factory=list)  # Swarm constraints (executor "swarm" only)
+    cache: bool = False  # process@cache="yes": an identical earlier task's outputs are reused (flowd/cache.py)
     script_file: str | None = None  # where the script came from, for messages
     line: int | None = None
 

@@ -700,6 +700,7 @@ class _Builder:
             on_failure=attrs.get("on-failure", "stop"),
             container=attrs.get("container"),
             placement=list(attrs.get("placement", [])),
+            cache=attrs.get("cache") == "yes",
             script_file=script_file,
             line=el.sourceline,
         )

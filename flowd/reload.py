@@ -48,7 +48,8 @@ def reload(d) -> None:
     live = ("max_containers", "pids_limit", "default_memory", "max_memory", "max_timeout",
             "max_output_size", "container_user", "cap_add", "default_container",
             "warm_idle", "warm_tasks", "warm_read_only", "allowed_images",
-            "allowed_networks", "max_upload_size", "min_free_space", "log_level", "keep_finished")
+            "allowed_networks", "max_upload_size", "min_free_space", "log_level", "keep_finished",
+            "cache_max_size")
     for key in live:
         if key not in pinned:
             setattr(old, key, getattr(new, key))
@@ -63,6 +64,9 @@ def reload(d) -> None:
     d.limits.max_output_bytes = old.max_output_size
     if d.executor is not None:
         d.executor.reconfigure(old.executor_settings())
+    if d.cache is not None:
+        d.cache.max_size = old.cache_max_size
+        d.cache.evict()
     logging.getLogger().setLevel(getattr(logging, old.log_level.upper()))
     changed = [k for k in live if getattr(old, k) != before[k]]
     log.info("reload: configuration re-read from %s; %s", path,

@@ -11,8 +11,10 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import retrying
+from . import cache as C
+from . import owners, retrying
 from . import scheduler as S
+from .collect import collected
 from .errors import Conflict, DiskFull, NotFound
 from .events import QUIET, since
 from .executor import base as X
@@ -43,6 +45,9 @@ class Active:
     parked: bool = False  # waiting for the container engine to come back
     started_at: float | None = None
     history: list[str] = field(default_factory=list)
+    looking: int = 0  # a cache lookup is under way (its token; flowd/cache.py): no container yet
+    cache: C.Answer | None = None  # what the lookup of this attempt found (process@cache)
+    no_cache: bool = False  # run it whatever the cache holds (its entry failed to publish)
 
 
 class Run:
@@ -50,6 +55,7 @@ class Run:
     # move moves them in slices, and the daemon serves its socket in between.
     tick_budget = 0.05  # seconds
     hub = QUIET  # the daemon's event hub (flowd/events.py), set when the daemon holds the run
+    cache: C.Cache | None = None  # the daemon's content cache (process@cache); None: tasks just run
 
     def __init__(self, root: str, fs: Durable, wf: Workflow, meta: dict, executor: X.Executor,
                  limits: Limits):
@@ -67,6 +73,7 @@ class Run:
         self.sched = S.Scheduler(wf)
         self.active: dict[str, Active] = {}  # task dirname -> Active
         self._committed: list[tuple[TaskRecord, list]] = []  # committed, not yet applied
+        self._to_store: list[tuple] = []  # committed tasks whose outputs go into the cache, before applying
         self.failures = Failures(self)  # dead letters and quarantine
         self.view = RunView(self)  # what flowctl reads: summary, detail, items, logs
         self.more = False  # the last tick ran out of time with work still ready
@@ -248,6 +255,12 @@ class Run:
         if not self._committed:
             return
         done, self._committed = self._committed, []
+        if self._to_store:  # before the outputs leave out/ for their channels
+            stores, self._to_store = self._to_store, []
+            try:
+                self.cache.store_many(stores)
+            except DiskFull as e:
+                log.warning("run %s: outputs not kept in the cache: %s", self.id, for_log(e))
         self.tasks.apply_many([rec for rec, _ in done])
         for rec, outputs in done:
             self.sched.committed(rec.kind, rec.name, rec.task_id, outputs)
@@ -259,12 +272,86 @@ class Run:
         # An empty work/ for every start: what an earlier start left there (a failed
         # or lost container, a Swarm node cut off that may still write into the old
         # folder, a life before a power loss) is never collected as this one's output.
+        # Nor is what a cache hit a crash cut short left in out/ (nothing there is committed).
         self.tasks.empty_work(rec)
+        self.tasks.empty_out(rec)
         act.spec = task_spec(self, rec)
         act.parked = False
         act.started_at = time.time()
+        act.cache = None
+        proc = self.wf.processes[rec.name]
+        if proc.cache and self.cache is not None and not act.no_cache:
+            self._look_up(act, proc)  # the container starts, or not, when the answer comes
+            return
+        self._start_container(act)
+
+    def _start_container(self, act: Active) -> None:
+        rec = act.rec
         self.executor.start(act.spec)
-        self.hub.emit("task_started", self.id, process=rec.name, task=rec.task_id, attempt=attempt)
+        self.hub.emit("task_started", self.id, process=rec.name, task=rec.task_id, attempt=rec.attempt)
+
+    # -- the content cache (process@cache="yes"; flowd/cache.py) ----------------------
+    def process_id(self, process: str) -> str:
+        """A process across runs, for the cache: ``WORKFLOW/PROCESS``."""
+        return f"{self.wf.name}/{process}"
+
+    def _look_up(self, act: Active, proc) -> None:
+        """Ask the cache, off the loop, for the task's key and an entry with it."""
+        token = next(C._tokens)
+        act.looking = token
+        dirname = act.rec.dirname
+        paths = [self.store.input_path(act.rec, seq) for _, seq in act.rec.inputs]
+        self.cache.lookup(self.executor, proc, paths,
+                          lambda answer: self._cache_answer(dirname, token, answer))
+
+    def _cache_answer(self, dirname: str, token: int, answer: C.Answer) -> None:
+        """On the loop: publish the entry's outputs (a hit), or start the container."""
+        act = self.active.get(dirname)
+        if act is None or act.looking != token:
+            return  # released meanwhile (cancel), or a later start asked again
+        act.looking = 0
+        act.cache = answer
+        if act.stopping:
+            self._release(act)
+            self._check_end()
+            return
+        cache = self.cache
+        if answer.entry is not None and cache.has(answer.key):
+            try:
+                self._publish_cached(act, answer)
+            except FileNotFoundError as e:  # its files went (by hand): run the task
+                log.warning("run %s: task %s: cache entry %s cannot be used (%s); running it",
+                            self.id, act.rec.dirname, answer.key[:12], for_log(e))
+                self.tasks.empty_out(act.rec)
+                act.cache = C.Answer(answer.key, answer.parts, why="its cache entry was broken")
+            else:
+                self._apply_committed()
+                self._check_end()
+                return
+        elif answer.why and answer.key is not None and cache.has(answer.key):
+            log.warning("run %s: task %s: %s; the entry is removed and the task runs",
+                        self.id, act.rec.dirname, for_log(answer.why))
+            cache.remove(answer.key)
+        if answer.key is None:
+            log.info("run %s: task %s runs without the cache: %s", self.id, act.rec.dirname,
+                     for_log(answer.why))
+        cache.misses += 1
+        self._start_container(act)
+
+    def _publish_cached(self, act: Active, answer: C.Answer) -> None:
+        """A hit: the entry's items become this attempt's outputs in out/, and the
+        task commits exactly as one whose container ran (no container runs)."""
+        rec = act.rec
+        proc = self.wf.processes[rec.name]
+        outdir = self.store.task_path(rec, "out")
+        self.cache.publish(answer.key, outdir, rec.attempt)
+        outputs = self.tasks.commit(rec, collected(outdir, rec.attempt,
+                                                   [p.channel for p in proc.outputs]))
+        self.trace.cached(act, answer)
+        self.hub.emit("task_succeeded", self.id, process=rec.name, task=rec.task_id,
+                      attempt=rec.attempt, seconds=since(act.started_at), cached=True)
+        del self.active[rec.dirname]
+        self._committed.append((rec, outputs))
 
     def on_result(self, res: X.TaskResult) -> None:
         self.on_results([res])
@@ -338,6 +425,12 @@ class Run:
             self.failures.failed(act, f"could not collect outputs: {for_log(e)}")
             return
         outputs = self.tasks.commit(rec, outs)
+        if act.cache is not None and act.cache.key is not None and self.cache is not None:
+            meta = {"process": self.process_id(rec.name), "image": proc.image, "run": self.id,
+                    "task": rec.task_id, "workflow": self.wf.name,
+                    "owner": owners.owner_uid(self.meta)}
+            self._to_store.append((act.cache.key, act.cache.parts, meta,
+                                   self.store.task_path(rec, "out"), rec.attempt, len(proc.outputs)))
         self.hub.emit("task_succeeded", self.id, process=rec.name, task=rec.task_id,
                       attempt=rec.attempt, seconds=since(act.started_at))
         self.executor.remove(act.spec)
@@ -346,7 +439,7 @@ class Run:
 
     def _release(self, act: Active) -> None:
         rec = act.rec
-        if act.spec is not None:
+        if act.spec is not None and not act.looking:  # a lookup under way has no container
             self.executor.remove(act.spec)
         self.tasks.release(rec)
         del self.active[rec.dirname]
@@ -358,7 +451,7 @@ class Run:
             if act.rec.kind != S.PROCESS:
                 continue
             act.stopping = True
-            if act.parked or act.spec is None:
+            if act.parked or act.spec is None or act.looking:
                 self._release(act)
             else:
                 self.executor.kill(self.id, act.rec.task_id)

@@ -188,6 +188,23 @@ class TaskStore:
             pass
         self.reset_work(rec)
 
+    def empty_out(self, rec: TaskRecord) -> None:
+        """``out/`` empty for an attempt about to start: nothing there is committed
+        (a task with COMMIT never starts again), and what an earlier attempt or
+        a cache hit a crash cut short left there must never be taken for this
+        attempt's outputs. Usually empty: one listdir. No fsync, as for work/."""
+        out = self.store.task_path(rec, "out")
+        try:
+            names = os.listdir(out)
+        except FileNotFoundError:
+            return
+        for n in names:
+            path = os.path.join(out, n)
+            if os.path.isdir(path) and not os.path.islink(path):
+                self.fs.rmtree(path)
+            else:
+                self.fs.unlink(path)
+
     def reset_work(self, rec: TaskRecord) -> None:
         """Give the task an empty ``work/`` for its next attempt.
 

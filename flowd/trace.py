@@ -96,7 +96,19 @@ class TraceLog:
             "started_how": WARM if spec is not None and spec.container == "warm" else FRESH,
             "node": res.node or None,
             "_history": len(act.history),
+            **cache_note(act),
         }
+
+    def cached(self, act, answer) -> None:
+        """The record of an attempt the cache answered: no container ran."""
+        now = time.time()
+        res = X.TaskResult(self.run.id, act.rec.task_id, act.rec.attempt, X.EXITED, exit_code=0,
+                           started_at=now, finished_at=now, bytes_out=answer.entry.get("size"))
+        record = self.begin(act, res)
+        if record is not None:
+            record["started_how"] = CACHED
+            record["cache"]["from"] = {"run": answer.entry.get("run"), "task": answer.entry.get("task")}
+            self.end(record, act)
 
     def end(self, record: dict | None, act) -> None:
         """Append ``record`` once the run has acted on its attempt: a success
@@ -131,6 +143,15 @@ class TraceLog:
         except (OSError, ValueError, AttributeError):
             return None
         return t if isinstance(t, (int, float)) else None
+
+
+def cache_note(act) -> dict:
+    """A process@cache task's key, its parts and why it ran, for ``flowctl why``
+    (read from the raw line: not one of ``FIELDS``)."""
+    answer = getattr(act, "cache", None)
+    if answer is None:
+        return {}
+    return {"cache": {"key": answer.key, "parts": answer.parts, "why": answer.why}}
 
 
 def _round(x: float | None) -> float | None:

@@ -36,7 +36,7 @@ _IMAGE_ID_RE = re.compile(r"^[a-f0-9]{64}$")
 
 PROCESS_ATTRS = (
     "image", "lang", "retries", "timeout", "memory", "cpus", "parallel",
-    "network", "on-failure", "container", "placement",
+    "network", "on-failure", "container", "placement", "cache",
 )
 
 EXAMPLES = {  # used in "fix:" hints
@@ -51,6 +51,7 @@ EXAMPLES = {  # used in "fix:" hints
     "on-failure": 'on-failure="continue"',
     "container": 'container="warm"',
     "placement": 'placement="node.labels.disk==ssd"',
+    "cache": 'cache="yes"',
     "mode": 'mode="service"',
     "as": 'as="input.txt"',
     "value": 'value="yes"',
@@ -188,6 +189,8 @@ def process_attr(attr: str, value: str):
         return choice(attr, value, model.CONTAINERS)
     if attr == "placement":
         return placement(value)
+    if attr == "cache":
+        return choice(attr, value, model.CACHE_CHOICES)
     if attr == "retries":
         return count(attr, value, 0)
     if attr == "parallel":

@@ -19,7 +19,7 @@ from typing import Callable
 
 from .. import protocol as P
 from ..protocol import CHUNK, MAX_LIST, MAX_SEQ, MAX_SIZE, MAX_STRING, MAX_WAIT, UPLOAD_ID, Arg
-from . import data, events, manage, resize, runs, trace, transfers
+from . import cachecmds, data, events, manage, resize, runs, trace, transfers
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,11 @@ TABLE: dict[str, Command] = {c.name: c for c in (
                        "run": Arg("str", False, 1, 64, hint="a run id or a unique prefix of it"),
                        "wait": Arg("num", False, 0, 30, default=0)}, events.events),
     Command("metrics", {}, events.metrics),
+    Command("why", {"run": _RUN, "task": Arg("str", True, 1, 64, hint="a task id, as trace shows it")},
+            cachecmds.why),
+    Command("cache_ls", {}, cachecmds.ls),
+    Command("cache_rm", {"process": Arg("str", False, 1, 255, hint="a process name, or WORKFLOW/PROCESS"),
+                         "all": Arg("int", False, 0, 1, default=0)}, cachecmds.rm, logged=True),
 )}
 SCHEMA: dict[str, dict[str, Arg]] = {name: c.args for name, c in TABLE.items()}
 COMMANDS = tuple(TABLE)

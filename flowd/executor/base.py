@@ -194,6 +194,13 @@ class Executor(abc.ABC):
     def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
         """Remove this spool's leftovers whose (run, task) is not in ``keep``."""
 
+    def image_id(self, image: str) -> str | None:
+        """The id (``sha256:...``) of the image ``image`` names now, for the cache's
+        key (flowd/cache.py); None when the backend cannot tell (no caching).
+        Blocking: called on a cache lookup's thread, never on the loop. Raises
+        ``flowd.errors.FlowError`` when the engine cannot answer."""
+        return None
+
     def follow(self, run_id: str, task_id: str) -> None:
         """Someone follows the task's log: from now on it grows as the task runs
         (``live_log_path``). A backend whose logs are always live does nothing."""

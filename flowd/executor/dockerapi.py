@@ -190,6 +190,18 @@ class EngineLink:
                 f"image {image} is not present and could not be pulled: {reason}"
             ) from None
 
+    def image_id(self, image: str, *, pull: bool) -> str | None:
+        """The id of the image ``image`` names here (``pull``: pulled first if it
+        is missing, as a start would); None when it is not here."""
+        if pull:
+            self.ensure_image(image)
+        try:
+            got = self.call(self.api.inspect_image, image)
+        except ImageUnavailable:
+            return None
+        ident = got.get("Id") if isinstance(got, dict) else None
+        return ident if isinstance(ident, str) else None
+
     def oom_marked(self, cid: str) -> bool:
         """Did the container's shell see the kernel's oom_kill counter move?"""
         from .dockerspec import OOM_MARK

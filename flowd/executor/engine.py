@@ -40,6 +40,13 @@ class EngineExecutor(Executor):
         self._follows = Lane(f"{lanes}-logs", max_workers)
         self.usage = Sampler()  # the running containers' cgroups, for the trace
 
+    # Whether image_id pulls a missing image (the local engine does, as a start
+    # would; a Swarm manager does not: its nodes pull)
+    pulls_images = True
+
+    def image_id(self, image: str) -> str | None:
+        return self.link.image_id(image, pull=self.pulls_images)
+
     def _close_lanes(self) -> None:
         for lane in (self._starts, self._waits, self._ops, self._follows):
             lane.close()

@@ -55,6 +55,14 @@ class FakeExecutor(X.Executor):
         self.usage: dict[tuple[str, str], int] = {}  # (run, task) -> bytes its "container" uses (tests set it)
         self.resized: list[tuple[str, str, int | None, float | None]] = []  # resize calls that went through
         self.sweeps: list[set[tuple[str, str]]] = []  # the keep set of each sweep
+        # image -> its build (tests change it to "rebuild" an image): image_id's answer
+        self.images: dict[str, str] = {}
+
+    def image_id(self, image: str) -> str | None:
+        import hashlib
+
+        build = self.images.get(image, "1")
+        return "sha256:" + hashlib.sha256(f"{image}\0{build}".encode()).hexdigest()
 
     def start(self, spec: X.TaskSpec) -> concurrent.futures.Future:
         self.started.append(spec)

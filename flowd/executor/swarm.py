@@ -94,6 +94,7 @@ class Job:
 
 
 class SwarmExecutor(EngineExecutor):
+    pulls_images = False  # image_id: the manager's own copy, if it has one (its nodes pull)
 
     def __init__(self, report: Report, *, spool: str = "", settings: Settings | None = None,
                  max_workers: int = 64, log_limit: int = 10 * MiB, client: Any = None,
