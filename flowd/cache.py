@@ -14,9 +14,18 @@ On disk, ``SPOOL/cache/``:
   (output J's items, a folder or a split), each a *hard link* to the item the
   task produced. An entry holds its own link: deleting a run never breaks an
   entry, and evicting an entry never touches a run's items.
-- ``.new-KEY/`` an entry being stored: built whole, fsynced, then renamed to
-  ``entries/KEY`` (and that folder fsynced). A crash leaves a ``.new-``
-  folder, removed at the next start, or the whole entry: never half of one.
+- ``.new-KEY/`` an entry being stored: built whole, then renamed to
+  ``entries/KEY``. A crash leaves a ``.new-`` folder, removed at the next
+  start, or the entry.
+
+An entry is a hint, checked whenever it is used, so storing one costs no
+fsync: its items are the run's items, durable already, and a power loss can
+only take away what was not flushed (the entry's name, its record, some of
+its links). A lookup reads the record and checks every item it lists
+against its checksum; a publish links exactly the listed items, after
+checking each is there. An entry short of anything is a miss (the task
+runs, and the entry is replaced), never half a hit. The hit itself is
+durable like any task's outputs: ``publish`` fsyncs ``out/``, then COMMIT.
 
 The daemon's loop owns every change: ``store_many`` (after a task commits,
 before its outputs are applied into their channels), ``publish`` (a hit: the
@@ -152,7 +161,7 @@ class Cache:
     fs: Durable
     max_size: int | None = None  # bytes (config cache_max_size); None: no bound
     report: Callable[[object], None] | None = None  # hands an answer to the loop
-    run_inline: bool = False  # lookups on the caller's thread (the crash sweep: deterministic)
+    run_inline: bool = False  # lookups on the caller's thread (deterministic: the crash sweep, tests)
     index: dict[str, Entry] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
@@ -169,7 +178,7 @@ class Cache:
         """Make the folders, remove what a crash left half-built, load the index."""
         for d in (self.root, self.entries):
             if not os.path.isdir(d):
-                self.fs.mkdir(d, mode=0o700)
+                self.fs.mkdir(d, mode=0o700, sync_parent=False)  # lost: an empty cache
         for name in os.listdir(self.root):
             if name.startswith("."):
                 self.fs.rmtree(os.path.join(self.root, name))
@@ -207,8 +216,8 @@ class Cache:
         then hand ``answer(Answer)`` to the loop (``report``) or, inline, call it."""
         def job() -> None:
             got = self._lookup(executor, proc, input_paths)
-            if self.run_inline or self.report is None:
-                answer(got)
+            if self.report is None:
+                answer(got)  # at once, on this thread (tests without a loop)
             else:
                 self.report(lambda: answer(got))
 
@@ -243,14 +252,15 @@ class Cache:
         try:
             with open(os.path.join(folder, ENTRY), "rb") as f:
                 entry = json.loads(f.read(1 << 20))
+            listed = listed_files(entry)
         except FileNotFoundError:
             return None, ""
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, AttributeError) as e:
             return None, f"the cache entry {key[:12]} is unreadable ({for_log(e)})"
-        for path in entry_files(folder):
-            bad = checksum.check(path)
+        for rel in listed:
+            bad = checksum.check(os.path.join(folder, "out", rel))
             if bad is not None:
-                return None, f"the cache entry {key[:12]} is damaged: {os.path.relpath(path, folder)} {bad}"
+                return None, f"the cache entry {key[:12]} is damaged: out/{rel} {bad}"
         return entry, ""
 
     # -- the loop's side ------------------------------------------------------------
@@ -272,39 +282,47 @@ class Cache:
         """Link entry ``key``'s items into a task's ``out/`` as attempt
         ``attempt``'s outputs: ``out/A.J`` (a file, or a folder built as
         ``out/.A.J.tmp`` and renamed whole), as a collect makes them; then
-        out/ is fsynced. Idempotent: what is there already is kept. Raises
-        FileNotFoundError when the entry is gone (the caller runs the task)."""
-        src = os.path.join(self.entries, key, "out")
-        names = sorted(os.listdir(src), key=_output_index)
+        out/ is fsynced. Idempotent: what is there already is kept. Exactly the
+        items its entry.json lists, each checked to be there first: raises
+        FileNotFoundError when one is gone (nothing is linked; the caller runs
+        the task)."""
+        folder = os.path.join(self.entries, key)
+        with open(os.path.join(folder, ENTRY), "rb") as f:
+            listed = listed_files(json.loads(f.read(1 << 20)))
+        src = os.path.join(folder, "out")
+        for rel in listed:
+            if not os.path.isfile(os.path.join(src, rel)):
+                raise FileNotFoundError(f"cache entry {key[:12]} has lost its item out/{rel}")
+        outputs: dict[str, list[str]] = {}
+        for rel in listed:
+            j, _, n = rel.partition("/")
+            outputs.setdefault(j, []).append(n)
         fs = self.fs
-        for j in names:
+        for j, names in outputs.items():
             dst = os.path.join(outdir, f"{attempt}.{j}")
             if os.path.lexists(dst):
                 continue
-            item = os.path.join(src, j)
-            if os.path.isdir(item):
+            if names != [""]:  # a folder of items
                 tmp = os.path.join(outdir, f".{attempt}.{j}.tmp")
                 fs.rmtree(tmp)
                 fs.mkdir(tmp, sync_parent=False)
-                for n in sorted(os.listdir(item)):
-                    fs.link(os.path.join(item, n), os.path.join(tmp, n))
+                for n in names:
+                    fs.link(os.path.join(src, j, n), os.path.join(tmp, n))
                 fs.fsync_dir(tmp)
                 fs.rename(tmp, dst, sync=False)
             else:
-                fs.link(item, dst)
+                fs.link(os.path.join(src, j), dst)
         fs.fsync_dir(outdir)
         self.hits += 1
         self.touch(key)
 
     def store_many(self, stores: list[tuple[str, dict, dict, str, int, int]]) -> None:
         """Keep the outputs of tasks that succeeded: (key, parts, meta, out/
-        folder, attempt, outputs). Each entry is built as ``.new-KEY``, all are
-        fsynced in one round, renamed into ``entries/``, and that folder is
-        fsynced once. A key already kept is left as it is."""
+        folder, attempt, outputs). Each entry is built as ``.new-KEY`` and
+        renamed into ``entries/``; no fsync (see the module's docstring). A
+        key already kept is left as it is."""
         fs = self.fs
         built: list[tuple[str, str, dict]] = []
-        files: list[str] = []
-        dirs: list[str] = []
         for key, parts, meta, outdir, attempt, n_outputs in stores:
             if key in self.index or any(k == key for k, _, _ in built):
                 continue
@@ -314,6 +332,7 @@ class Cache:
             out = os.path.join(tmp, "out")
             fs.mkdir(out, mode=0o700, sync_parent=False)
             size = 0
+            listed: list[str] = []  # what a hit publishes: out/J or out/J/NAME, in order
             for j in range(n_outputs):
                 item = os.path.join(outdir, f"{attempt}.{j}")
                 if os.path.isdir(item):
@@ -322,23 +341,18 @@ class Cache:
                     for n in sorted(os.listdir(item)):
                         fs.link(os.path.join(item, n), os.path.join(into, n))
                         size += os.lstat(os.path.join(into, n)).st_size
-                    dirs.append(into)
+                        listed.append(f"{j}/{n}")
                 elif os.path.lexists(item):
                     fs.link(item, os.path.join(out, str(j)))
                     size += os.lstat(item).st_size
+                    listed.append(str(j))
             entry = dict(meta, key=key, parts=parts, size=size, created=time.time(),
-                         outputs=n_outputs)
+                         outputs=n_outputs, files=listed)
             fs.write_file(os.path.join(tmp, ENTRY), json.dumps(entry).encode(), mode=0o600,
                           sync=False)
-            files.append(os.path.join(tmp, ENTRY))
-            dirs += [out, tmp]
             built.append((key, tmp, entry))
-        if not built:
-            return
-        fs.sync_many(files=files, dirs=dirs)  # each entry whole on disk before it has its name
         for key, tmp, _ in built:
             fs.rename(tmp, os.path.join(self.entries, key), sync=False)
-        fs.fsync_dir(self.entries)
         for key, _, entry in built:
             self.index[key] = Entry(key=key, process=entry["process"], size=entry["size"],
                                     used=entry["created"], created=entry["created"],
@@ -365,17 +379,16 @@ class Cache:
             total -= entry.size
             gone.append(entry)
         if gone:
-            self.fs.fsync_dir(self.entries)
             self.evicted += len(gone)
             log.info("cache: %d entries evicted (least recently used first) to keep within "
                      "cache_max_size %d bytes", len(gone), self.max_size)
         return gone
 
     def remove(self, key: str) -> None:
-        """Take an entry out: one rename into the trash (whole or gone), fsynced."""
+        """Take an entry out (no fsync: one that a power loss brings back, whole
+        or in part, is checked when used, like any)."""
         self.index.pop(key, None)
         self.fs.rmtree(os.path.join(self.entries, key))
-        self.fs.fsync_dir(self.entries)
 
     def remove_where(self, process: str | None = None, owner: int | None = None) -> list[Entry]:
         """``flowctl cache rm``: every entry, or those of one process (``WORKFLOW/PROCESS``
@@ -386,8 +399,6 @@ class Cache:
         for e in gone:
             self.index.pop(e.key, None)
             self.fs.rmtree(os.path.join(self.entries, e.key))
-        if gone:
-            self.fs.fsync_dir(self.entries)
         return gone
 
     def listing(self) -> list[dict]:
@@ -426,6 +437,19 @@ class Cache:
         return {"entries": len(self.index), "size": self.size(), "max_size": self.max_size,
                 "hits": self.hits, "misses": self.misses, "stored": self.stored,
                 "evicted": self.evicted}
+
+
+def listed_files(entry: dict) -> list[str]:
+    """The items an entry.json lists (``J`` or ``J/NAME`` under its out/), checked:
+    a name that could leave the folder makes the entry unreadable (ValueError)."""
+    files = entry.get("files")
+    if not isinstance(files, list):
+        raise ValueError("its record lists no items")
+    for rel in files:
+        if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in rel.split("/") \
+                or rel.count("/") > 1:
+            raise ValueError(f"its record lists an item out/{rel!r}")
+    return files
 
 
 def entry_files(folder: str) -> list[str]:

@@ -319,7 +319,7 @@ class Run:
         if answer.entry is not None and cache.has(answer.key):
             try:
                 self._publish_cached(act, answer)
-            except FileNotFoundError as e:  # its files went (by hand): run the task
+            except (FileNotFoundError, ValueError) as e:  # its files went (by hand): run the task
                 log.warning("run %s: task %s: cache entry %s cannot be used (%s); running it",
                             self.id, act.rec.dirname, answer.key[:12], for_log(e))
                 self.tasks.empty_out(act.rec)

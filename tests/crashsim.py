@@ -469,6 +469,7 @@ class Flow:
     expect: Callable | None = None  # (seen items) -> (expected, problems), when it depends
     on_end: Callable | None = None  # (sim, run) -> True if the run goes on: the client, once it ended
     removed: bool = False  # the client deletes the run at the end (flow rm): it may be gone
+    cache: bool = False  # the daemon's content cache is there (flow cache: SPOOL/cache)
 
 
 def _one(t: FakeTask) -> int:
@@ -757,11 +758,22 @@ def flow_push() -> Flow:
                 slow={"p": 1})
 
 
+def flow_cache() -> Flow:
+    """process@cache="yes" (flowd/cache.py): the first x1 and x2 run and are stored (x2 a
+    folder output: two items), the second ones are hits published from the cache; a
+    crash at any point during a store or a hit gives the same items, never half a hit."""
+    w = wf(channels={"a": ["x1", "x2", "x1", "x2"], "out": []}, processes=[_proc("p", "a", "out")])
+    w.processes["p"].cache = True
+    return Flow("cache", w, {"p": _one},
+                {"out": [b"f(x1)", b"f(x2).1", b"f(x2).2", b"f(x1)", b"f(x2).1", b"f(x2).2"]},
+                {"out"}, cache=True)
+
+
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
          "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch,
          "sources": flow_sources, "warm": flow_warm, "lost": flow_lost,
          "retry": flow_retry, "rm": flow_rm, "split": flow_split,
-         "push": flow_push}
+         "push": flow_push, "cache": flow_cache}
 
 
 class Sim:
@@ -829,12 +841,14 @@ class Sim:
                 Run.create(self.runs, RUN_ID, self.flow.wf, self.bundle, fs, {})
                 self.accepted = True  # the client has its answer
                 run = Run.open(self.path, fs, ex, Limits())
+                run.cache = self._cache(fs, events)
             else:
                 shutil.rmtree(self.uploads, ignore_errors=True)
                 os.makedirs(self.uploads, exist_ok=True)
                 if not os.path.exists(self.path):
                     return False, fs.points
                 run = Run.open(self.path, fs, ex, Limits())
+                run.cache = self._cache(fs, events)
                 if not run.finished:
                     run.resume()
                 ex.sweep("", run.keep())
@@ -845,6 +859,20 @@ class Sim:
         finally:
             fs.close()
         return False, fs.points
+
+    def _cache(self, fs: Durable, events: list):
+        """The daemon's cache for this life (flows with ``cache``), opened as
+        Daemon.prepare opens it: what a crash left half-built goes. Its lookups
+        run at once (deterministic points); the answers reach the run as the
+        daemon's do, as work handed to the loop (``events``)."""
+        if not self.flow.cache:
+            return None
+        from flowd.cache import Cache
+
+        cache = Cache(os.path.join(self.root, "cache"), fs, None, report=events.append,
+                      run_inline=True)
+        cache.open()
+        return cache
 
     def _drain(self, run: Run, ex: SimExecutor, events: list) -> None:
         # One scheduler step per tick: the order of operations (so the numbering
@@ -864,7 +892,9 @@ class Sim:
                                      f"{sorted(run.active)}, queues {run.sched.queues}")
             if events:  # all that came in this round, together: the daemon's group commit
                 batch, events[:] = list(events), []
-                run.on_results(batch)
+                for answer in [ev for ev in batch if callable(ev)]:
+                    answer()  # a cache lookup's answer (Daemon._drain_events runs them first)
+                run.on_results([ev for ev in batch if not callable(ev)])
         raise AssertionError("run did not end")
 
     def power_loss(self, rng: random.Random | None) -> None:
@@ -946,7 +976,53 @@ class Sim:
                 if n.startswith("."):
                     rel = os.path.relpath(os.path.join(dirpath, n), self.path)
                     problems.append(f"hidden leftover {rel}")
+        if flow.cache:
+            problems += self._check_cache()
         return {"problems": problems, **figures}
+
+    def _check_cache(self) -> list[str]:
+        """Nothing half-built left once the daemon has started again, and every item
+        an entry holds is one of the flow's outputs. An entry may be short of its
+        record or items after a power loss (storing one costs no fsync: it is a
+        hint, checked when used); that it never gives half a hit is the channels'
+        check above."""
+        problems = []
+        root = os.path.join(self.root, "cache")
+        if not os.path.isdir(root):
+            return problems
+        problems += [f"cache: leftover {n}" for n in os.listdir(root) if n.startswith(".")]
+        want = set(self.flow.expected.get("out", []))
+        for dirpath, _, filenames in os.walk(os.path.join(root, "entries")):
+            for n in filenames:
+                if n == "entry.json":
+                    continue
+                with open(os.path.join(dirpath, n), "rb") as f:
+                    got = f.read()
+                if got not in want:  # (the model keeps no extended attributes: no stamps)
+                    problems.append(f"cache: {os.path.relpath(os.path.join(dirpath, n), root)} "
+                                    f"holds {got!r}")
+        return problems
+        problems += [f"cache: leftover {n}" for n in os.listdir(root) if n.startswith(".")]
+        entries = os.path.join(root, "entries")
+        for key in sorted(os.listdir(entries)):
+            folder = os.path.join(entries, key)
+            try:
+                with open(os.path.join(folder, CM.ENTRY), "rb") as f:
+                    entry = json.load(f)
+                files = CM.entry_files(folder)
+            except (OSError, ValueError) as e:
+                problems.append(f"cache entry {key[:12]} is not whole: {e}")
+                continue
+            if entry.get("key") != key or not files:
+                problems.append(f"cache entry {key[:12]}: record {entry.get('key')}, {len(files)} items")
+            want = set(self.flow.expected.get("out", []))
+            for path in files:  # (the model keeps no extended attributes: no checksum stamps)
+                with open(path, "rb") as f:
+                    got = f.read()
+                if got not in want:
+                    problems.append(f"cache entry {key[:12]}: {os.path.relpath(path, folder)} "
+                                    f"holds {got!r}")
+        return problems
 
 
 # -- sweeps ------------------------------------------------------------------

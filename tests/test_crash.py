@@ -47,7 +47,9 @@ EXPECTED_POINTS = {"one": 146, "join": 146, "pipeline": 267, "faults": 246, "can
                    "muxbatch": 70, "sources": 291, "warm": 239, "lost": 154,
                    # session 6: flowctl retry after a failed run; flowctl rm of "one" once it ended
                    "retry": 279, "rm": 149, "split": 131,
-                   "push": 141}
+                   "push": 141,
+                   # session 7: process@cache="yes": two tasks stored, two hits published
+                   "cache": 202}
 
 SUITE_SEEDS = [1]  # random-order seeds in the everyday suite
 FULL_SEEDS = [1, 2, 3, 4, 5]
