@@ -215,7 +215,11 @@ class Cache:
         """Work out the task's key and whether an entry has it, off the loop;
         then hand ``answer(Answer)`` to the loop (``report``) or, inline, call it."""
         def job() -> None:
-            got = self._lookup(executor, proc, input_paths)
+            try:
+                got = self._lookup(executor, proc, input_paths)
+            except Exception as e:  # noqa: BLE001 - whatever went wrong, the task gets an answer
+                log.exception("cache lookup failed")
+                got = Answer(None, why=f"the cache lookup failed ({for_log(e)})")
             if self.report is None:
                 answer(got)  # at once, on this thread (tests without a loop)
             else:

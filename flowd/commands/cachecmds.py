@@ -5,7 +5,7 @@ import json
 
 from .. import owners
 from .. import trace as T
-from ..errors import FlowError, NotFound, UsageError
+from ..errors import Conflict, NotFound, UsageError
 from ..textsafe import for_log
 from .runs import find_run
 
@@ -39,7 +39,7 @@ def why(d, args, payload, **kw):
     rec = _last_record(run, task)
     if rec is None:
         if any(a.rec.task_id == task for a in run.active.values()):
-            raise FlowError(f"task {task} of run {run.id} has not ended yet; ask again once it has")
+            raise Conflict(f"task {task} of run {run.id} has not ended yet; ask again once it has")
         raise NotFound(f"run {run.id} has no task {for_log(repr(task))} that ran; "
                        f"`flowctl trace {run.id}` lists its tasks")
     process = str(rec.get("process"))
