@@ -435,3 +435,42 @@ def test_flowctl_json_shapes_are_as_documented(doc_daemon, tmp_path):
     assert_shape(_doc_json("cancel"), json.loads(again.stdout))
     missing = d.flowctl("status", "ffffffffffff", "--json", check=1)
     assert_shape(_doc_json("error"), json.loads(missing.stdout))
+
+
+@pytest.mark.docker
+def test_cache_json_shapes_are_as_documented(doc_daemon, tmp_path):
+    """why, cache ls and cache rm --json, from a real daemon: a run, the same run
+    again (cached), and one with its script changed (a miss with a difference)."""
+    d = doc_daemon
+    xml = tmp_path / "c.xml"
+
+    def submit(script: str) -> str:
+        xml.write_text(f"""<workflow name="docs-cache">
+  <channel name="words"><item>tea</item></channel>
+  <channel name="loud"/>
+  <process name="upper" image="flowd/busybox" cache="yes">
+    <input channel="words" as="word"/>
+    <output channel="loud"/>
+    <script>{script}</script>
+  </process>
+</workflow>
+""")
+        return json.loads(d.flowctl("submit", "--wait", "--json", str(xml), check=0).stdout)["id"]
+
+    first = submit("tr a-z A-Z &lt; word &gt; loud")
+    again = submit("tr a-z A-Z &lt; word &gt; loud")
+    cached = _flowctl_json(d, "why", again, "1")
+    assert cached["cached"] is True and cached["from"] == {"run": first, "task": "1"}
+    cached_shape = _doc_json("why")
+    del cached_shape["compared_with"]  # documented: null for a cached task
+    assert_shape(cached_shape, cached)
+    changed = submit("tr a-z A-Z &lt; word &gt; loud; true")
+    missed = _flowctl_json(d, "why", changed, "1")
+    assert missed["cached"] is False and any("script" in x for x in missed["differences"])
+    assert_shape(_doc_json("why"), missed)
+    listing = _flowctl_json(d, "cache", "ls")
+    assert any(r["process"] == "docs-cache/upper" for r in listing["processes"])
+    assert_shape(_doc_json("cache-ls"), listing)
+    removed = _flowctl_json(d, "cache", "rm", "--process", "docs-cache/upper")
+    assert removed["removed"] >= 2
+    assert_shape(_doc_json("cache-rm"), removed)
