@@ -15,7 +15,7 @@ The daemon runs as the user who runs this (root: it needs the Docker engine),
 with its spool under --dir; the daemon, the spool and every container it made
 are removed at the end, whatever happens.
 
-    python benchmarks/cache.py [--tasks 1000] [--max-containers 4]
+    python benchmarks/cache.py [--tasks 1000] [--parallel 1] [--max-containers 4]
 """
 from __future__ import annotations
 
@@ -32,38 +32,20 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from flowctl.client import Client  # noqa: E402
 from flowd.executor.container import LABEL_RUN, LABEL_SPOOL  # noqa: E402
+from scale import start_daemon  # noqa: E402  (benchmarks/scale.py, beside this one)
 
 GOAL_SPEEDUP = 20.0
 
 WORKFLOW = """<workflow name="cachebench">
   <channel name="words"><items glob="data/*.txt"/></channel>
   <channel name="out"/>
-  <process name="stamp" image="flowd/busybox" container="fresh" cache="yes">
+  <process name="stamp" image="flowd/busybox" container="fresh" cache="yes" parallel="{parallel}">
     <input channel="words" as="w"/><output channel="out" as="o"/>
-    <script>{ cat w; cat /proc/sys/kernel/random/uuid; } &gt; o</script>
+    <script>{{ cat w; cat /proc/sys/kernel/random/uuid; }} &gt; o</script>
   </process>
 </workflow>
 """
-
-
-def start_daemon(root: str, sock: str, spool: str, conf: str) -> tuple[subprocess.Popen, dict]:
-    env = dict(os.environ, PYTHONPATH=REPO, FLOWD_SOCKET=sock)
-    log = open(os.path.join(root, "flowd.log"), "ab")
-    daemon = subprocess.Popen([sys.executable, "-m", "flowd", "--spool", spool, "--socket", sock,
-                               "--config", conf, "--log-level", "warning"], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            Client(sock, timeout=5).call("ping")
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise SystemExit("flowd did not start; see " + log.name)
-            time.sleep(0.1)
-    return daemon, env
 
 
 def stop_daemon(daemon: subprocess.Popen) -> None:
@@ -115,6 +97,9 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=1000, help="tasks in the workflow (default 1000)")
     ap.add_argument("--max-containers", type=int, default=4,
                     help="the daemon's max_containers (default 4)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="the process's parallel= (default 1, the format's default: tasks one "
+                         "at a time, hits too)")
     ap.add_argument("--dir", default="/var/tmp", help="where the spool goes (a real disk)")
     args = ap.parse_args()
     if args.tasks < 1:
@@ -132,16 +117,16 @@ def main() -> int:
             f.write(f"item {i}\n")
     path = os.path.join(wfdir, "workflow.xml")
     with open(path, "w") as f:
-        f.write(WORKFLOW)
+        f.write(WORKFLOW.format(parallel=args.parallel))
     conf = os.path.join(root, "flowd.toml")
     with open(conf, "w") as f:
         f.write(f"max_containers = {args.max_containers}\n")
-    print(f"{args.tasks} tasks, fresh containers of flowd/busybox, max_containers "
-          f"{args.max_containers}; {os.cpu_count()} CPUs; spool under {root}", flush=True)
+    print(f"{args.tasks} tasks, fresh containers of flowd/busybox, parallel={args.parallel}, "
+          f"max_containers {args.max_containers}; {os.cpu_count()} CPUs; spool under {root}", flush=True)
 
     daemon = None
     try:
-        daemon, env = start_daemon(root, sock, spool, conf)
+        daemon, env = start_daemon(root, sock, spool, ["--config", conf])
         flowctl = [sys.executable, "-m", "flowctl", "--timeout", "600"]
         runs = []
         for name in ("first", "second"):
