@@ -68,11 +68,11 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def start_daemon(root: str, sock: str, spool: str) -> tuple[subprocess.Popen, dict]:
+def start_daemon(root: str, sock: str, spool: str, extra_args=()) -> tuple[subprocess.Popen, dict]:
     env = dict(os.environ, PYTHONPATH=REPO, FLOWD_SOCKET=sock)
     log = open(os.path.join(root, "flowd.log"), "ab")
     daemon = subprocess.Popen([sys.executable, "-m", "flowd", "--spool", spool, "--socket", sock,
-                               "--log-level", "warning"], env=env, stdout=log,
+                               "--log-level", "warning", *extra_args], env=env, stdout=log,
                               stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:
