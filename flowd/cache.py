@@ -87,14 +87,19 @@ def key_of(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def differences(now: dict, before: dict, image: str) -> list[str]:
-    """The parts of key ``now`` that differ from ``before``, in words (``flowctl why``)."""
+def differences(now: dict, before: dict, image: str, image_before: str = "") -> list[str]:
+    """The parts of key ``now`` that differ from ``before``, in words (``flowctl why``);
+    ``image``: the image the process names now, ``image_before``: the one it named then."""
     out: list[str] = []
     if now.get("v") != before.get("v"):
         out.append("the cache's key format changed (flowd was upgraded)")
     if now.get("image_id") != before.get("image_id"):
-        out.append(f"image `{image}` now has id {now.get('image_id')} "
-                   f"(it was {before.get('image_id')}: rebuilt or retagged)")
+        if image_before and image_before != image:
+            out.append(f"the image is `{image}` (id {now.get('image_id')}); it was `{image_before}` "
+                       f"(id {before.get('image_id')})")
+        else:
+            out.append(f"image `{image}` now has id {now.get('image_id')} "
+                       f"(it was {before.get('image_id')}: rebuilt or retagged)")
     if now.get("lang") != before.get("lang"):
         out.append(f"lang is `{now.get('lang')}` (it was `{before.get('lang')}`)")
     if now.get("script") != before.get("script"):
@@ -330,6 +335,11 @@ class Cache:
         for key, parts, meta, outdir, attempt, n_outputs in stores:
             if key in self.index or any(k == key for k, _, _ in built):
                 continue
+            if self.max_size is not None and self._size_of(outdir, attempt, n_outputs) > self.max_size:
+                log.info("cache: the outputs of %s task %s are bigger than cache_max_size (%d bytes); "
+                         "not kept", for_log(meta.get("process", "?")), for_log(meta.get("task", "?")),
+                         self.max_size)
+                continue
             tmp = os.path.join(self.root, NEW + key)
             fs.rmtree(tmp)
             fs.mkdir(tmp, mode=0o700, sync_parent=False)
@@ -364,6 +374,18 @@ class Cache:
                                     outputs=entry["outputs"], owner=entry.get("owner"))
             self.stored += 1
         self.evict()
+
+    @staticmethod
+    def _size_of(outdir: str, attempt: int, n_outputs: int) -> int:
+        """The bytes of a task's outputs in out/ (what its entry would count)."""
+        total = 0
+        for j in range(n_outputs):
+            item = os.path.join(outdir, f"{attempt}.{j}")
+            if os.path.isdir(item):
+                total += sum(os.lstat(os.path.join(item, n)).st_size for n in os.listdir(item))
+            elif os.path.lexists(item):
+                total += os.lstat(item).st_size
+        return total
 
     # -- bounds and control ------------------------------------------------------
     def size(self) -> int:
@@ -417,22 +439,22 @@ class Cache:
         return sorted(rows.values(), key=lambda r: r["process"])
 
     def nearest(self, process: str, parts: dict, before: float | None,
-                exclude: str | None = None) -> tuple[dict | None, list[str]]:
+                exclude: str | None = None, image: str = "") -> tuple[dict | None, list[str]]:
         """The entry of ``process`` made before ``before`` whose key differs from
-        ``parts`` in the fewest parts (the newest among equals), and those parts."""
+        ``parts`` in the fewest parts (the newest among equals), and those parts
+        (``image``: the image the process names now)."""
         cands = sorted((e for e in self.index.values() if e.process == process and e.key != exclude
                         and (before is None or e.created <= before)),
                        key=lambda e: e.created, reverse=True)[:WHY_CANDIDATES]
         best: tuple[int, dict, list[str]] | None = None
-        image = ""
         for e in cands:
             try:
                 with open(os.path.join(self.entries, e.key, ENTRY), "rb") as f:
                     d = json.loads(f.read(1 << 20))
             except (OSError, ValueError):
                 continue
-            image = d.get("image", "")
-            diff = differences(parts, d.get("parts") or {}, d.get("image") or image)
+            then = str(d.get("image") or "")
+            diff = differences(parts, d.get("parts") or {}, image or then, then)
             if best is None or len(diff) < best[0]:
                 best = (len(diff), d, diff)
         return (best[1], best[2]) if best else (None, [])

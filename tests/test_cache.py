@@ -466,12 +466,8 @@ def test_cache_rm_by_a_user_removes_only_the_entries_of_their_own_runs(daemon_fa
     assert cache_ls(d)["entries"] == 0
 
 
-# -- known faults (strict xfail: each passes once its fault is fixed; see the reasons) ----------
+# -- faults found by these tests, now fixed ------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="flowd/cache.py Cache.nearest words an image difference with "
-                   "the earlier entry's image name, not the process's image now: a process moved "
-                   "from flowd/busybox to another image reads `image flowd/busybox now has id "
-                   "<the other image's id>`, which is false")
 def test_why_names_the_image_the_process_uses_now_when_its_image_changed(daemon, workdir,
                                                                          docker_client):
     tag = f"flowd-cachetest/img-{uuid.uuid4().hex[:8]}:latest"
@@ -491,12 +487,10 @@ def test_why_names_the_image_the_process_uses_now_when_its_image_changed(daemon,
         subprocess.run(["docker", "rmi", "-f", new], capture_output=True)
     task = trace(daemon, runs[1]["id"])[0]["task"]
     [d] = why(daemon, runs[1]["id"], task)["differences"]
-    assert d.startswith(f"image `{tag}` now has id {new}"), d
+    # the image the process names now, and the one it named then (not "flowd/busybox now has id X")
+    assert d.startswith(f"the image is `{tag}` (id {new}); it was `flowd/busybox`"), d
 
 
-@pytest.mark.xfail(strict=True, reason="flowd/cache.py store_many stores an entry bigger than "
-                   "cache_max_size, then evict() removes every older entry before it removes the "
-                   "new one too: one oversized output empties the whole cache")
 def test_an_output_bigger_than_the_whole_cache_does_not_empty_it(daemon_factory, workdir):
     conf = config(workdir, 'cache_max_size = "8k"\n')
     d = daemon_factory(extra_args=["--config", conf]).start()

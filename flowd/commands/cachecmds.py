@@ -66,7 +66,7 @@ def why(d, args, payload, **kw):
         return out
     before = rec.get("started_at") if isinstance(rec.get("started_at"), (int, float)) else None
     entry, diff = d.cache.nearest(run.process_id(process), note.get("parts") or {}, before,
-                                  exclude=note.get("key"))
+                                  exclude=note.get("key"), image=proc.image)
     if entry is None:
         out["message"] = (f"task {task} ran: no earlier task of process {process} was in the "
                           "cache (the first run of it, or its entries were evicted or removed)")
