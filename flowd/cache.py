@@ -3,9 +3,10 @@
 A task's *key* is a SHA-256 over what decides its outputs (``key_parts``,
 docs/format.md "cache"): the image by its id (not its tag), ``lang``, the
 script's bytes, the process's ``<env>``, each input's ``as`` name, ``value``
-flag and content hash (the SHA-256 stamped on the item when it was written:
-flowd/checksum.py, so a key never reads an item again), and each output's
-``as``, ``from`` and ``split``.
+flag and content hash (the item's SHA-256, computed off the loop the first
+time a key needs it and then kept in the item's checksum stamp:
+``checksum.content_hash``, so an item is read for it once), and each
+output's ``as``, ``from`` and ``split``.
 
 On disk, ``SPOOL/cache/``:
 

@@ -217,18 +217,29 @@ def test_a_restarted_daemon_finds_its_entries_and_drops_a_half_built_one(tmp_pat
     assert run_once(tmp_path, reopened, workflow(["x1"])).ex.started == []
 
 
-def test_item_stamps_carry_the_content_hash_and_old_stamps_are_hashed_when_needed(tmp_path):
+def test_an_items_content_hash_is_computed_once_and_kept_in_its_stamp(tmp_path, monkeypatch):
     import hashlib
 
     path = str(tmp_path / "item")
     with open(path, "wb") as fh:
         fh.write(b"hello")
     checksum.stamp_file(path)
+    stamp = os.getxattr(path, checksum.XATTR).decode()
+    assert stamp.count(":") == 1  # no hash until a cache key needs it
     want = hashlib.sha256(b"hello").hexdigest()
-    assert os.getxattr(path, checksum.XATTR).decode().endswith(":" + want)
-    assert checksum.content_hash(path) == want and checksum.check(path) is None
-    os.setxattr(path, checksum.XATTR, b"3610a686:5")  # a stamp of an older flowd
-    assert checksum.check(path) is None and checksum.content_hash(path) == want
+    assert checksum.content_hash(path) == want
+    assert os.getxattr(path, checksum.XATTR).decode() == stamp + ":" + want
+    assert checksum.check(path) is None
+    reads = []
+    real = checksum.of_file
+    monkeypatch.setattr(checksum, "of_file", lambda *a, **kw: reads.append(a) or real(*a, **kw))
+    assert checksum.content_hash(path) == want and reads == []  # read once, kept
+    monkeypatch.undo()
+    with open(path, "r+b") as fh:  # damaged after its stamp: hashed as it is, never stamped
+        fh.write(b"J")
+    os.setxattr(path, checksum.XATTR, stamp.encode())
+    assert checksum.content_hash(path) == hashlib.sha256(b"Jello").hexdigest()
+    assert os.getxattr(path, checksum.XATTR).decode() == stamp
 
 
 def test_the_key_covers_what_decides_the_outputs_and_nothing_else():
