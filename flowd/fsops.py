@@ -425,8 +425,12 @@ class Durable:
             summer = checksum_mod.Summer()
             summer.update(data)
             checksum_mod.stamp(fd, summer)
-        finally:
+        except BaseException as e:
             os.close(fd)
+            if isinstance(e, OSError):
+                _quiet_unlink(path)  # no half-written file stays (the disk full, say)
+            raise
+        os.close(fd)
 
     def copy_file(self, src: str, dst: str, *, mode: int = 0o640, checksum: bool = False) -> int:
         """Copy ``src`` to ``dst`` atomically; the source is opened without following links."""
