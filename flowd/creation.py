@@ -31,7 +31,7 @@ class Creator:
     def submit_bundle(self, bundle: str, name: str, user: str = "",
                       reply: tuple[bytes, str] | Callable[[dict | None, BaseException | None], None]
                       | None = None, run_id: str | None = None,
-                      uid: int | None = None) -> dict | None:
+                      uid: int | None = None, stamped: bool = False) -> dict | None:
         """Validate ``bundle/workflow.xml`` and make a run of it; the folder is consumed.
 
         ``bundle`` must be a folder of the spool's filesystem that only flowd
@@ -54,12 +54,16 @@ class Creator:
         ``uid``: the submitter's uid (SO_PEERCRED; for a spool drop, the
         dropped file's owner), recorded as the run's owner (``submitted_uid``,
         flowd/owners.py); None: no owner (only root and admins may change it).
+
+        ``stamped``: every file of ``bundle`` has its checksum stamp and item
+        mode already (a taken upload, ``Staging.take``): items are linked as
+        they are (``Run.create``).
         """
         run_id = run_id or self.new_run_id()
         meta = {"submitted_at": time.time(), "source": name, "submitted_by": user}
         if uid is not None:
             meta["submitted_uid"] = uid
-        job = _Creation(run_id, bundle, meta, reply)
+        job = _Creation(run_id, bundle, meta, reply, stamped=stamped)
         self.d.creating[run_id] = job
         if reply is None:
             self._create(job)
@@ -75,7 +79,8 @@ class Creator:
         ``.new-RUN`` folder, removed at start."""
         try:
             job.wf, job.warnings = self._validate(job.bundle, job.meta["source"])
-            job.path = Run.create(self.d.runs_dir, job.run_id, job.wf, job.bundle, self.d.fs, job.meta)
+            job.path = Run.create(self.d.runs_dir, job.run_id, job.wf, job.bundle, self.d.fs, job.meta,
+                                  stamped=job.stamped)
         except Exception as e:  # noqa: BLE001 - answered to the client by _created
             job.error = e
             self.d.fs.rmtree(unfinished_path(self.d.runs_dir, job.run_id))
@@ -163,6 +168,7 @@ class _Creation:
     warnings: list[str] = field(default_factory=list)
     path: str = ""
     error: BaseException | None = None
+    stamped: bool = False  # its files are items as they are (Run.create's stamped)
 
 
 def release_memory() -> None:

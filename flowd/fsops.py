@@ -407,6 +407,31 @@ class Durable:
             os.close(fd)
         return made, have
 
+    def scratch_create(self, path: str, data: bytes, *, mode: int = 0o640,
+                       chmod: bool = True) -> None:
+        """Make the new file ``path`` holding ``data``, stamped with its checksum
+        (an upload's small file, sent whole): one open, write, setxattr and
+        close. FileExistsError if ``path`` is there (nothing changed then); links
+        are never followed. ``chmod=False``: the caller knows the umask leaves
+        ``mode`` whole, so no fchmod is needed."""
+        self.point("write", path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if chmod:
+                os.fchmod(fd, mode)
+            summer = checksum_mod.Summer()
+            summer.update(data)
+            checksum_mod.stamp(fd, summer)
+        except BaseException as e:
+            os.close(fd)
+            if isinstance(e, OSError):
+                _quiet_unlink(path)  # no half-written file stays (the disk full, say)
+            raise
+        os.close(fd)
+
     def copy_file(self, src: str, dst: str, *, mode: int = 0o640, checksum: bool = False) -> int:
         """Copy ``src`` to ``dst`` atomically; the source is opened without following links."""
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)

@@ -82,12 +82,15 @@ class Run:
 
     # -- creation --------------------------------------------------------
     @staticmethod
-    def create(runs_dir: str, run_id: str, wf: Workflow, bundle: str, fs: Durable, meta: dict) -> str:
+    def create(runs_dir: str, run_id: str, wf: Workflow, bundle: str, fs: Durable, meta: dict,
+               *, stamped: bool = False) -> str:
         """Make the run's folder from a validated bundle, atomically.
 
         Everything (scripts, initial items, metadata) is built under a hidden
         name and renamed into place last: a crash leaves either no run or the
         whole run. ``bundle`` is moved into the run (same filesystem).
+        ``stamped``: its files are items as they are (a taken upload,
+        ``Staging.take``), linked into their channels without being read.
         """
         tmp = unfinished_path(runs_dir, run_id)
         fs.rmtree(tmp)
@@ -99,7 +102,7 @@ class Run:
         for ch in wf.channels.values():
             for item in ch.items:
                 if item.file is not None:
-                    store.put_initial_file(ch.name, store.path("bundle", item.file))
+                    store.put_initial_file(ch.name, store.path("bundle", item.file), stamped=stamped)
                 else:
                     store.put_initial(ch.name, (item.text or "").encode())
         fs.sync_fs(tmp)  # all of the folder, before run.json and the rename make the run live

@@ -33,6 +33,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from . import checksum
+from .collect import ITEM_MODE
 from .errors import Conflict, DiskFull, NotFound, StorageError, UsageError
 from .fsops import Durable
 
@@ -56,6 +57,11 @@ class Upload:
     entries: int = 0  # files and folders made
     summer: checksum.Summer | None = None  # a push's running checksum
     meta: dict = field(default_factory=dict)  # a push's run and channel
+    folders: set = field(default_factory=set)  # its folders made and checked (relative paths)
+    # An upload's files sent in chunks (upload_chunk), with their running checksums:
+    # stamped when the upload is taken. A file sent whole (upload_files) is stamped
+    # as it is written, so that every file of a taken upload is an item as it is.
+    summers: dict = field(default_factory=dict)
 
     @property
     def pending(self) -> int:
@@ -74,6 +80,7 @@ class Staging:
         self.max_age = max_age
         self.max_entries = max_entries
         self.open: dict[str, Upload] = {}
+        self.chmod = _umask_strips(ITEM_MODE)  # an fchmod per file only if the umask takes bits
 
     def reset(self) -> None:
         """At start: what a previous life left is dropped; the folder is made ``0700``."""
@@ -110,29 +117,27 @@ class Staging:
                            "began, ends when flowd restarts, and belongs to the user who began it")
         return up
 
+    def write_whole(self, up: Upload, rel: str, data: bytes) -> int:
+        """File ``rel`` of the upload, sent whole (``upload_files``): made in one
+        go (open, write, checksum stamp, close: an item as it is, mode
+        ``ITEM_MODE``). A file already there is appended to as by ``write``
+        at offset 0 (which refuses it unless it is empty)."""
+        target = self._target(up, rel, len(data))
+        self._count(up)
+        try:
+            self.fs.scratch_create(target, data, mode=ITEM_MODE, chmod=self.chmod)
+        except FileExistsError:
+            return self.write(up, rel, 0, data)
+        except OSError as e:
+            raise _storage(e, f"cannot store {rel}") from None
+        up.entries += 1
+        up.received += len(data)
+        return len(data)
+
     def write(self, up: Upload, rel: str, offset: int, data: bytes) -> int:
         """Append ``data`` to file ``rel`` of the upload at ``offset`` (which
         must be the file's size so far); returns the bytes written."""
-        parts = rel.split("/")
-        if not all(_SAFE_PART.match(p) and p not in (".", "..") for p in parts):
-            raise UsageError(f"upload path {rel!r} is not a plain relative path "
-                             "(names of letters, digits, '.', '_', '+', '-' and spaces)")
-        if up.received + len(data) > up.size:
-            what = "its declared size" if up.declared else "max_upload_size, the most flowd takes"
-            raise UsageError(f"this chunk of {rel} would take the {up.kind} to "
-                             f"{up.received + len(data)} bytes, past {what} ({up.size} bytes)")
-        folder = up.path
-        for part in parts[:-1]:
-            folder = os.path.join(folder, part)
-            try:
-                self._count(up)
-                if self.fs.scratch_mkdir(folder, 0o700):
-                    up.entries += 1
-            except OSError as e:
-                raise _storage(e, f"cannot store {rel}") from None
-            if os.path.islink(folder) or not os.path.isdir(folder):
-                raise UsageError(f"upload path {rel!r} is not a plain relative path")
-        target = os.path.join(folder, parts[-1])
+        target = self._target(up, rel, len(data))
         if offset == 0:
             self._count(up)
         try:
@@ -149,15 +154,69 @@ class Staging:
         up.received += len(data)
         if up.summer is not None:
             up.summer.update(data)
+        elif up.kind == "upload":
+            summer = up.summers.get(rel)
+            if summer is None and offset:  # more to a file sent whole: summed again from its start
+                up.summers[rel] = checksum.of_file(target)
+            elif summer is None:
+                up.summers[rel] = summer = checksum.Summer()
+                summer.update(data)
+            else:
+                summer.update(data)
         return len(data)
+
+    def _target(self, up: Upload, rel: str, size: int) -> str:
+        """Where file ``rel`` of the upload goes, its folders made; checks the
+        path and that ``size`` more bytes fit."""
+        parts = rel.split("/")
+        if not all(_SAFE_PART.match(p) and p not in (".", "..") for p in parts):
+            raise UsageError(f"upload path {rel!r} is not a plain relative path "
+                             "(names of letters, digits, '.', '_', '+', '-' and spaces)")
+        if up.received + size > up.size:
+            what = "its declared size" if up.declared else "max_upload_size, the most flowd takes"
+            raise UsageError(f"this chunk of {rel} would take the {up.kind} to "
+                             f"{up.received + size} bytes, past {what} ({up.size} bytes)")
+        folder = up.path
+        for i, part in enumerate(parts[:-1]):
+            folder = os.path.join(folder, part)
+            known = "/".join(parts[:i + 1])
+            if known in up.folders:
+                continue
+            try:
+                self._count(up)
+                if self.fs.scratch_mkdir(folder, 0o700):
+                    up.entries += 1
+            except OSError as e:
+                raise _storage(e, f"cannot store {rel}") from None
+            if os.path.islink(folder) or not os.path.isdir(folder):
+                raise UsageError(f"upload path {rel!r} is not a plain relative path")
+            up.folders.add(known)
+        return os.path.join(folder, parts[-1])
 
     def _count(self, up: Upload) -> None:
         if up.entries >= self.max_entries:
             raise UsageError(f"an upload holds at most {self.max_entries} files and folders")
 
     def take(self, up: Upload) -> str:
-        """The upload leaves the table; its folder is the caller's to consume."""
+        """The upload leaves the table; its folder is the caller's to consume.
+        Every file in it is then stamped with its checksum and has mode
+        ``ITEM_MODE`` (``RunStore.put_initial_file(stamped=True)`` links it
+        into a channel as it is): those sent in chunks are stamped here, from
+        the checksums computed while they came in (never read again)."""
         self.open.pop(up.id, None)
+        for rel, summer in up.summers.items():
+            path = os.path.join(up.path, *rel.split("/"))
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.fchmod(fd, ITEM_MODE)
+                    checksum.stamp(fd, summer)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                self.discard(up)
+                raise _storage(e, f"cannot stamp {rel}") from None
+        up.summers.clear()
         return up.path
 
     def push_item(self, up: Upload) -> str:
@@ -190,6 +249,19 @@ class Staging:
         for up in old:
             self.discard(up)
         return old
+
+
+def _umask_strips(mode: int) -> bool:
+    """Whether the process's umask takes bits from ``mode`` (then files made
+    with it need an fchmod); True when it cannot be told (no /proc)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return bool(int(line.split()[1], 8) & mode)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
 
 
 def _storage(e: OSError, what: str) -> StorageError:

@@ -132,8 +132,11 @@ class RunStore:
         self.fs.create(self.item_path(channel, seq), data, mode=ITEM_MODE, checksum=True)
         return seq
 
-    def put_initial_file(self, channel: str, src: str) -> int:
-        """``put_initial`` of a copy of ``src`` (an upload's file: hard-linked when possible)."""
+    def put_initial_file(self, channel: str, src: str, *, stamped: bool = False) -> int:
+        """``put_initial`` of a copy of ``src`` (an upload's file: hard-linked when possible).
+
+        ``stamped``: ``src`` already has mode ``ITEM_MODE`` and its checksum
+        stamp (a taken upload's file, ``Staging.take``): the link is all."""
         seq = self.alloc()
         dst = self.item_path(channel, seq)
         try:
@@ -141,6 +144,8 @@ class RunStore:
         except StorageError:
             with open(src, "rb") as f:  # another filesystem: copied, then synced with the rest
                 self.fs.write_file(dst, f, mode=ITEM_MODE, checksum=True, sync=False)
+            return seq
+        if stamped:
             return seq
         fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # one open: mode and stamp
         try:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import textwrap
+import stat
 import threading
 import time
 
@@ -21,6 +22,7 @@ import pytest
 import zmq
 
 from flowctl.client import Client
+from flowd import checksum
 from flowd import protocol as P
 from flowd.errors import DiskFull, NotFound, UsageError, WorkflowError
 from flowd.staging import UPLOAD_MAX_AGE
@@ -464,3 +466,56 @@ def test_the_spool_is_swept_at_start_and_now_and_then_keeping_what_runs(h):
     assert len(h.d.executor.sweeps) == 1
     h.step(now=time.monotonic() + SWEEP_EVERY + 1)
     assert len(h.d.executor.sweeps) == 2 and (run, spec.task_id) in h.d.executor.sweeps[-1]
+
+
+# -- an upload's files become items as they are ------------------------------------------------
+def test_uploaded_files_become_items_with_their_mode_and_a_checksum_that_matches(h, raw):
+    """Files sent whole (upload_files) are stamped as they are written, those sent in
+    chunks (upload_chunk, or more appended to a file sent whole) when the upload is
+    submitted: each item is linked into its channel as it is, and must still be
+    mode 0640 with a stamp that matches its bytes. (Its process also waits on
+    "go", which nothing fills: the items stay in their channel.)"""
+    xml = textwrap.dedent("""\
+        <workflow name="files" mode="service">
+          <channel name="in">
+            <item file="data/small.txt"/><item file="data/grown.txt"/><item file="big.bin"/>
+            <item file="data/small.txt"/>
+          </channel>
+          <channel name="go"/><channel name="out"/>
+          <process name="upper" image="flowd/busybox">
+            <input channel="in"/><input channel="go"/><output channel="out"/><script>cp in out</script>
+          </process>
+        </workflow>
+        """).encode()
+    big = bytes(range(256)) * 800  # two chunks
+    up = raw.call("upload_begin", {"size": len(xml) + 3 + 6 + len(big)})["result"]["upload"]
+    paths = ["workflow.xml", "data/small.txt", "data/grown.txt"]
+    files = [xml, b"one", b"two"]
+    sent = raw.call("upload_files", {"upload": up, "paths": paths, "sizes": [len(f) for f in files]},
+                    b"".join(files))
+    assert sent["ok"], sent
+    assert raw.call("upload_chunk", {"upload": up, "path": "data/grown.txt", "offset": 3},
+                    b"+++")["ok"]
+    for at in (0, len(big) // 2):
+        assert raw.call("upload_chunk", {"upload": up, "path": "big.bin", "offset": at},
+                        big[at:at + len(big) // 2])["ok"]
+    got = raw.call("submit", {"upload": up, "name": "workflow.xml"})
+    assert got["ok"], got
+    run = got["result"]["run"]
+    folder = os.path.join(h.d.runs_dir, run, "channels", "in")
+    names = sorted(os.listdir(folder))
+    want = [b"one", b"two+++", big, b"one"]
+    assert [open(os.path.join(folder, n), "rb").read() for n in names] == want
+    for n in names:
+        path = os.path.join(folder, n)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o640, n
+        assert checksum.check(path) is None, (n, checksum.check(path))
+
+
+def test_a_file_sent_twice_whole_is_refused_and_the_first_stays(h, raw):
+    up = raw.call("upload_begin", {"size": 20})["result"]["upload"]
+    assert raw.call("upload_files", {"upload": up, "paths": ["a"], "sizes": [3]}, b"one")["ok"]
+    err = raw.call("upload_files", {"upload": up, "paths": ["a"], "sizes": [3]}, b"two")
+    assert err["error"]["code"] == "usage" and "offset 0, but 3 bytes" in err["error"]["message"]
+    with open(os.path.join(h.d.spool, "uploads", up, "a"), "rb") as f:
+        assert f.read() == b"one"

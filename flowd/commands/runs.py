@@ -49,7 +49,7 @@ def answer_waiter(d, w) -> None:
 def submit(d, args, payload, peer, req_id):
     up = d.staging.get(args["upload"], args["_caller"].uid, "upload")
     return d.creator.submit_bundle(d.staging.take(up), args["name"], args["_caller"].user,
-                                   reply=(peer, req_id), uid=args["_caller"].uid)
+                                   reply=(peer, req_id), uid=args["_caller"].uid, stamped=True)
 
 
 def cancel(d, args, payload, **kw):

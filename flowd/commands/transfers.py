@@ -49,7 +49,7 @@ def upload_files(d, args, payload, **kw):
         d.disk.check_space(len(data))
     view, at = memoryview(data), 0
     for rel, size in zip(paths, sizes):
-        d.staging.write(up, rel, 0, bytes(view[at:at + size]))
+        d.staging.write_whole(up, rel, bytes(view[at:at + size]))
         at += size
     return {"received": at}
 
