@@ -63,7 +63,8 @@ def describe(ev: dict) -> str:
         "run_started": "started",
         "run_finished": f"finished: {g('state')}" + (f" ({g('message')})" if g("message") else ""),
         "task_started": f"{task} started",
-        "task_succeeded": f"{task} succeeded{took}",
+        "task_succeeded": f"{task} " + ("taken from the cache" if g("cached") is True
+                                         else f"succeeded{took}"),
         "task_retried": f"{task} failed{took}, retried: {g('reason')}",
         "task_failed": f"{task} failed{took}, given up: {g('reason')}",
         "item_pushed": f"item {g('item')} pushed to channel {g('channel')}",
