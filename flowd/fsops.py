@@ -131,13 +131,7 @@ class Durable:
         recovery for the same reason). Not a durability point: it changes
         nothing, it only makes the present durable.
         """
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            _syncfs(fd, path)
-        finally:
-            os.close(fd)
-        if self.observer is not None and hasattr(self.observer, "synced_all"):
-            self.observer.synced_all(path)
+        self._syncfs(path, None)
 
     def sync_fs(self, path: str) -> None:
         """Make every earlier write on ``path``'s filesystem durable: one syncfs.
@@ -152,12 +146,17 @@ class Durable:
         site = self._site("syncfs")
         if site is not None and site in self.skip_fsync:
             return
+        self._syncfs(path, site)
+
+    def _syncfs(self, path: str, site: str | None) -> None:
+        """One syncfs of ``path``'s filesystem, told to the observer (``site``:
+        the durability point's, or None for the flush before recovery)."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             _syncfs(fd, path)
         finally:
             os.close(fd)
-        if self.observer is not None:
+        if self.observer is not None and hasattr(self.observer, "synced_all"):
             self.observer.synced_all(path, site)
 
     def create(self, path: str, data: bytes, *, mode: int = 0o640, checksum: bool = False) -> None:
