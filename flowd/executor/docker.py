@@ -173,6 +173,10 @@ class DockerExecutor(EngineExecutor):
     def sweep(self, spool: str, keep: set[tuple[str, str]]) -> concurrent.futures.Future:
         with self._lock:  # ended attempts nobody removes any more (their containers go below)
             self._ended = {k: v for k, v in self._ended.items() if k[0] in keep}
+            # a resize's limits, for the runs no task of which runs now: their later
+            # specs carry the limits themselves (run.json's "resized"), so none is lost
+            runs = {run for run, _ in keep}
+            self._limits = {k: v for k, v in self._limits.items() if k[0] in runs}
         return self._ops.submit(self._sweep_job, spool, set(keep))
 
     def follow(self, run_id: str, task_id: str) -> None:
