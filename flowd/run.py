@@ -132,7 +132,9 @@ class Run:
 
     def _load(self) -> None:
         eng = self.sched
-        live = self.tasks.recover_tasks() if not self.finished else []
+        # A finished run has no task to recover, but a retired task's hidden folder
+        # that a power loss brought back after the run ended is removed all the same.
+        live = self.tasks.recover_tasks() if not self.finished else self.tasks.remove_hidden()
         scan = Scan(self.store)
         self.failures.load(scan)
         eng.load(scan.channels(self.wf.channels))

@@ -103,6 +103,15 @@ class TaskStore:
             self.apply(rec)  # its retire fsyncs tasks/
         return [r for r in live if not r.committed]
 
+    def remove_hidden(self) -> list:
+        """The hidden folders in tasks/ (out of the protocol) removed; returns []
+        (a finished run's recovery: nothing else there is live)."""
+        folder = self.store.path("tasks")
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("."):
+                self.fs.rmtree(os.path.join(folder, name))
+        return []
+
     def _load_task(self, dirname: str) -> TaskRecord:
         with open(self.store.path("tasks", dirname, "task.json"), "rb") as f:
             d = json.load(f)

@@ -687,14 +687,11 @@ def _rm_client(sim: "Sim", run: Run) -> bool:
     from flowd import removal
 
     if not sim.client_acked:
-        # Found after a restart, before it is deleted (again): it must be whole. (Not
-        # checked here: a retired task's hidden folder that a power loss brought back
-        # into a run that then ended: recovery does not run on a finished run. Garbage,
-        # not data; found by this flow's kill -9 then power loss sweep, see
-        # docs/reliability.md. The rm takes it away with the rest.)
+        # Found after a restart, before it is deleted (again): it must be whole (a
+        # retired task's hidden folder that a power loss brought back into a run that
+        # then ended included: Run.open removes it from a finished run too).
         for problem in sim.check()["problems"]:
-            if ".done" not in problem:
-                sim.problems.append(f"before the rm: {problem}")
+            sim.problems.append(f"before the rm: {problem}")
         removal.remove_run_dir(run.fs, sim.runs, run.id)
         sim.client_acked = True
     return False
