@@ -335,9 +335,12 @@ class Daemon:
                 self.creator._created(ev)
             elif isinstance(ev, X.TaskResult):
                 results.setdefault(ev.run_id, []).append(ev)
-            elif callable(ev):  # work a thread hands to the loop (a resize's answer)
+            elif callable(ev):  # work a thread hands to the loop (a resize's, a cache lookup's answer)
                 try:
                     ev()
+                except DiskFull as e:  # a cache hit that could not be published: it waits
+                    log.error("%s; a cache hit waits for free space", for_log(e))
+                    self.disk.defer(ev)
                 except Exception:  # noqa: BLE001 - one handler's bug must not stop the loop
                     log.exception("a loop callback failed")
             elif isinstance(ev, X.EngineState):

@@ -47,7 +47,6 @@ class Active:
     history: list[str] = field(default_factory=list)
     looking: int = 0  # a cache lookup is under way (its token; flowd/cache.py): no container yet
     cache: C.Answer | None = None  # what the lookup of this attempt found (process@cache)
-    no_cache: bool = False  # run it whatever the cache holds (its entry failed to publish)
 
 
 class Run:
@@ -285,7 +284,7 @@ class Run:
         act.started_at = time.time()
         act.cache = None
         proc = self.wf.processes[rec.name]
-        if proc.cache and self.cache is not None and not act.no_cache:
+        if proc.cache and self.cache is not None:
             self._look_up(act, proc)  # the container starts, or not, when the answer comes
             return
         self._start_container(act)
@@ -325,10 +324,17 @@ class Run:
             try:
                 self._publish_cached(act, answer)
             except (FileNotFoundError, ValueError) as e:  # its files went (by hand): run the task
-                log.warning("run %s: task %s: cache entry %s cannot be used (%s); running it",
-                            self.id, act.rec.dirname, answer.key[:12], for_log(e))
+                log.warning("run %s: task %s: cache entry %s cannot be used (%s); it is removed "
+                            "and the task runs", self.id, act.rec.dirname, answer.key[:12], for_log(e))
                 self.tasks.empty_out(act.rec)
+                cache.remove(answer.key)  # stored again, whole, once the task has run
                 act.cache = C.Answer(answer.key, answer.parts, why="its cache entry was broken")
+            except DiskFull:
+                # Not published: the answer waits, as a result does, until space is freed
+                # (Daemon._drain_events defers it); out/ holds nothing of it then.
+                self.tasks.empty_out(act.rec)
+                act.looking, act.cache = token, None
+                raise
             else:
                 self._apply_committed()
                 self._check_end()
