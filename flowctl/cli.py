@@ -28,7 +28,7 @@ from flowd import units
 from flowd.errors import FlowError, NotFound, UsageError, WorkflowError
 from flowd.textsafe import for_terminal as _t
 
-from . import cachecmd, fmt, tracecmd
+from . import fmt
 from .client import Client, DaemonStopped, LocalFileError, NotRunning, check_out_dir
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -71,7 +71,15 @@ def _cpus(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands whose code (and parser) is in a module of its own, imported when used.
+TRACE_COMMANDS = ("trace", "report")  # flowctl/tracecmd.py
+CACHE_COMMANDS = ("why", "cache")  # flowctl/cachecmd.py
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """flowctl's parser; with ``only``, the subparser of that command alone
+    (``main`` knows the command from argv: each ``add_argument`` costs, and
+    ``status`` must answer fast)."""
     ap = argparse.ArgumentParser(prog="flowctl", description="Control the flowd workflow daemon.")
     ap.add_argument("--socket", help="control socket (default: $FLOWD_SOCKET or /run/flowd/flowd.sock)")
     ap.add_argument("--timeout", type=_timeout, default=10.0,
@@ -83,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     add = functools.partial(sub.add_parser, parents=[common])
+    if only is not None:
+        add = functools.partial(_add_only, add, only)
 
     p = add("submit", help="validate a workflow, send it with its files, print the run id")
     p.add_argument("file")
@@ -153,13 +163,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("channel")
     p.add_argument("--out", default=".", help="folder to write to (default: here)")
     p.add_argument("--json", action="store_true")
-    tracecmd.add_parsers(add)  # trace, report
-    cachecmd.add_parsers(add)  # why, cache
+    if only is None or only in TRACE_COMMANDS:
+        from . import tracecmd
+
+        tracecmd.add_parsers(add)  # trace, report
+    if only is None or only in CACHE_COMMANDS:
+        from . import cachecmd
+
+        cachecmd.add_parsers(add)  # why, cache
     return ap
 
 
+class _Skipped:
+    """The parser of a command ``build_parser(only=...)`` leaves out: takes
+    every call and keeps nothing."""
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: self
+
+
+def _add_only(add, only: str, name: str, **kw):
+    return add(name, **kw) if name == only else _Skipped()
+
+
+GLOBAL_VALUED = ("--socket", "--timeout")  # the options before the command that take a value
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command ``argv`` names, when it is plain: only ``--socket``/``--timeout``
+    (or unique prefixes of them, as argparse allows) before a known command.
+    None for anything else (``-h``, ``--``, an unknown word): the whole parser
+    then parses it, and its usage and errors name every command."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("-"):
+            return a if a in COMMANDS else None
+        opt = a.split("=", 1)[0]
+        hits = [o for o in GLOBAL_VALUED if len(opt) > 2 and o.startswith(opt)]
+        if len(hits) != 1:
+            return None
+        i += 1 if "=" in a else 2
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(command_of(argv)).parse_args(argv)
     client = Client(args.socket, args.timeout)
     try:
         return COMMANDS[args.command](client, args)
@@ -679,6 +729,18 @@ def cmd_graph(client: Client, args) -> int:
     return 0
 
 
+def cmd_trace(client: Client, args) -> int:
+    from . import tracecmd
+
+    return tracecmd.COMMANDS[args.command](client, args)
+
+
+def cmd_cache(client: Client, args) -> int:
+    from . import cachecmd
+
+    return cachecmd.COMMANDS[args.command](client, args)
+
+
 COMMANDS = {
     "submit": cmd_submit,
     "status": cmd_status,
@@ -690,8 +752,8 @@ COMMANDS = {
     "logs": cmd_logs,
     "graph": cmd_graph,
     "resize": cmd_resize,
-    **tracecmd.COMMANDS,
-    **cachecmd.COMMANDS,
+    **{name: cmd_trace for name in TRACE_COMMANDS},
+    **{name: cmd_cache for name in CACHE_COMMANDS},
     "rm": cmd_rm,
     "retry": cmd_retry,
     "events": cmd_events,

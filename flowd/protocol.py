@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import uuid
 
 from .errors import FlowError, ProtocolError, UsageError, error_from_dict
 
@@ -151,7 +150,7 @@ def endpoint(path: str) -> str:
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex[:16]
+    return os.urandom(8).hex()  # 16 random hex digits (no uuid import: flowctl starts faster)
 
 
 def encode_request(req_id: str, cmd: str, args: dict, payload: bytes | None = None) -> list[bytes]:

@@ -74,11 +74,41 @@ def test_flowctl_status_imports_nothing_heavy():
             "rc = flowctl.cli.main(['--socket', '/nonexistent/flowd.sock', 'status'])\n"
             "assert rc == 3, rc\n"
             "bad = [m for m in ('docker', 'lxml', 'logging', 'dataclasses', 'asyncio', 'flowd.trace',\n"
-            "                   'flowd.report', 'flowd.executor', 'flowctl.live') if m in sys.modules]\n"
+            "                   'flowd.report', 'flowd.executor', 'flowctl.live', 'flowctl.tracecmd',\n"
+            "                   'flowctl.cachecmd', 'uuid', 'socket') if m in sys.modules]\n"
             "assert not bad, bad\n")
     res = subprocess.run([sys.executable, "-c", code], env=env_for_subprocess(),
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
+
+
+def test_flowctl_parses_a_command_as_its_whole_parser_does():
+    # main() builds the parser of the command argv names alone (flowctl/cli.py command_of);
+    # what it parses must be what the whole parser parses.
+    from flowctl import cachecmd, tracecmd
+    from flowctl.cli import CACHE_COMMANDS, COMMANDS, TRACE_COMMANDS, build_parser, command_of
+
+    assert set(TRACE_COMMANDS) == set(tracecmd.COMMANDS)
+    assert set(CACHE_COMMANDS) == set(cachecmd.COMMANDS)
+    assert command_of(["status"]) == "status"
+    assert command_of(["--socket", "/s", "--timeout=5", "status", "abc"]) == "status"
+    assert command_of(["--sock=/s", "--time", "5", "logs", "r"]) == "logs"
+    for argv in (["-h"], ["--", "status"], ["statu"], ["--socket"], [], ["-x", "status"],
+                 ["--help", "status"], ["--s", "/x"]):
+        assert command_of(argv) is None, argv
+    full = build_parser()
+    for argv in (["status"], ["--socket", "/s", "status", "abc", "--json"],
+                 ["--time", "3", "status", "--timeout", "4"], ["cancel", "a", "b"],
+                 ["cache", "rm", "--all"], ["trace", "r", "--csv"], ["why", "r", "p"],
+                 ["logs", "r", "p", "--task", "t7", "-f"], ["pull", "r", "c", "--out", "d"]):
+        only = command_of(argv)
+        assert only in COMMANDS, argv
+        assert build_parser(only).parse_args(argv) == full.parse_args(argv), argv
+    for argv in (["status", "a", "b"], ["cancel"], ["--timeout", "0", "status"]):
+        for parser in (full, build_parser(command_of(argv))):
+            with pytest.raises(SystemExit) as e:
+                parser.parse_args(argv)
+            assert e.value.code == 2
 
 
 def test_an_internal_error_reaches_flowctl_as_one_without_a_traceback():
