@@ -14,17 +14,13 @@ import io
 import json
 import os
 import sys
-import threading
-import time
 
 import pytest
 
 from flowctl.cli import cmd_logs
-from flowctl.client import Client
 from flowd import logpage
 from flowd import trace as T
 from flowd.executor import base as X
-from inprocess import WAIT
 from test_cache_unit import make_cache, run_once, workflow
 from test_daemon_inprocess import Harness
 
@@ -188,27 +184,20 @@ def test_follow_prints_a_log_that_ends_after_it_started_once(tmp_path, stdout, n
             f.write(b"LIVE-1\n")
         no_listing()
         stdout.on()
-        box: dict = {}
+        step = h.step
 
-        def follow():
-            c = Client(h.d.socket_path, timeout=WAIT)
-            try:
-                box["rc"] = cmd_logs(c, logs_args(run, follow=True))
-            except BaseException as e:  # noqa: BLE001 - raised again in the test
-                box["error"] = e
-            finally:
-                c.close()
+        def step_and_end_it_once_its_line_is_shown(*a, **kw):
+            deadline = step(*a, **kw)
+            if b"LIVE-1" in stdout.getvalue() and h.d.executor.pending:
+                h.d.executor.run_pending()  # the task ends only after its live line is shown
+            return deadline
 
-        t = threading.Thread(target=follow, daemon=True)
-        t.start()
-        h.until(lambda: b"LIVE-1" in stdout.getvalue() or not t.is_alive(), "the live line")
-        assert t.is_alive() and h.state(run) == "running"
-        h.run_tasks()
-        h.until(lambda: not t.is_alive(), "the follow to end with the run")
-        assert "error" not in box, box.get("error")
-        assert box["rc"] == 0
+        h.step = step_and_end_it_once_its_line_is_shown
+        assert h.client(lambda c: cmd_logs(c, logs_args(run, follow=True))) == 0
+        assert not h.d.executor.pending and h.state(run) == "succeeded"
         assert stdout.getvalue().decode().splitlines() == [
-            f"==> upper task {first.task_id} attempt 1 <==", "LIVE-2", f"fake upper task {first.task_id} attempt 1",
+            f"==> upper task {first.task_id} attempt 1 <==", "LIVE-2",
+            f"fake upper task {first.task_id} attempt 1",
             f"==> upper task {spec.task_id} attempt 1 <==", "LIVE-1", "LIVE-2",
             f"fake upper task {spec.task_id} attempt 1"]
     finally:
