@@ -5,10 +5,10 @@ folder on every call (and ``--follow`` calls every second). The run's trace
 (``flowd/trace.py``, ``trace.jsonl``) already names every ended attempt, in
 the order attempts ended, with its process, task and attempt, from which
 its log's name follows (``RunStore.log_path``). So ``logs`` pages through
-the trace: each page names the logs of up to ``PAGE_ENTRIES`` ended attempts
-(each one looked up by name: an attempt the cache answered ran no container
-and has no log), ``next`` (the trace offset to ask for next) and ``more``
-(whether the trace has more after it). The page that reaches the trace's end
+the trace: each page reads up to ``PAGE_ENTRIES`` records (whole lines) and
+names their attempts' logs (each one looked up by name: an attempt the cache
+answered ran no container and has no log), with ``next`` (the trace offset to
+ask for next) and ``more`` (whether the trace has more after it). The page that reaches the trace's end
 adds the running attempts' live logs (``executor.base.live_log_path``).
 
 A run made by a flowd older than the trace has no trace.jsonl: its logs
@@ -23,7 +23,7 @@ from . import trace
 from .executor import base as X
 from .store import parse_log_name
 
-PAGE_ENTRIES = 1000  # log entries one page names at most
+PAGE_ENTRIES = 1000  # trace records one page reads, so log entries it names, at most
 PAGE_BYTES = 512 * 1024  # trace bytes one page reads at most (whole lines)
 PROBE_BYTES = 4096  # read past a page's end to learn whether a whole line follows
 
@@ -53,22 +53,20 @@ def page(view, process: str | None, offset: int) -> dict:
         return {"logs": view.logs(process), "next": 0, "more": False}
     folder = run.store.path("logs")
     data = trace.read_chunk(run.root, offset, PAGE_BYTES)
+    lines = data.split(b"\n")[:-1][:PAGE_ENTRIES]  # whole lines, a record each: as many entries at most
+    page_bytes = sum(len(line) + 1 for line in lines)
+    pos = offset + page_bytes
     entries: list[dict] = []
     names: set[str] = set()
-    pos = offset
-    for line in data.splitlines(keepends=True):
-        if len(entries) >= PAGE_ENTRIES:
-            break
-        pos += len(line)
-        for rec in trace.parse_lines(line, process):  # a torn line gives none
-            name = log_name(rec["process"], rec["task"], rec["attempt"])
-            if name is None or name in names:
-                continue
-            entry = _entry(folder, name, name, running=False)
-            if entry is not None:  # none: no container ran (cached), or its log was not kept
-                names.add(name)
-                entries.append(entry)
-    more = pos < offset + len(data) or bool(trace.read_chunk(run.root, pos, PROBE_BYTES))
+    for rec in trace.parse_lines(data[:page_bytes], process):  # a torn line gives none
+        name = log_name(rec["process"], rec["task"], rec["attempt"])
+        if name is None or name in names:
+            continue
+        entry = _entry(folder, name, name, running=False)
+        if entry is not None:  # none: no container ran (cached), or its log was not kept
+            names.add(name)
+            entries.append(entry)
+    more = page_bytes < len(data) or bool(trace.read_chunk(run.root, pos, PROBE_BYTES))
     if not more:
         entries += _running(run, folder, process, names)
     return {"logs": entries, "next": pos, "more": more}
