@@ -54,8 +54,9 @@ GOAL = {"submit": 10.0, "rss_grow": 10.0, "rss_restart_grow": 10.0, "pull": 10.0
         "status": 0.100, "status_run": 0.100, "logs": 1.0}
 
 # logs without --task: every log (N of them, paged), and a follow's call at the trace's end
-# (goals of this benchmark: the issue asks only that no call lists the folder)
-BEFORE.update(logs_all=None, logs_follow=None)
+# (goals of this benchmark: the issue asks only that no call lists the folder). Before: 1af8f30
+# on this machine, 100,000 logs: one reply of them all, and each follow call listed the folder.
+BEFORE.update(logs_all=2.7, logs_follow=1.6)
 GOAL.update(logs_all=10.0, logs_follow=0.010)
 
 
