@@ -676,10 +676,13 @@ def cmd_logs(client: Client, args) -> int:
     last = None  # the log whose bytes were printed last (as tail -f, a header on each switch)
     # Into a pipe or a file the bytes are exact; on a terminal they are escaped.
     sink = _TerminalLog(sys.stdout.buffer) if sys.stdout.isatty() else sys.stdout.buffer
+    offset = 0  # where the next page of the run's trace starts (only new attempts are asked for)
     try:
         while True:
             result, _ = client.call("logs", {"run": args.run, "process": args.process,
-                                             "task": args.task, "follow": int(bool(args.follow))})
+                                             "task": args.task, "follow": int(bool(args.follow)),
+                                             "offset": offset})
+            offset = result.get("next", offset)  # (a flowd without pages: every log at once)
             for entry in result["logs"]:
                 name = entry["name"]
                 done = seen.get(name, 0)
@@ -699,6 +702,8 @@ def cmd_logs(client: Client, args) -> int:
                     sink.name = name
                 seen[name] = done + client.copy_log(result["run"], name, done, sink)
                 sys.stdout.flush()
+            if result.get("more"):
+                continue  # the next page at once
             if args.json or not args.follow or result["state"] in FINAL:
                 break
             # A long-poll: the daemon answers when the run changes, or after a

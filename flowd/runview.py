@@ -154,9 +154,7 @@ class RunView:
         """The run's task logs, oldest first: [{name, process, task, attempt,
         size, running}]. A running attempt's log is its live file (see
         ``executor.base.live_log_path``), under the name its final log will have."""
-        if process and process not in self.run.wf.processes:
-            raise NotFound(f"run {self.run.id} has no process {process!r}; it has: "
-                           + ", ".join(self.run.wf.processes))
+        self.check_process(process)
         found: dict[str, dict] = {}
         folder = self.run.store.path("logs")
         # One task's logs are looked up by name: a run of 100,000 tasks has as
@@ -181,6 +179,12 @@ class RunView:
         return sorted(found.values(), key=lambda d: (
             d["running"], 0 if d["running"] else d["mtime"],
             int(d["task"]) if d["task"].isdigit() else 0, d["attempt"]))
+
+    def check_process(self, process: str | None) -> None:
+        """NotFound unless ``process`` is None or a process of the run."""
+        if process and process not in self.run.wf.processes:
+            raise NotFound(f"run {self.run.id} has no process {process!r}; it has: "
+                           + ", ".join(self.run.wf.processes))
 
     def _task_log_names(self, process: str | None, task: str) -> list[str]:
         """The names (final and live) of task ``task``'s logs that exist: attempt

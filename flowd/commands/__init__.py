@@ -68,7 +68,7 @@ TABLE: dict[str, Command] = {c.name: c for c in (
             logged=True),
     Command("logs", {"run": _RUN, "process": Arg("str", False, 1, 255),
                      "task": Arg("str", False, 1, 64),
-                     "follow": Arg("int", False, 0, 1, default=0)}, data.logs),
+                     "follow": Arg("int", False, 0, 1, default=0), "offset": _OFFSET}, data.logs),
     Command("read_log", {"run": _RUN, "name": Arg("str", True, 1, 255), "offset": _OFFSET},
             data.read_log),
     Command("graph", {"run": _RUN}, runs.graph),

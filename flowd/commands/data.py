@@ -1,6 +1,7 @@
 """Commands that read a run's data: its items and its logs, a chunk at a time."""
 from __future__ import annotations
 
+from .. import logpage
 from .. import protocol as P
 from .runs import find_run
 
@@ -28,7 +29,10 @@ def logs(d, args, payload, **kw):
     if args["follow"]:  # someone watches: the running tasks' logs are to grow as they run
         for task_id in run.running_tasks(args["process"], args["task"]):
             d.executor.follow(run.id, task_id)
-    return {"run": run.id, "state": run.state, "logs": run.view.logs(args["process"], args["task"])}
+    if args["task"]:  # one task's logs, looked up by name: all of them at once
+        return {"run": run.id, "state": run.state, "logs": run.view.logs(args["process"], args["task"]),
+                "next": 0, "more": False}
+    return {"run": run.id, "state": run.state, **logpage.page(run.view, args["process"], args["offset"])}
 
 
 def read_log(d, args, payload, **kw):
