@@ -410,7 +410,7 @@ def cmd_watch(client: Client, args) -> int:
 
 def cmd_status(client: Client, args) -> int:
     if args.run:
-        result, _ = client.call("status", {"run": args.run})
+        result = client.call_once("status", {"run": args.run})  # no ZeroMQ: a faster start
         if args.json:
             print(json.dumps(result["run"], indent=1))
         else:
@@ -420,7 +420,7 @@ def cmd_status(client: Client, args) -> int:
             if not result.get("disk_ok", True):
                 print("\nwarning: the spool is below its free-space floor; the run is paused")
         return 0
-    result, _ = client.call("status")
+    result = client.call_once("status")
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
