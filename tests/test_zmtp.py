@@ -90,20 +90,16 @@ def test_an_error_reply_is_raised_as_the_daemon_sent_it(sock_path):
         fake.close()
 
 
-def test_a_daemon_that_stops_before_it_answers_is_said_so(sock_path):
-    fake = Router(sock_path, lambda body: None)
+@pytest.mark.parametrize("answer, timeout, error, words", [
+    (lambda body: None, 30, DaemonStopped, "flowd stopped: it closed the connection"),  # at once
+    (lambda body: [], 0.5, DaemonUnreachable, "did not answer within 0.5s"),
+], ids=["stops", "silent"])
+def test_a_daemon_that_stops_or_does_not_answer_is_said_so(sock_path, answer, timeout, error,
+                                                          words):
+    fake = Router(sock_path, answer)
     try:
-        with pytest.raises(DaemonStopped, match="flowd stopped: it closed the connection"):
-            Client(sock_path, timeout=30).call_once("status")
-    finally:
-        fake.close()
-
-
-def test_a_daemon_that_does_not_answer_is_waited_for_timeout_seconds(sock_path):
-    fake = Router(sock_path, lambda body: [])
-    try:
-        with pytest.raises(DaemonUnreachable, match="did not answer within 0.5s"):
-            Client(sock_path, timeout=0.5).call_once("status")
+        with pytest.raises(error, match=words):
+            Client(sock_path, timeout=timeout).call_once("status")
     finally:
         fake.close()
 
