@@ -15,7 +15,7 @@ import time
 SIGNATURE = b"\xff" + bytes(8) + b"\x7f"
 GREETING = SIGNATURE + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
 MORE, LONG, COMMAND = 1, 2, 4  # frame flags
-MAX_FRAME = 1 << 30  # bytes: a bound on what a reply frame may claim
+MAX_FRAME = 8 << 20  # bytes a reply frame may claim (the daemon's replies are at most ~1 MiB)
 
 
 class Closed(Exception):
