@@ -999,27 +999,6 @@ class Sim:
                     problems.append(f"cache: {os.path.relpath(os.path.join(dirpath, n), root)} "
                                     f"holds {got!r}")
         return problems
-        problems += [f"cache: leftover {n}" for n in os.listdir(root) if n.startswith(".")]
-        entries = os.path.join(root, "entries")
-        for key in sorted(os.listdir(entries)):
-            folder = os.path.join(entries, key)
-            try:
-                with open(os.path.join(folder, CM.ENTRY), "rb") as f:
-                    entry = json.load(f)
-                files = CM.entry_files(folder)
-            except (OSError, ValueError) as e:
-                problems.append(f"cache entry {key[:12]} is not whole: {e}")
-                continue
-            if entry.get("key") != key or not files:
-                problems.append(f"cache entry {key[:12]}: record {entry.get('key')}, {len(files)} items")
-            want = set(self.flow.expected.get("out", []))
-            for path in files:  # (the model keeps no extended attributes: no checksum stamps)
-                with open(path, "rb") as f:
-                    got = f.read()
-                if got not in want:
-                    problems.append(f"cache entry {key[:12]}: {os.path.relpath(path, folder)} "
-                                    f"holds {got!r}")
-        return problems
 
 
 # -- sweeps ------------------------------------------------------------------
