@@ -183,8 +183,9 @@ class Cache:
     def open(self) -> None:
         """Make the folders, remove what a crash left half-built, load the index."""
         for d in (self.root, self.entries):
-            if not os.path.isdir(d):
-                self.fs.mkdir(d, mode=0o700, sync_parent=False)  # lost: an empty cache
+            # plain, as the daemon makes its spool folders: no durability point (a
+            # folder lost in a power loss is an empty cache, made again at start)
+            os.makedirs(d, mode=0o700, exist_ok=True)
         for name in os.listdir(self.root):
             if name.startswith("."):
                 self.fs.rmtree(os.path.join(self.root, name))

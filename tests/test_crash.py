@@ -43,13 +43,16 @@ import crashsim as C
 # written unsynced too, and the layout's fsync of channels/ is gone: the mutation
 # check showed the syncfs made those three fsyncs redundant. Fewer points in
 # Run.create; its fsync sites are now the syncfs, run.json's and the rename's.
-EXPECTED_POINTS = {"one": 146, "join": 146, "pipeline": 267, "faults": 246, "cancel": 138,
-                   "muxbatch": 70, "sources": 291, "warm": 239, "lost": 154,
+EXPECTED_POINTS = {"one": 143, "join": 144, "pipeline": 262, "faults": 242, "cancel": 135,
+                   "muxbatch": 69, "sources": 286, "warm": 235, "lost": 151,
                    # session 6: flowctl retry after a failed run; flowctl rm of "one" once it ended
-                   "retry": 279, "rm": 149, "split": 131,
-                   "push": 141,
+                   "retry": 275, "rm": 146, "split": 129,
+                   "push": 138,
                    # session 7: process@cache="yes": two tasks stored, two hits published
-                   "cache": 202}
+                   "cache": 196}
+# Session 7: every flow has fewer points: the fsync of tasks/ after a retire's deletes
+# is gone (a hidden folder that comes back is deleted at the next start, finished runs
+# included: TaskStore.remove_hidden), and the cache makes its folders without points.
 
 SUITE_SEEDS = [1]  # random-order seeds in the everyday suite
 FULL_SEEDS = [1, 2, 3, 4, 5]
