@@ -166,23 +166,9 @@ class Durable:
         ``sync_fs``. ``checksum=True``: stamp it with its CRC-32 (an item)."""
         self.point("create", path)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         mode)
+            _new_file(path, data, mode, chmod=True, checksum=checksum)
         except OSError as e:
             raise _storage(e, path) from None
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, mode)
-            if checksum:
-                summer = checksum_mod.Summer()
-                summer.update(data)
-                checksum_mod.stamp(fd, summer)
-        except OSError as e:
-            raise _storage(e, path) from None
-        finally:
-            os.close(fd)
 
     def sync_many(self, *, files: Iterable[str] = (), dirs: Iterable[str] = ()) -> None:
         """fsync each of ``files`` and ``dirs`` (deduplicated), as one round: what
@@ -414,22 +400,7 @@ class Durable:
         are never followed. ``chmod=False``: the caller knows the umask leaves
         ``mode`` whole, so no fchmod is needed."""
         self.point("write", path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if chmod:
-                os.fchmod(fd, mode)
-            summer = checksum_mod.Summer()
-            summer.update(data)
-            checksum_mod.stamp(fd, summer)
-        except BaseException as e:
-            os.close(fd)
-            if isinstance(e, OSError):
-                _quiet_unlink(path)  # no half-written file stays (the disk full, say)
-            raise
-        os.close(fd)
+        _new_file(path, data, mode, chmod=chmod, checksum=True)
 
     def copy_file(self, src: str, dst: str, *, mode: int = 0o640, checksum: bool = False) -> int:
         """Copy ``src`` to ``dst`` atomically; the source is opened without following links."""
@@ -497,6 +468,29 @@ def _syncfs(fd: int, path: str) -> None:
         err = ctypes.get_errno()
         raise StorageError(f"syncfs failed on {path}: {os.strerror(err)}; flowd stops to protect "
                            "the spool")
+
+
+def _new_file(path: str, data: bytes, mode: int, *, chmod: bool, checksum: bool) -> None:
+    """``path`` made new (O_EXCL, no link followed) holding ``data``, with ``mode``
+    and, with ``checksum``, its stamp: ``Durable.create`` and ``scratch_create``.
+    OSError as it comes; a file it could not finish (the disk full) is removed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if chmod:
+            os.fchmod(fd, mode)
+        if checksum:
+            summer = checksum_mod.Summer()
+            summer.update(data)
+            checksum_mod.stamp(fd, summer)
+    except BaseException as e:
+        os.close(fd)
+        if isinstance(e, OSError):
+            _quiet_unlink(path)
+        raise
+    os.close(fd)
 
 
 def _storage(e: OSError, path: str) -> StorageError:
