@@ -155,8 +155,15 @@ class Entry:
     created: float
     run: str = ""
     task: str = ""
-    outputs: int = 0
     owner: int | None = None  # the uid whose run stored it (flowctl cache rm by a non-admin)
+
+    @classmethod
+    def of(cls, key: str, d: dict, used: float) -> "Entry":
+        """The index's record of the entry whose entry.json is ``d``."""
+        owner = d.get("owner")
+        return cls(key=key, process=str(d["process"]), size=int(d["size"]), used=used,
+                   created=float(d["created"]), run=str(d.get("run", "")), task=str(d.get("task", "")),
+                   owner=owner if isinstance(owner, int) and not isinstance(owner, bool) else None)
 
 
 @dataclass
@@ -205,11 +212,8 @@ class Cache:
             st = os.stat(path)
             with open(path, "rb") as f:
                 d = json.loads(f.read(1 << 20))
-            return Entry(key=key, process=str(d["process"]), size=int(d["size"]), used=st.st_mtime,
-                         created=float(d["created"]), run=str(d.get("run", "")),
-                         task=str(d.get("task", "")), outputs=int(d.get("outputs", 0)),
-                         owner=d.get("owner") if isinstance(d.get("owner"), int) else None)
-        except (OSError, ValueError, KeyError, TypeError):
+            return Entry.of(key, d, used=st.st_mtime)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def close(self) -> None:
@@ -331,13 +335,16 @@ class Cache:
         """Keep the outputs of tasks that succeeded: (key, parts, meta, out/
         folder, attempt, outputs). Each entry is built as ``.new-KEY`` and
         renamed into ``entries/``; no fsync (see the module's docstring). A
-        key already kept is left as it is."""
+        key already kept is left as it is; outputs bigger than the whole cache
+        are not kept."""
         fs = self.fs
-        built: list[tuple[str, str, dict]] = []
+        built: dict[str, tuple[str, dict]] = {}
         for key, parts, meta, outdir, attempt, n_outputs in stores:
-            if key in self.index or any(k == key for k, _, _ in built):
+            if key in self.index or key in built:
                 continue
-            if self.max_size is not None and self._size_of(outdir, attempt, n_outputs) > self.max_size:
+            items = _task_outputs(outdir, attempt, n_outputs)  # [(rel under out/, path, size)]
+            size = sum(n for _, _, n in items)
+            if self.max_size is not None and size > self.max_size:
                 log.info("cache: the outputs of %s task %s are bigger than cache_max_size (%d bytes); "
                          "not kept", for_log(meta.get("process", "?")), for_log(meta.get("task", "?")),
                          self.max_size)
@@ -347,47 +354,20 @@ class Cache:
             fs.mkdir(tmp, mode=0o700, sync_parent=False)
             out = os.path.join(tmp, "out")
             fs.mkdir(out, mode=0o700, sync_parent=False)
-            size = 0
-            listed: list[str] = []  # what a hit publishes: out/J or out/J/NAME, in order
-            for j in range(n_outputs):
-                item = os.path.join(outdir, f"{attempt}.{j}")
-                if os.path.isdir(item):
-                    into = os.path.join(out, str(j))
-                    fs.mkdir(into, mode=0o700, sync_parent=False)
-                    for n in sorted(os.listdir(item)):
-                        fs.link(os.path.join(item, n), os.path.join(into, n))
-                        size += os.lstat(os.path.join(into, n)).st_size
-                        listed.append(f"{j}/{n}")
-                elif os.path.lexists(item):
-                    fs.link(item, os.path.join(out, str(j)))
-                    size += os.lstat(item).st_size
-                    listed.append(str(j))
+            for rel, src, _ in items:
+                if "/" in rel and not os.path.isdir(os.path.join(out, rel.split("/")[0])):
+                    fs.mkdir(os.path.join(out, rel.split("/")[0]), mode=0o700, sync_parent=False)
+                fs.link(src, os.path.join(out, rel))
             entry = dict(meta, key=key, parts=parts, size=size, created=time.time(),
-                         outputs=n_outputs, files=listed)
+                         outputs=n_outputs, files=[rel for rel, _, _ in items])
             fs.write_file(os.path.join(tmp, ENTRY), json.dumps(entry).encode(), mode=0o600,
                           sync=False)
-            built.append((key, tmp, entry))
-        for key, tmp, _ in built:
+            built[key] = (tmp, entry)
+        for key, (tmp, entry) in built.items():
             fs.rename(tmp, os.path.join(self.entries, key), sync=False)
-        for key, _, entry in built:
-            self.index[key] = Entry(key=key, process=entry["process"], size=entry["size"],
-                                    used=entry["created"], created=entry["created"],
-                                    run=entry.get("run", ""), task=entry.get("task", ""),
-                                    outputs=entry["outputs"], owner=entry.get("owner"))
+            self.index[key] = Entry.of(key, entry, used=entry["created"])
             self.stored += 1
         self.evict()
-
-    @staticmethod
-    def _size_of(outdir: str, attempt: int, n_outputs: int) -> int:
-        """The bytes of a task's outputs in out/ (what its entry would count)."""
-        total = 0
-        for j in range(n_outputs):
-            item = os.path.join(outdir, f"{attempt}.{j}")
-            if os.path.isdir(item):
-                total += sum(os.lstat(os.path.join(item, n)).st_size for n in os.listdir(item))
-            elif os.path.lexists(item):
-                total += os.lstat(item).st_size
-        return total
 
     # -- bounds and control ------------------------------------------------------
     def size(self) -> int:
@@ -480,24 +460,19 @@ def listed_files(entry: dict) -> list[str]:
     return files
 
 
-def entry_files(folder: str) -> list[str]:
-    """The item files of an entry folder, output by output."""
-    out = os.path.join(folder, "out")
-    files: list[str] = []
-    for j in sorted(os.listdir(out), key=_output_index):
-        item = os.path.join(out, j)
+def _task_outputs(outdir: str, attempt: int, n_outputs: int) -> list[tuple[str, str, int]]:
+    """A task's outputs in its out/ as an entry keeps them: (``J`` or ``J/NAME``,
+    the item's path, its size), output by output, a folder's items by name."""
+    items: list[tuple[str, str, int]] = []
+    for j in range(n_outputs):
+        item = os.path.join(outdir, f"{attempt}.{j}")
         if os.path.isdir(item):
-            files += [os.path.join(item, n) for n in sorted(os.listdir(item))]
-        else:
-            files.append(item)
-    return files
-
-
-def _output_index(name: str) -> int:
-    try:
-        return int(name)
-    except ValueError:
-        return 1 << 30
+            for n in sorted(os.listdir(item)):
+                path = os.path.join(item, n)
+                items.append((f"{j}/{n}", path, os.lstat(path).st_size))
+        elif os.path.lexists(item):
+            items.append((str(j), item, os.lstat(item).st_size))
+    return items
 
 
 def _matches(process_id: str, wanted: str) -> bool:

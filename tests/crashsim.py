@@ -470,6 +470,8 @@ class Flow:
     on_end: Callable | None = None  # (sim, run) -> True if the run goes on: the client, once it ended
     removed: bool = False  # the client deletes the run at the end (flow rm): it may be gone
     cache: bool = False  # the daemon's content cache is there (flow cache: SPOOL/cache)
+    cache_max: int | None = None  # its cache_max_size (bytes)
+    stamped: bool = False  # the bundle's files come as a taken upload's: items already (flow rm)
 
 
 def _one(t: FakeTask) -> int:
@@ -698,10 +700,12 @@ def _rm_client(sim: "Sim", run: Run) -> bool:
 
 
 def flow_rm() -> Flow:
-    """`one`, then the client deletes the finished run: whole or gone, never half."""
+    """`one`, then the client deletes the finished run: whole or gone, never half. Its
+    file= item comes as `flowctl submit` sends it: written as an item in the upload
+    and linked into the run as it is (Run.create(stamped=True))."""
     f = flow_one()
     return Flow("rm", f.wf, f.scripts, f.expected, f.ordered, f.files, on_end=_rm_client,
-                removed=True)
+                removed=True, stamped=True)
 
 
 def _lines(t: FakeTask) -> int:
@@ -756,14 +760,16 @@ def flow_push() -> Flow:
 
 
 def flow_cache() -> Flow:
-    """process@cache="yes" (flowd/cache.py): the first x1 and x2 run and are stored (x2 a
-    folder output: two items), the second ones are hits published from the cache; a
-    crash at any point during a store or a hit gives the same items, never half a hit."""
-    w = wf(channels={"a": ["x1", "x2", "x1", "x2"], "out": []}, processes=[_proc("p", "a", "out")])
+    """process@cache="yes" (flowd/cache.py) with cache_max_size 16 bytes: x1 (5 bytes)
+    runs and is stored; x2 (a folder output, two items, 14 bytes) runs and is stored,
+    which evicts x1; the second x2 is a hit published from the cache; the second x1
+    runs again and is stored, which evicts x2. A crash at any point of a store, an
+    eviction or a hit gives the same items, never half a hit."""
+    w = wf(channels={"a": ["x1", "x2", "x2", "x1"], "out": []}, processes=[_proc("p", "a", "out")])
     w.processes["p"].cache = True
     return Flow("cache", w, {"p": _one},
-                {"out": [b"f(x1)", b"f(x2).1", b"f(x2).2", b"f(x1)", b"f(x2).1", b"f(x2).2"]},
-                {"out"}, cache=True)
+                {"out": [b"f(x1)", b"f(x2).1", b"f(x2).2", b"f(x2).1", b"f(x2).2", b"f(x1)"]},
+                {"out"}, cache=True, cache_max=16)
 
 
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
@@ -805,6 +811,9 @@ class Sim:
         with open(os.path.join(self.bundle, "workflow.xml"), "wb") as f:
             f.write(b"<workflow/>")
         for name, data in flow.files.items():
+            if flow.stamped:  # as Staging.write_whole makes an upload's file: an item, no fsync
+                Durable().scratch_create(os.path.join(self.bundle, name), data, mode=0o640)
+                continue
             with open(os.path.join(self.bundle, name), "wb") as f:
                 f.write(data)
 
@@ -835,7 +844,8 @@ class Sim:
             removal.clear_leftovers(fs, self.runs)  # Daemon.prepare (Removal.start)
             if not self.submitted:
                 self.submitted = True
-                Run.create(self.runs, RUN_ID, self.flow.wf, self.bundle, fs, {})
+                Run.create(self.runs, RUN_ID, self.flow.wf, self.bundle, fs, {},
+                           stamped=self.flow.stamped)
                 self.accepted = True  # the client has its answer
                 run = Run.open(self.path, fs, ex, Limits())
                 run.cache = self._cache(fs, events)
@@ -866,8 +876,8 @@ class Sim:
             return None
         from flowd.cache import Cache
 
-        cache = Cache(os.path.join(self.root, "cache"), fs, None, report=events.append,
-                      run_inline=True)
+        cache = Cache(os.path.join(self.root, "cache"), fs, self.flow.cache_max,
+                      report=events.append, run_inline=True)
         cache.open()
         return cache
 

@@ -32,6 +32,13 @@ def f(t):
     return 0
 
 
+def entry_items(cache, key) -> list[str]:
+    """The item files entry ``key`` lists (its entry.json), as paths."""
+    folder = os.path.join(cache.entries, key)
+    with open(os.path.join(folder, C.ENTRY), "rb") as fh:
+        return [os.path.join(folder, "out", rel) for rel in C.listed_files(json.load(fh))]
+
+
 def make_cache(root, max_size=None, **kw) -> C.Cache:
     os.makedirs(os.path.join(str(root), "cache"), exist_ok=True)
     cache = C.Cache(os.path.join(str(root), "cache"), Durable(), max_size, run_inline=True, **kw)
@@ -168,7 +175,7 @@ def test_a_damaged_entry_is_a_miss_and_is_replaced(tmp_path):
     cache = make_cache(tmp_path)
     run_once(tmp_path, cache, workflow(["x1"]))
     (key,) = cache.index
-    item = C.entry_files(os.path.join(cache.entries, key))[0]
+    item = entry_items(cache, key)[0]
     with open(item, "r+b") as fh:  # a flipped byte: the run's item (same inode) too
         fh.write(b"F")
     h = run_once(tmp_path, cache, workflow(["x1"]))
@@ -181,7 +188,7 @@ def test_an_entry_whose_files_went_by_hand_runs_the_task(tmp_path):
     cache = make_cache(tmp_path)
     run_once(tmp_path, cache, workflow(["dir"]))
     (key,) = cache.index
-    files = C.entry_files(os.path.join(cache.entries, key))
+    files = entry_items(cache, key)
     h = Harness(tmp_path / "r", workflow(["dir"]), {"p": f})
     h.run.cache = cache
     real = cache.publish

@@ -48,8 +48,8 @@ EXPECTED_POINTS = {"one": 143, "join": 144, "pipeline": 262, "faults": 242, "can
                    # session 6: flowctl retry after a failed run; flowctl rm of "one" once it ended
                    "retry": 275, "rm": 146, "split": 129,
                    "push": 138,
-                   # session 7: process@cache="yes": two tasks stored, two hits published
-                   "cache": 196}
+                   # session 7: process@cache="yes": three tasks stored, two evictions, a hit (cache_max_size 16)
+                   "cache": 207}
 # Session 7: every flow has fewer points: the fsync of tasks/ after a retire's deletes
 # is gone (a hidden folder that comes back is deleted at the next start, finished runs
 # included: TaskStore.remove_hidden), and the cache makes its folders without points.
