@@ -21,6 +21,7 @@ import os
 from . import scheduler as S
 from . import trace
 from .executor import base as X
+from . import store
 from .store import parse_log_name
 
 PAGE_ENTRIES = 1000  # trace records one page reads, so log entries it names, at most
@@ -36,7 +37,7 @@ def log_name(process, task, attempt) -> str | None:
             and attempt >= 1):
         return None
     proc = process.replace("#", "")
-    name = f"p.{proc}.{task}.{attempt}.log"
+    name = store.log_name(process, task, attempt)
     if "/" in name or "\0" in name or parse_log_name(name) != (proc, task, attempt):
         return None
     return name

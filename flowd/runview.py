@@ -13,7 +13,7 @@ from . import owners
 from . import protocol as P
 from . import scheduler as S
 from .executor import base as X
-from .store import parse_log_name, seq_name
+from .store import log_name, parse_log_name, seq_name
 
 LOG_TAIL_BYTES = 2048
 MAX_RUNNING_SHOWN = 200  # running tasks listed in a run's detail (the rest are counted)
@@ -197,7 +197,7 @@ class RunView:
                 continue
             attempt = 1
             while True:
-                final = f"p.{proc.name.replace('#', '')}.{task}.{attempt}.log"
+                final = log_name(proc.name, task, attempt)
                 have = [n for n in (final, f".{final}.live") if os.path.lexists(os.path.join(folder, n))]
                 if not have and attempt > proc.retries + 1:
                     break

@@ -192,6 +192,12 @@ def _chmod_nofollow(path: str, mode: int) -> None:
         os.close(fd)
 
 
+def log_name(process: str, task: str, attempt: int) -> str:
+    """The name of a process task's log, as ``RunStore.log_path`` gives it
+    (``p.PROCESS.TASK.ATTEMPT.log``: the task's folder name and the attempt)."""
+    return f"p.{process.replace('#', '')}.{task}.{attempt}.log"
+
+
 def parse_log_name(name: str) -> tuple[str, str, int] | None:
     """A log name ``RunStore.log_path`` makes, ``p.PROCESS.TASK.ATTEMPT.log`` -> (process, task,
     attempt); None for any other name."""

@@ -193,12 +193,13 @@ class EngineLink:
     def image_id(self, image: str, *, pull: bool) -> str | None:
         """The id of the image ``image`` names here (``pull``: pulled first if it
         is missing, as a start would); None when it is not here."""
-        if pull:
-            self.ensure_image(image)
         try:
-            got = self.call(self.api.inspect_image, image)
+            got = self.call(self.api.inspect_image, image)  # one engine call when it is here
         except ImageUnavailable:
-            return None
+            if not pull:
+                return None
+            self.ensure_image(image)
+            got = self.call(self.api.inspect_image, image)
         ident = got.get("Id") if isinstance(got, dict) else None
         return ident if isinstance(ident, str) else None
 
