@@ -40,19 +40,17 @@ the answer goes back to the loop (``Answer``).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
-import itertools
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import checksum
 from .fsops import Durable
+from .offloop import OffLoop
 from .textsafe import for_log
 
 log = logging.getLogger("flowd.cache")
@@ -61,8 +59,8 @@ KEY_VERSION = 1  # part of every key: a change of what a key covers makes new ke
 ENTRY = "entry.json"
 NEW = ".new-"
 LOOKUP_THREADS = 2
+MAX_ENTRY_ITEMS = 100_000  # items a task's outputs may be to be kept (its entry lists each)
 WHY_CANDIDATES = 1000  # entries of a process compared by `why` at most (the newest)
-_tokens = itertools.count(1)
 
 
 def sha256_text(text: str) -> str:
@@ -183,8 +181,7 @@ class Cache:
 
     def __post_init__(self) -> None:
         self.entries = os.path.join(self.root, "entries")
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._worker = OffLoop(LOOKUP_THREADS, "flowd-cache", self.report, self.run_inline)
 
     # -- start-up -------------------------------------------------------------
     def open(self) -> None:
@@ -217,32 +214,20 @@ class Cache:
             return None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._worker.close()
 
     # -- lookups (their threads) ---------------------------------------------------
     def lookup(self, executor, proc, input_paths: list[str],
                answer: Callable[[Answer], None]) -> None:
         """Work out the task's key and whether an entry has it, off the loop;
         then hand ``answer(Answer)`` to the loop (``report``) or, inline, call it."""
-        def job() -> None:
-            try:
-                got = self._lookup(executor, proc, input_paths)
-            except Exception as e:  # noqa: BLE001 - whatever went wrong, the task gets an answer
-                log.exception("cache lookup failed")
-                got = Answer(None, why=f"the cache lookup failed ({for_log(e)})")
-            if self.report is None:
-                answer(got)  # at once, on this thread (tests without a loop)
-            else:
-                self.report(lambda: answer(got))
+        def answered(got: object) -> None:
+            if isinstance(got, Exception):  # whatever went wrong, the task gets an answer
+                log.error("cache lookup failed: %s", for_log(got))
+                got = Answer(None, why=f"the cache lookup failed ({for_log(got)})")
+            answer(got)
 
-        if self.run_inline:
-            job()
-            return
-        with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(LOOKUP_THREADS, "flowd-cache")
-        self._pool.submit(_logged, job)
+        self._worker.submit(lambda: self._lookup(executor, proc, input_paths), answered)
 
     def _lookup(self, executor, proc, input_paths: list[str]) -> Answer:
         try:
@@ -477,10 +462,3 @@ def _task_outputs(outdir: str, attempt: int, n_outputs: int) -> list[tuple[str, 
 
 def _matches(process_id: str, wanted: str) -> bool:
     return process_id == wanted or process_id.rsplit("/", 1)[-1] == wanted
-
-
-def _logged(job: Callable[[], None]) -> None:
-    try:
-        job()
-    except Exception:  # noqa: BLE001 - a lookup's bug must not kill the pool's thread silently
-        log.exception("cache lookup failed")

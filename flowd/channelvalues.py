@@ -27,7 +27,7 @@ from flowd.problems import Invalid, quote
 
 MAX_VALUE_BYTES = 128 * 1024  # one value input's item, at most
 ARG_STRLEN = 128 * 1024  # Linux's MAX_ARG_STRLEN: one "NAME=value" string with its NUL
-MAX_SPLIT_ITEMS = 100_000  # items one split="lines" output may give (docs/format.md: why)
+MAX_SPLIT_ITEMS = 10_000_000  # items one split="lines" output may give: config max_split_lines's default
 SPLIT_SYNC_BATCH = 1024  # item files fsynced together (one group commit)
 
 VALUE_CHOICES = ("no", "yes")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import NamedTuple
 
 from .channelvalues import MAX_SPLIT_ITEMS, SPLIT_SYNC_BATCH, LineSplitter
 from .fsops import Durable, file_kind
@@ -23,36 +24,81 @@ class TaskOutputError(Exception):
     """The script's outputs break the rules (a task failure, not a crash)."""
 
 
-def collected(outdir: str, attempt: int, channels: list[str]) -> list[tuple[str, str]]:
-    """What ``out/`` holds as attempt ``attempt``'s outputs, read back: (channel,
-    rel) in order; output J is ``out/A.J``, a file or a folder of items by name
-    (a collect makes them, and so does a cache hit: flowd/cache.py)."""
-    result: list[tuple[str, str]] = []
-    for j, channel in enumerate(channels):
+class Span(NamedTuple):
+    """A split output's items, told by their count, never listed: the files
+    ``rel/000000000`` .. ``rel/%09d`` of ``count - 1``, each one item of
+    ``channel`` in that order (a split writes them so; so does a cache hit)."""
+
+    channel: str
+    rel: str
+    count: int
+
+
+def split_name(k: int) -> str:
+    """The name of a split output's item ``k`` (0 first) in its folder."""
+    return f"{k:09d}"
+
+
+def collected(outdir: str, attempt: int, outputs: list[tuple[str, bool]]) -> list:
+    """What ``out/`` holds as attempt ``attempt``'s outputs, read back, in order:
+    (channel, rel) per item, and a ``Span`` for a split output. ``outputs``
+    is (channel, split) per output; output J is ``out/A.J``, a file or a
+    folder of items by name (a collect makes them, and so does a cache hit:
+    flowd/cache.py). A split's folder is never listed: its count is found by
+    looking up names (``_span_count``), so 10 million items cost no list."""
+    result: list = []
+    for j, (channel, split) in enumerate(outputs):
         rel = f"out/{attempt}.{j}"
         dst = os.path.join(outdir, f"{attempt}.{j}")
-        if os.path.isdir(dst):
+        if split and os.path.isdir(dst):
+            result.append(Span(channel, rel, _span_count(dst)))
+        elif os.path.isdir(dst):
             result += [(channel, f"{rel}/{n}") for n in sorted(os.listdir(dst))]
         elif os.path.lexists(dst):
             result.append((channel, rel))
     return result
 
 
+def _span_count(folder: str) -> int:
+    """How many items a split folder holds: its names are 0, 1, ... with no gap,
+    so the first missing one is found by doubling, then halving (about 50
+    lookups for 10 million)."""
+    def has(k: int) -> bool:
+        return os.path.lexists(os.path.join(folder, split_name(k)))
+
+    if not has(0):
+        return 0
+    hi = 1
+    while has(hi):
+        hi *= 2
+    lo = hi // 2  # has(lo), not has(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if has(mid):
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def collect(fs: Durable, work: str, outdir: str, attempt: int, outputs: list[tuple],
-            max_output_bytes: int | None = None) -> list[tuple[str, str]]:
+            max_output_bytes: int | None = None, max_split_items: int = MAX_SPLIT_ITEMS) -> list:
     """Copy the declared outputs from ``work`` into ``outdir``: see ``Collector.collect``."""
-    return Collector(fs, work, outdir, max_output_bytes).collect(attempt, outputs)
+    return Collector(fs, work, outdir, max_output_bytes, max_split_items).collect(attempt, outputs)
 
 
 class Collector:
     """One task's collect: ``work`` (the container's /task) into ``outdir`` (out/)."""
 
-    def __init__(self, fs: Durable, work: str, outdir: str, max_output_bytes: int | None):
+    def __init__(self, fs: Durable, work: str, outdir: str, max_output_bytes: int | None,
+                 max_split_items: int = MAX_SPLIT_ITEMS):
         self.fs, self.work, self.outdir = fs, work, outdir
         self.max_output_bytes = max_output_bytes
+        self.max_split_items = max_split_items
 
-    def collect(self, attempt: int, outputs: list[tuple]) -> list[tuple[str, str]]:
-        """Copy the declared outputs from work/ into out/; returns (channel, rel) in order.
+    def collect(self, attempt: int, outputs: list[tuple]) -> list:
+        """Copy the declared outputs from work/ into out/; returns (channel, rel)
+        per item in order, and a ``Span`` for a split output (``collected``).
 
         ``outputs`` is the process's (channel, as-name[, split]) list; a split
         of ``"lines"`` makes one item per line (``_split_output``). A regular file is
@@ -87,7 +133,8 @@ class Collector:
                 made = self._collect_one(wfd, as_name, dst, split[0] if split else None) or made
         finally:
             os.close(wfd)
-        result = collected(outdir, attempt, [channel for channel, *_ in outputs])
+        result = collected(outdir, attempt, [(channel, bool(split and split[0]))
+                                             for channel, _, *split in outputs])
         if made or result:
             # also when an earlier collect of this attempt made them all: its
             # fsync of out/ may never have run (a kill -9 right before it)
@@ -161,14 +208,16 @@ class Collector:
             lines = LineSplitter((src if cap is None else _Capped(src, cap, as_name)).read)
             batch: list[str] = []
             k = 0
+            most = self.max_split_items
             more = True
             while more:
                 more = lines.more()
                 if more:
-                    if k >= MAX_SPLIT_ITEMS:
-                        raise TaskOutputError(f"output {as_name} has more than {MAX_SPLIT_ITEMS} lines; "
-                                              f"split=\"lines\" gives at most {MAX_SPLIT_ITEMS} items")
-                    path = os.path.join(tmp, f"{k:09d}")
+                    if k >= most:
+                        raise TaskOutputError(f"output {as_name} has more than {most} lines; "
+                                              f"split=\"lines\" gives at most {most} items "
+                                              "(the daemon's max_split_lines)")
+                    path = os.path.join(tmp, split_name(k))
                     if fs.write_file(path, lines.line(), mode=ITEM_MODE, checksum=True, sync=False):
                         batch.append(path)  # an empty item has no data to lose
                     k += 1

@@ -41,6 +41,8 @@ KEYS: dict[str, tuple[object, str]] = {
     "max_timeout": ("24h", "longest timeout a process may ask for, and the timeout of processes "
                            "that set none (empty: no limit)"),
     "max_output_size": ("", "largest output file a task may write, e.g. \"10g\" (empty: no limit)"),
+    "max_split_lines": (10_000_000, "most items one output with split=\"lines\" may give (a file "
+                                    "each: this bounds the inodes one task can take)"),
     "container_user": ("daemon", "who containers run as: \"daemon\" (flowd's own uid and gid), "
                                  "\"image\" (the image's USER) or \"UID[:GID]\""),
     "cap_add": ([], "capabilities added back to every container (all are dropped by default)"),
@@ -86,6 +88,7 @@ class Config:
     max_memory: int | None = 8 * 1024 ** 3
     max_timeout: float | None = 24 * 3600.0
     max_output_size: int | None = None
+    max_split_lines: int = 10_000_000
     container_user: str = "daemon"
     cap_add: list[str] = field(default_factory=list)
     allowed_images: list[str] = field(default_factory=list)
@@ -211,6 +214,8 @@ def load(path: str | None, *, required: bool = False) -> Config:
                 value = parse_size(value) if value not in ("", "0") else 0
             elif key in ("max_containers", "pids_limit", "warm_tasks") and value < 0:
                 raise ValueError("must be 0 or more")
+            elif key == "max_split_lines" and value < 1:
+                raise ValueError("must be 1 or more")
             elif key == "admin_group" and value and not _group_exists(value):
                 raise ValueError(f"no group named {value!r} on this machine (fix: create it, "
                                  "name another, or leave admin_group empty)")

@@ -144,7 +144,7 @@ class Creator:
         run = Run.open(job.path, self.d.fs, self.d.executor, self.d.limits, wf=job.wf,
                        meta=initial_meta(job.meta, job.run_id, job.wf))
         self.d.runs[run.id] = run
-        run.hub, run.cache = self.d.hub, self.d.cache
+        self.d.attach(run)
         run.hub.emit("run_submitted", run.id, workflow=job.wf.name, owner=job.meta["submitted_by"] or "?")
         log.info("run %s submitted by %s: workflow %s (%s)", run.id,
                  for_log(job.meta["submitted_by"] or "?"), for_log(job.wf.name),

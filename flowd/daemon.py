@@ -41,6 +41,7 @@ from .metrics import serve_metrics
 from .reaper import Reaper
 from .intake import Intake
 from .notify import Notifier
+from .offloop import OffLoop
 from .reload import reload
 from .removal import Removal
 from .run import UNFINISHED, Run
@@ -55,6 +56,7 @@ STATUS_EVERY = 10.0
 # Containers and Swarm jobs of the spool that no run knows (a remove that failed,
 # Moby #42789's job containers) are swept at start and this often.
 SWEEP_EVERY = 600.0
+COLLECT_THREADS = 2  # collects off the loop at once (a split's: flowd/run.py _collect_off_loop)
 _RUN_ID = re.compile(r"^[0-9a-f]{12}$")
 
 
@@ -89,7 +91,10 @@ class Daemon:
         self.executor: X.Executor | None = None
         self.cache: Cache | None = None  # process@cache="yes" (flowd/cache.py), opened in prepare
         self.intake: Intake | None = None
+        # Collects that may be long (a split of millions of lines), off the loop.
+        self.worker = OffLoop(COLLECT_THREADS, "flowd-collect", self.report)
         self.limits = Limits(pids_limit=cfg.pids_limit, max_output_bytes=cfg.max_output_size,
+                             max_split_items=cfg.max_split_lines,
                              default_memory=cfg.memory_for_unset, reserved_memory=cfg.default_memory,
                              default_timeout=cfg.max_timeout,
                              container_user=cfg.container_user, spool=self.spool,
@@ -148,7 +153,7 @@ class Daemon:
                 log.error("run %s cannot be loaded and is left as it is: %s", name, for_log(e))
                 continue
             self.runs[run.id] = run
-            run.hub, run.cache = self.hub, self.cache
+            self.attach(run)
         self.staging.reset()  # uploads do not outlive the daemon
 
     def _install_signals(self) -> None:
@@ -163,6 +168,10 @@ class Daemon:
 
     def _on_hup(self, signum, frame) -> None:
         self.reload_requested = True
+
+    def attach(self, run: Run) -> None:
+        """What a run the daemon holds uses of it: the event hub, the cache, the worker."""
+        run.hub, run.cache, run.worker = self.hub, self.cache, self.worker
 
     def report(self, event: object) -> None:
         """Called by executor threads: queue the event and wake the loop."""
@@ -316,6 +325,7 @@ class Daemon:
             self.executor.close()
         if self.cache is not None:
             self.cache.close()
+        self.worker.close()
         if self.metrics_http is not None:
             self.metrics_http.close()
         self.control.close()
@@ -335,11 +345,11 @@ class Daemon:
                 self.creator._created(ev)
             elif isinstance(ev, X.TaskResult):
                 results.setdefault(ev.run_id, []).append(ev)
-            elif callable(ev):  # work a thread hands to the loop (a resize's, a cache lookup's answer)
+            elif callable(ev):  # work a thread hands to the loop (a resize's, a cache lookup's or a collect's answer)
                 try:
                     ev()
-                except DiskFull as e:  # a cache hit that could not be published: it waits
-                    log.error("%s; a cache hit waits for free space", for_log(e))
+                except DiskFull as e:  # a cache hit or a collect that met a full disk: it waits
+                    log.error("%s; the task waits for free space", for_log(e))
                     self.disk.defer(ev)
                 except Exception:  # noqa: BLE001 - one handler's bug must not stop the loop
                     log.exception("a loop callback failed")

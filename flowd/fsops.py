@@ -223,10 +223,17 @@ class Durable:
         if sync_parent:
             self._sync_dir(os.path.dirname(path), "mkdir.parent")
 
-    def rename(self, src: str, dst: str, *, sync: bool = True, site: str = "rename.dst") -> None:
+    def rename(self, src: str, dst: str, *, sync: bool = True, site: str = "rename.dst",
+               missing_ok: bool = False) -> bool:
+        """Rename ``src`` to ``dst``; False (nothing done) when ``src`` is not
+        there and ``missing_ok`` says that is fine (a redo: it moved before)."""
         self.point("rename", dst)
         try:
             os.rename(src, dst)
+        except FileNotFoundError as e:
+            if missing_ok and not os.path.lexists(src):
+                return False
+            raise _storage(e, dst) from None
         except OSError as e:
             raise _storage(e, dst) from None
         if self.observer is not None:
@@ -238,6 +245,7 @@ class Durable:
             # both names until its old folder is fsynced too.
             if os.path.dirname(src) != os.path.dirname(dst) and not _is_dir(dst):
                 self._sync_dir(os.path.dirname(src), "rename.src")
+        return True
 
     def link(self, src: str, dst: str) -> None:
         self.point("link", dst)

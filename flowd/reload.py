@@ -14,8 +14,8 @@ def reload(d) -> None:
 
     Live: max_containers, pids_limit, default_memory, max_memory and
     max_timeout (their defaults for containers started, their caps for
-    workflows submitted from now on), max_output_size (runs opened from now
-    on), container_user and cap_add (containers started from now on),
+    workflows submitted from now on), max_output_size and max_split_lines
+    (runs opened from now on), container_user and cap_add (containers started from now on),
     allowed_images and allowed_networks (workflows submitted from now on),
     max_upload_size (uploads begun from now on), min_free_space and
     log_level. spool,
@@ -46,7 +46,7 @@ def reload(d) -> None:
             log.warning("reload: %s changed in %s; it takes effect only when flowd restarts "
                         "(systemctl restart flowd; a new spool also needs ReadWritePaths=)", key, path)
     live = ("max_containers", "pids_limit", "default_memory", "max_memory", "max_timeout",
-            "max_output_size", "container_user", "cap_add", "default_container",
+            "max_output_size", "max_split_lines", "container_user", "cap_add", "default_container",
             "warm_idle", "warm_tasks", "warm_read_only", "allowed_images",
             "allowed_networks", "max_upload_size", "min_free_space", "log_level", "keep_finished",
             "cache_max_size")
@@ -62,6 +62,7 @@ def reload(d) -> None:
     d.limits.container_user = old.container_user
     d.limits.default_container = old.default_container
     d.limits.max_output_bytes = old.max_output_size
+    d.limits.max_split_items = old.max_split_lines
     if d.executor is not None:
         d.executor.reconfigure(old.executor_settings())
     if d.cache is not None:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import cache as C
-from . import owners, retrying
+from . import offloop, owners, retrying
 from . import scheduler as S
 from .collect import collected
 from .errors import Conflict, DiskFull, NotFound
@@ -35,6 +35,10 @@ log = logging.getLogger("flowd.run")
 # A tick checks the clock (Run.tick_budget) after each scheduler step of at most
 # this many items moved by muxes: one mux task's worth.
 MOVE_SLICE = S.MUX_BATCH
+# A committed task with more output items than this (a split of millions of
+# lines) is applied in slices of this many, a slice a tick: each slice durable
+# and handed to the scheduler before the next (TaskStore.move_slice).
+APPLY_SLICE = 20_000
 
 
 @dataclass
@@ -47,6 +51,9 @@ class Active:
     history: list[str] = field(default_factory=list)
     looking: int = 0  # a cache lookup is under way (its token; flowd/cache.py): no container yet
     cache: C.Answer | None = None  # what the lookup of this attempt found (process@cache)
+    collecting: int = 0  # its outputs are being collected off the loop (its token): see _collect_off_loop
+    collect_again: bool = False  # that collect met a full disk: collect again once space is freed
+    ended: dict | None = None  # the trace record of the attempt being collected (written after)
 
 
 class Run:
@@ -55,6 +62,8 @@ class Run:
     tick_budget = 0.05  # seconds
     hub = QUIET  # the daemon's event hub (flowd/events.py), set when the daemon holds the run
     cache: C.Cache | None = None  # the daemon's content cache (process@cache); None: tasks just run
+    # The daemon's threads for collects that may be long (a split); None: on the loop.
+    worker: offloop.OffLoop | None = None
 
     def __init__(self, root: str, fs: Durable, wf: Workflow, meta: dict, executor: X.Executor,
                  limits: Limits):
@@ -68,10 +77,11 @@ class Run:
         self.user, self.group_add, work_mode = container_identity(limits.container_user)
         self.store = RunStore(root, fs)
         self.tasks = TaskStore(self.store, max_output_bytes=limits.max_output_bytes,
-                               work_mode=work_mode)
+                               max_split_items=limits.max_split_items, work_mode=work_mode)
         self.sched = S.Scheduler(wf)
         self.active: dict[str, Active] = {}  # task dirname -> Active
         self._committed: list[tuple[TaskRecord, list]] = []  # committed, not yet applied
+        self._applying: list[TaskRecord] = []  # committed, big: applied a slice a tick (APPLY_SLICE)
         self._to_store: list[tuple] = []  # committed tasks whose outputs go into the cache, before applying
         self.failures = Failures(self)  # dead letters and quarantine
         self.view = RunView(self)  # what flowctl reads: summary, detail, items, logs
@@ -133,7 +143,7 @@ class Run:
         eng = self.sched
         # A finished run has no task to recover, but a retired task's hidden folder
         # that a power loss brought back after the run ended is removed all the same.
-        live = self.tasks.recover_tasks() if not self.finished else self.tasks.remove_hidden()
+        live = self.tasks.recover_tasks(APPLY_SLICE) if not self.finished else self.tasks.remove_hidden()
         scan = Scan(self.store)
         self.failures.load(scan)
         eng.load(scan.channels(self.wf.channels))
@@ -144,7 +154,10 @@ class Run:
         self.failures.count()
         for rec in live:
             eng.adopt(S.Claim(rec.kind, rec.name, rec.task_id, tuple(rec.inputs)))
-            self.active[rec.dirname] = Active(rec)
+            if rec.committed:
+                self._applying.append(rec)  # a big output an earlier life began to apply
+            else:
+                self.active[rec.dirname] = Active(rec)
         if self.meta.get("cancel_requested") and not self.finished:
             eng.cancel()
 
@@ -223,6 +236,8 @@ class Run:
             self.hub.emit("run_started", self.id, workflow=self.wf.name)
         started = 0
         deadline = time.monotonic() + self.tick_budget
+        if self._applying:
+            self._apply_slices(deadline)
         while True:  # a mux move can make more work ready at once
             claims = self.sched.step(capacity, moves=MOVE_SLICE)
             if not claims:
@@ -243,7 +258,7 @@ class Run:
                 self.more = True  # the daemon's loop serves its socket, then ticks again
                 break
         self._check_end()
-        self.more = self.more and not self.finished
+        self.more = (self.more or bool(self._applying)) and not self.finished
         return started
 
     def _commit_mux(self, rec: TaskRecord) -> None:
@@ -265,9 +280,35 @@ class Run:
                 self.cache.store_many(stores)
             except DiskFull as e:
                 log.warning("run %s: outputs not kept in the cache: %s", self.id, for_log(e))
-        self.tasks.apply_many([rec for rec, _ in done])
+        small = []
         for rec, outputs in done:
+            if sum(count for _, _, count in outputs) > APPLY_SLICE:
+                self._applying.append(rec)  # applied a slice a tick: _apply_slices
+            else:
+                small.append((rec, outputs))
+        self.tasks.apply_many([rec for rec, _ in small])
+        for rec, outputs in small:
             self.sched.committed(rec.kind, rec.name, rec.task_id, outputs)
+
+    def _apply_slices(self, deadline: float) -> None:
+        """Apply big committed tasks, APPLY_SLICE items at a time, until the
+        tick's time is up. Each slice is durable (TaskStore.move_slice) and
+        handed to the scheduler at once: the tasks that read a split's lines
+        start while its later lines still move. The task leaves the scheduler
+        and its folder goes once all have moved."""
+        while self._applying:
+            rec = self._applying[0]
+            if rec.moved == (0, 0):
+                self.tasks.begin_apply(rec)
+            ranges, done = self.tasks.move_slice(rec, APPLY_SLICE)
+            for channel, first, count in ranges:
+                self.sched.add_items(channel, first, count)
+            if done:
+                self.tasks.finish_apply([rec])
+                self._applying.pop(0)
+                self.sched.committed(rec.kind, rec.name, rec.task_id, [])
+            if time.monotonic() >= deadline:
+                return
 
     def start(self, act: Active, attempt: int) -> None:
         rec = act.rec
@@ -301,7 +342,7 @@ class Run:
 
     def _look_up(self, act: Active, proc) -> None:
         """Ask the cache, off the loop, for the task's key and an entry with it."""
-        token = next(C._tokens)
+        token = next(offloop.tokens)
         act.looking = token
         dirname = act.rec.dirname
         paths = [self.store.input_path(act.rec, seq) for _, seq in act.rec.inputs]
@@ -357,7 +398,7 @@ class Run:
         outdir = self.store.task_path(rec, "out")
         self.cache.publish(answer.key, outdir, rec.attempt)
         outputs = self.tasks.commit(rec, collected(outdir, rec.attempt,
-                                                   [p.channel for p in proc.outputs]))
+                                                   [(p.channel, bool(p.split)) for p in proc.outputs]))
         self.trace.cached(act, answer)
         self.hub.emit("task_succeeded", self.id, process=rec.name, task=rec.task_id,
                       attempt=rec.attempt, seconds=since(act.started_at), cached=True)
@@ -379,14 +420,17 @@ class Run:
         try:
             for i, res in enumerate(results):
                 act = self._active_for(res.task_id)
-                if act is None or act.rec.attempt != res.attempt:
+                if act is None or act.rec.attempt != res.attempt or act.collecting:
                     log.debug("run %s: dropping stale result %s", self.id, res)
                     continue
                 action = self.sched.on_result(act.rec.name, act.rec.attempt, _outcome(res),
                                                stopping=act.stopping, first=self.first_attempt(act.rec))
                 ended = self.trace.begin(act, res)
                 self._carry_out(act, action, res)
-                self.trace.end(ended, act)
+                if act.collecting:
+                    act.ended = ended  # written once its outputs are collected (_collected)
+                else:
+                    self.trace.end(ended, act)
         except DiskFull as e:
             e.left = list(results[i:])
             self._apply_committed()
@@ -427,16 +471,60 @@ class Run:
     def _succeeded(self, act: Active, res: X.TaskResult) -> None:
         rec = act.rec
         proc = self.wf.processes[rec.name]
-        try:
-            outs = self.tasks.collect(rec, [(p.channel, p.as_name, p.split) for p in proc.outputs])
-        except TaskOutputError as e:
-            self.failures.failed(act, f"bad output: {e}")
+        outputs = [(p.channel, p.as_name, p.split) for p in proc.outputs]
+        if self.worker is not None and any(p.split for p in proc.outputs):
+            self._collect_off_loop(act, outputs)  # a split may be millions of files
             return
-        except OSError as e:
-            self.failures.failed(act, f"could not collect outputs: {for_log(e)}")
+        try:
+            outs = self.tasks.collect(rec, outputs)
+        except (TaskOutputError, OSError) as e:
+            outs = e
+        self._commit_collected(act, outs)
+
+    def _collect_off_loop(self, act: Active, outputs: list[tuple]) -> None:
+        """Collect on the worker's thread; ``_collected`` takes the outcome on the
+        loop. Meanwhile the task is active (a cancel waits for it) and a second
+        result for its attempt is dropped."""
+        token = next(offloop.tokens)
+        act.collecting = token
+        rec, dirname = act.rec, act.rec.dirname
+        self.worker.submit(lambda: self.tasks.collect(rec, outputs),
+                           lambda outcome: self._collected(dirname, token, outputs, outcome))
+
+    def _collected(self, dirname: str, token: int, outputs: list[tuple], outcome) -> None:
+        """On the loop: an off-loop collect's outcome (its items, or the error)."""
+        act = self.active.get(dirname)
+        if act is None or act.collecting != token:
+            return
+        if isinstance(outcome, DiskFull):
+            if act.collect_again:  # called again once space was freed: collect again
+                act.collect_again = False
+                self._collect_off_loop(act, outputs)
+                return
+            act.collect_again = True
+            raise outcome  # Daemon._drain_events keeps this answer until space is freed
+        if not isinstance(outcome, (list, TaskOutputError, OSError)):
+            raise outcome  # a bug: logged by the loop; the task stays until a restart
+        act.collecting = 0
+        ended, act.ended = act.ended, None
+        self._commit_collected(act, outcome)
+        self.trace.end(ended, act)
+        self._apply_committed()
+        self._check_end()
+
+    def _commit_collected(self, act: Active, outs) -> None:
+        """Commit what the collect gave (its items), or fail the attempt (its error)."""
+        rec = act.rec
+        proc = self.wf.processes[rec.name]
+        if isinstance(outs, TaskOutputError):
+            self.failures.failed(act, f"bad output: {outs}")
+            return
+        if isinstance(outs, OSError):
+            self.failures.failed(act, f"could not collect outputs: {for_log(outs)}")
             return
         outputs = self.tasks.commit(rec, outs)
-        if act.cache is not None and act.cache.key is not None and self.cache is not None:
+        if act.cache is not None and act.cache.key is not None and self.cache is not None \
+                and sum(count for _, _, count in outputs) <= C.MAX_ENTRY_ITEMS:
             meta = {"process": self.process_id(rec.name), "image": proc.image, "run": self.id,
                     "task": rec.task_id, "workflow": self.wf.name,
                     "owner": owners.owner_uid(self.meta)}
@@ -462,6 +550,8 @@ class Run:
             if act.rec.kind != S.PROCESS:
                 continue
             act.stopping = True
+            if act.collecting:
+                continue  # its container ended well: what it made is committed once collected
             if act.parked or act.spec is None or act.looking:
                 self._release(act)
             else:

@@ -178,15 +178,21 @@ class Scheduler:
             self.counts[name].running -= 1
         return claim
 
-    def committed(self, kind: str, name: str, task_id: str, outputs: list[tuple[str, int]]) -> None:
+    def committed(self, kind: str, name: str, task_id: str, outputs: list[tuple[str, int, int]]) -> None:
+        """The task's outputs are in their channels: (channel, first SEQ, count) each."""
         self._unclaim(kind, name, task_id)
         if kind == PROCESS:
             self.counts[name].done += 1
-        for ch, seq in outputs:
-            self.add_item(ch, seq)
+        for ch, first, count in outputs:
+            self.add_items(ch, first, count)
 
     def add_item(self, channel: str, seq: int) -> None:
         self.queues[channel].insort(seq)
+
+    def add_items(self, channel: str, first: int, count: int) -> None:
+        """The items first .. first + count - 1 of ``channel``."""
+        for seq in range(first, first + count):
+            self.add_item(channel, seq)
 
     def released(self, kind: str, name: str, task_id: str, skip: frozenset[int] = frozenset()) -> None:
         """The task's inputs went back to their channels, in their old places

@@ -158,10 +158,11 @@ class RunStore:
             os.close(fd)
         return seq
 
-    def alloc(self) -> int:
-        """The next item number of the run (numbers are never reused)."""
+    def alloc(self, count: int = 1) -> int:
+        """The next ``count`` item numbers of the run (numbers are never reused):
+        the first of them."""
         seq = self.next_seq
-        self.next_seq += 1
+        self.next_seq += count
         return seq
 
     def open_item(self, channel: str, seq: int) -> BinaryIO:

@@ -15,6 +15,7 @@ class Limits:
 
     pids_limit: int = 256
     max_output_bytes: int | None = None
+    max_split_items: int = 10_000_000  # items one output@split="lines" may give (config max_split_lines)
     default_memory: int | None = None  # the limit of processes that set none (default_memory or max_memory)
     # What such a process reserves on a Swarm cluster: config default_memory
     # (max_memory is a cap, not a need: reserving it would fit one task a node).

@@ -29,7 +29,9 @@ import os
 import time
 from dataclasses import dataclass
 
+from .collect import Span, split_name
 from .collect import collect as collect_outputs
+from .channelvalues import MAX_SPLIT_ITEMS
 from .errors import StorageError
 from .fsops import Durable
 from .store import RunStore, seq_name
@@ -48,6 +50,12 @@ class TaskRecord:
     claimed: bool = False
     committed: bool = False
     commit: dict | None = None  # what COMMIT holds, once written or read (not read again)
+    moved: tuple[int, int] = (0, 0)  # how far its apply got: (COMMIT entry, item in it); memory only
+
+
+def entry_range(entry: list) -> tuple[str, int, int]:
+    """A COMMIT entry's items: (channel, first SEQ, count)."""
+    return (entry[1], entry[2], entry[3] if len(entry) == 4 else 1)
 
 
 def task_dirname(kind: str, name: str, task_id: str) -> str:
@@ -59,9 +67,10 @@ class TaskStore:
     """The claimed tasks of one run's ``RunStore``. All writes go through ``Durable``."""
 
     def __init__(self, store: RunStore, *, max_output_bytes: int | None = None,
-                 work_mode: int = 0o700):
+                 max_split_items: int = MAX_SPLIT_ITEMS, work_mode: int = 0o700):
         self.store = store
         self.max_output_bytes = max_output_bytes
+        self.max_split_items = max_split_items
         # work/ (the container's /task): 0700 when containers run as flowd's own
         # uid; 02770 when they run as another (the container gets flowd's group,
         # and setgid keeps new files in it). Reached only through the run's 0700
@@ -73,12 +82,16 @@ class TaskStore:
         return self.store.fs  # one Durable per run, the store's (a test may swap it)
 
     # -- 6. recovery -----------------------------------------------------------
-    def recover_tasks(self) -> list[TaskRecord]:
+    def recover_tasks(self, slice_items: int | None = None) -> list[TaskRecord]:
         """Step 6 for the store's part. Returns the tasks still claimed.
 
         Hidden folders are removed, unmarked claims are released, committed
         tasks are applied and retired. What is returned has CLAIMED and no
-        COMMIT: the caller asks the executor about its container.
+        COMMIT (the caller asks the executor about its container), or COMMIT
+        and more than ``slice_items`` output items: the caller applies those in
+        slices (``move_slice``), after this made durable what an earlier life
+        moved of them (so the scan that follows shows no item a power loss could
+        still put back where it came from).
         """
         folder = self.store.path("tasks")
         live: list[TaskRecord] = []
@@ -91,17 +104,30 @@ class TaskStore:
             for _, seq in rec.inputs:
                 self.store.next_seq = max(self.store.next_seq, seq + 1)
             if rec.committed:
-                commit = self._read_commit(rec)
-                for _, _, seq in commit["outputs"]:
-                    self.store.next_seq = max(self.store.next_seq, seq + 1)
+                for entry in self._read_commit(rec)["outputs"]:
+                    _, first, count = entry_range(entry)
+                    self.store.next_seq = max(self.store.next_seq, first + count)
                 live.append(rec)
             elif not rec.claimed:
                 self.release(rec)
             else:
                 live.append(rec)
-        for rec in [r for r in live if r.committed]:
+        big = [r for r in live if r.committed and slice_items is not None
+               and self.output_count(r) > slice_items]
+        self.fs.sync_many(dirs=[d for rec in big for d in self._span_folders(rec)])
+        for rec in [r for r in live if r.committed and r not in big]:
             self.apply(rec)  # its retire fsyncs tasks/
-        return [r for r in live if not r.committed]
+        return [r for r in live if not r.committed or r in big]
+
+    def _span_folders(self, rec: TaskRecord) -> list[str]:
+        """The folders a committed task's split items move between: where they
+        are in out/ (while it is there) and their channels'."""
+        out = []
+        for entry in self._read_commit(rec)["outputs"]:
+            if len(entry) == 4:
+                folder = self.store.task_path(rec, entry[0])
+                out += ([folder] if os.path.isdir(folder) else []) + [self.store.path("channels", entry[1])]
+        return out
 
     def remove_hidden(self) -> list:
         """The hidden folders in tasks/ (out of the protocol) removed; returns []
@@ -234,27 +260,39 @@ class TaskStore:
 
 
     # -- 3. collect ------------------------------------------------------------
-    def collect(self, rec: TaskRecord, outputs: list[tuple]) -> list[tuple[str, str]]:
-        """Copy the declared outputs from work/ into out/; (channel, rel) in order.
+    def collect(self, rec: TaskRecord, outputs: list[tuple]) -> list:
+        """Copy the declared outputs from work/ into out/; (channel, rel) per item
+        in order, a ``Span`` per split output.
         See ``flowd.collect.collect``: an item is a new file flowd makes, never
         the container's own."""
         return collect_outputs(self.fs, self.store.task_path(rec, "work"), self.store.task_path(rec, "out"),
-                               rec.attempt, outputs, self.max_output_bytes)
+                               rec.attempt, outputs, self.max_output_bytes, self.max_split_items)
 
     # -- 4. commit and 5. apply -----------------------------------------------
-    def commit(self, rec: TaskRecord, outputs: list[tuple[str, str]]) -> list[tuple[str, int]]:
+    def commit(self, rec: TaskRecord, outputs: list) -> list[tuple[str, int, int]]:
         """Record the task's outputs durably (the caller then applies: ``apply_many``,
-        for all the tasks committed together). Returns (channel, seq)."""
-        entries = []
-        for channel, rel in outputs:
-            entries.append([rel, channel, self.store.alloc()])
+        for all the tasks committed together). ``outputs`` is (channel, rel) per
+        item and a ``Span`` per split output (``flowd.collect.collected``).
+        Returns (channel, first SEQ, count) per COMMIT entry.
+
+        An entry is ``[rel, channel, seq]`` for one item, and ``[rel, channel,
+        first, count]`` for a split's items ``rel/000000000`` ... (numbered
+        ``first`` on, in order): 10 million lines are one entry, not a list."""
+        entries: list[list] = []
+        for out in outputs:
+            if isinstance(out, Span):
+                if out.count:
+                    entries.append([out.rel, out.channel, self.store.alloc(out.count), out.count])
+            else:
+                channel, rel = out
+                entries.append([rel, channel, self.store.alloc()])
         data = {"outputs": entries, "inputs": rec.inputs}
         self.fs.write_file(self.store.task_path(rec, "COMMIT"), json.dumps(data).encode())
         rec.committed = True
         rec.commit = data
-        return [(channel, seq) for _, channel, seq in entries]
+        return [entry_range(e) for e in entries]
 
-    def commit_mux(self, rec: TaskRecord, targets: list[str]) -> list[tuple[str, int]]:
+    def commit_mux(self, rec: TaskRecord, targets: list[str]) -> list[tuple[str, int, int]]:
         """Each input, oldest first, into every target: numbered in that order,
         so each target gets the items in the order they came."""
         return self.commit(rec, [(t, f"in/{seq_name(seq)}") for _, seq in rec.inputs
@@ -266,33 +304,107 @@ class TaskStore:
                 rec.commit = json.load(f)
         return rec.commit
 
+    def output_count(self, rec: TaskRecord) -> int:
+        """How many items the committed task's outputs are."""
+        return sum(entry_range(e)[2] for e in self._read_commit(rec)["outputs"])
+
     def apply(self, rec: TaskRecord) -> None:
         self.apply_many([rec])
 
     def apply_many(self, recs: list[TaskRecord]) -> None:
         """Idempotent redo of committed tasks; then retire them. Several at once
         share each step's fsyncs (the channels' folders once, tasks/ twice)."""
-        fs = self.fs
         touched: list[str] = []
         for rec in recs:
-            commit = self._read_commit(rec)
-            if rec.kind == "process":
-                self.store.note_done(rec.name, rec.task_id)
-            for rel, channel, seq in commit["outputs"]:
-                src = self.store.task_path(rec, rel)
+            self.begin_apply(rec)
+            self._move(rec, None, touched, [])
+        # Only the channels: the folders the items left need no fsync, as nothing
+        # sees the items before the task is retired (a durable rename).
+        self.fs.sync_many(dirs=touched)
+        self.finish_apply(recs)
+
+    def begin_apply(self, rec: TaskRecord) -> None:
+        """The first step of applying ``rec``: its done count (a redo may note it twice)."""
+        self._read_commit(rec)
+        if rec.kind == "process":
+            self.store.note_done(rec.name, rec.task_id)
+
+    def move_slice(self, rec: TaskRecord, limit: int) -> tuple[list[tuple[str, int, int]], bool]:
+        """Move the next ``limit`` items of a committed task into their channels,
+        from where the last call stopped (``rec.moved``, in memory: after a
+        restart it begins again, and what moved before is passed over), and make
+        the moves durable on both sides before returning: the folders they left
+        and the channels'. Returns the SEQ ranges this call moved (channel,
+        first, count: not what was there already, which the start-up scan
+        found) and whether all are. What it returns may be handed to the scheduler at
+        once, before the task is retired (flowd/run.py, a big output applied in
+        slices): an item a later task takes meanwhile is gone from both places,
+        and the redo passes over a split item no longer where it was (never
+        brought back: its old folder was fsynced when it left)."""
+        touched: list[str] = []
+        ranges, done = self._move(rec, limit, touched, touched)
+        self.fs.sync_many(dirs=touched)
+        return ranges, done
+
+    def _move(self, rec: TaskRecord, limit: int | None, touched: list[str],
+              left: list[str]) -> tuple[list[tuple[str, int, int]], bool]:
+        """Move up to ``limit`` (None: all) of ``rec``'s output items on from
+        ``rec.moved``; the channels they reached go into ``touched``, the split
+        folders they left into ``left``."""
+        fs = self.fs
+        entries = self._read_commit(rec)["outputs"]
+        i, k = rec.moved
+        ranges: list[tuple[str, int, int]] = []
+        budget = limit
+        while i < len(entries) and (budget is None or budget > 0):
+            entry = entries[i]
+            if len(entry) == 3:
+                rel, channel, seq = entry
                 dst = self.store.item_path(channel, seq)
-                if os.path.lexists(dst):
-                    continue
-                if rel.startswith("in/"):
-                    fs.link(src, dst)  # a mux: every target shares the one file
-                else:
-                    fs.rename(src, dst, sync=False)
-                touched.append(os.path.dirname(dst))
-        fs.sync_many(dirs=touched)
+                if not os.path.lexists(dst):
+                    if rel.startswith("in/"):
+                        fs.link(self.store.task_path(rec, rel), dst)  # a mux: every target shares the one file
+                    else:
+                        fs.rename(self.store.task_path(rec, rel), dst, sync=False)
+                    touched.append(os.path.dirname(dst))
+                    ranges.append((channel, seq, 1))
+                i, k = i + 1, 0
+                budget = None if budget is None else budget - 1
+                continue
+            rel, channel, first, count = entry
+            end = count if budget is None else min(count, k + budget)
+            folder = self.store.task_path(rec, rel)
+            chdir = self.store.path("channels", channel)
+            since = None  # where the run of items this call moved began
+            for n in range(k, end):
+                dst = os.path.join(chdir, seq_name(first + n))
+                if not os.path.lexists(dst) and \
+                        fs.rename(os.path.join(folder, split_name(n)), dst, sync=False, missing_ok=True):
+                    since = n if since is None else since
+                elif since is not None:
+                    ranges.append((channel, first + since, n - since))
+                    since = None
+            if since is not None:
+                ranges.append((channel, first + since, end - since))
+            if end > k:
+                touched.append(chdir)
+                left.append(folder)
+                budget = None if budget is None else budget - (end - k)
+            i, k = (i + 1, 0) if end == count else (i, end)
+        rec.moved = (i, k)
+        return ranges, i == len(entries)
+
+    def finish_apply(self, recs: list[TaskRecord]) -> None:
+        """The last steps of applying tasks whose outputs all moved: their inputs
+        deleted, then the tasks retired."""
+        fs = self.fs
         for rec in recs:
-            for rel, channel, seq in rec.commit["outputs"]:
-                if not os.path.lexists(self.store.item_path(channel, seq)):
-                    raise StorageError(f"task {rec.dirname}: output {rel} did not reach channel {channel}")
+            for entry in rec.commit["outputs"]:
+                # A split's items are not checked one by one: a task may have taken
+                # some already (apply in slices), and each rename raised if it failed.
+                if len(entry) == 3 and not os.path.lexists(self.store.item_path(entry[1], entry[2])):
+                    raise StorageError(f"task {rec.dirname}: output {entry[0]} did not reach "
+                                       f"channel {entry[1]}")
             indir = self.store.task_path(rec, "in")
             for _, seq in rec.inputs:
                 fs.unlink(os.path.join(indir, seq_name(seq)))

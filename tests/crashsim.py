@@ -57,6 +57,7 @@ from flowd.executor import base as X  # noqa: E402
 from flowd.executor.fake import FakeExecutor, FakeTask  # noqa: E402
 from flowd.fsops import Durable, SimulatedCrash  # noqa: E402
 from flowd.model import InitialItem, Workflow  # noqa: E402
+from flowd import run as R  # noqa: E402
 from flowd.run import Run  # noqa: E402
 from flowd.taskspec import Limits  # noqa: E402
 
@@ -472,6 +473,11 @@ class Flow:
     cache: bool = False  # the daemon's content cache is there (flow cache: SPOOL/cache)
     cache_max: int | None = None  # its cache_max_size (bytes)
     stamped: bool = False  # the bundle's files come as a taken upload's: items already (flow rm)
+    worker: bool = False  # split collects go through the daemon's worker (flowd/offloop.py), inline
+    apply_slice: int | None = None  # flowd.run.APPLY_SLICE for this flow (None: the daemon's)
+
+
+DEFAULT_APPLY_SLICE = R.APPLY_SLICE
 
 
 def _one(t: FakeTask) -> int:
@@ -720,7 +726,27 @@ def flow_split() -> Flow:
     w = wf(channels={"a": ["s1", "s2"], "out": []}, processes=[_proc("p", "a", "out")])
     w.processes["p"].outputs[0].split = "lines"
     want = [f"{x}.{k}".encode() if k else b"" for x in ("s1", "s2") for k in (1, 2, 0, 3)]
-    return Flow("split", w, {"p": _lines}, {"out": want}, {"out"})
+    return Flow("split", w, {"p": _lines}, {"out": want}, {"out"}, worker=True)
+
+
+def _five_lines(t: FakeTask) -> int:
+    x = t.read("a").decode()
+    t.write(t.spec.outputs[0], "".join(f"{x}.{k}\n" for k in range(1, 6)).encode())
+    return 0
+
+
+def flow_slices() -> Flow:
+    """A split of 5 lines applied in slices of 2 (APPLY_SLICE lowered: a big output),
+    read by a second process while its later slices still move. Each slice is durable
+    in both folders before the scheduler sees it (TaskStore.move_slice); a restart
+    applies the rest (recover_tasks: what moved before is made durable first, then
+    passed over, and an item taken meanwhile is not brought back)."""
+    w = wf(channels={"a": ["s1", "s2"], "mid": [], "out": []},
+           processes=[_proc("p", "a", "mid"), _proc("q", "mid", "out")])
+    w.processes["p"].outputs[0].split = "lines"
+    want = [f"q({x}.{k})".encode() for x in ("s1", "s2") for k in range(1, 6)]
+    return Flow("slices", w, {"p": _five_lines, "q": _f("q")}, {"out": want}, {"out"},
+                worker=True, apply_slice=2)
 
 
 def _push_client(sim: "Sim", run: Run) -> None:
@@ -775,7 +801,7 @@ def flow_cache() -> Flow:
 FLOWS = {"one": flow_one, "join": flow_join, "pipeline": flow_pipeline,
          "faults": flow_faults, "cancel": flow_cancel, "muxbatch": flow_muxbatch,
          "sources": flow_sources, "warm": flow_warm, "lost": flow_lost,
-         "retry": flow_retry, "rm": flow_rm, "split": flow_split,
+         "retry": flow_retry, "rm": flow_rm, "split": flow_split, "slices": flow_slices,
          "push": flow_push, "cache": flow_cache}
 
 
@@ -833,6 +859,7 @@ class Sim:
         self.durable = fs
         if self.model is not None:
             self.model.clock = fs
+        R.APPLY_SLICE = self.flow.apply_slice or DEFAULT_APPLY_SLICE  # read by Run.open's recovery
         events: list = []
         ex = SimExecutor(events.append, self.flow.scripts, self.world, self.flow.wf, self.flow.slow)
         try:
@@ -848,14 +875,14 @@ class Sim:
                            stamped=self.flow.stamped)
                 self.accepted = True  # the client has its answer
                 run = Run.open(self.path, fs, ex, Limits())
-                run.cache = self._cache(fs, events)
+                run.cache, run.worker = self._cache(fs, events), self._worker(events)
             else:
                 shutil.rmtree(self.uploads, ignore_errors=True)
                 os.makedirs(self.uploads, exist_ok=True)
                 if not os.path.exists(self.path):
                     return False, fs.points
                 run = Run.open(self.path, fs, ex, Limits())
-                run.cache = self._cache(fs, events)
+                run.cache, run.worker = self._cache(fs, events), self._worker(events)
                 if not run.finished:
                     run.resume()
                 ex.sweep("", run.keep())
@@ -881,6 +908,16 @@ class Sim:
         cache.open()
         return cache
 
+    def _worker(self, events: list):
+        """The daemon's worker for collects that may be long (a split's), for flows
+        with ``worker``: inline (deterministic points), its answers handed to the
+        loop as the daemon's are (``events``)."""
+        if not self.flow.worker:
+            return None
+        from flowd.offloop import OffLoop
+
+        return OffLoop(1, "crashsim", report=events.append, run_inline=True)
+
     def _drain(self, run: Run, ex: SimExecutor, events: list) -> None:
         # One scheduler step per tick: the order of operations (so the numbering
         # of the points) never hangs on the clock, and tick slicing is swept.
@@ -900,7 +937,7 @@ class Sim:
             if events:  # all that came in this round, together: the daemon's group commit
                 batch, events[:] = list(events), []
                 for answer in [ev for ev in batch if callable(ev)]:
-                    answer()  # a cache lookup's answer (Daemon._drain_events runs them first)
+                    answer()  # a cache lookup's or a collect's answer (Daemon._drain_events runs them first)
                 run.on_results([ev for ev in batch if not callable(ev)])
         raise AssertionError("run did not end")
 

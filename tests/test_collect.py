@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 from flowd import checksum
 from flowd.fsops import CHUNK, Durable, SimulatedCrash
-from flowd.collect import ITEM_MODE, TaskOutputError
+from flowd.collect import ITEM_MODE, Span, TaskOutputError, split_name
 from flowd.store import RunStore
 from flowd.taskstore import TaskStore
 
@@ -795,16 +795,29 @@ def test_remove_tree_as_non_root_removes_what_it_can_and_reports_the_rest(shared
 
 # -- output@split="lines" (flowd.channelvalues.LineSplitter, Collector._split_one) ----------
 
-def _split(tmp_path, data: bytes, cap: int | None = None, name: str = "t") -> list[bytes]:
+def _split(tmp_path, data: bytes, cap: int | None = None, name: str = "t", **kw) -> list[bytes]:
     store, rec = new_task(str(tmp_path / name))
     with open(os.path.join(store.task_path(rec, "work"), "lines"), "wb") as f:
         f.write(data)
-    result = TaskStore(store, max_output_bytes=cap).collect(rec, [("l", "lines", "lines")])
-    for _, rel in result:
+    result = TaskStore(store, max_output_bytes=cap, **kw).collect(rec, [("l", "lines", "lines")])
+    for rel in _rels(result):
         path = store.task_path(rec, rel)
         assert stat.S_IMODE(os.lstat(path).st_mode) == ITEM_MODE
         assert checksum.check(path) is None
-    return [open(store.task_path(rec, rel), "rb").read() for _, rel in result]
+    return [open(store.task_path(rec, rel), "rb").read() for rel in _rels(result)]
+
+
+def _rels(result) -> list[str]:
+    """The items a collect gave, each by its path in the task folder (a split's
+    ``Span`` told by its count: its files must be exactly those)."""
+    rels = []
+    for out in result:
+        if isinstance(out, Span):
+            folder = out.rel
+            rels += [f"{folder}/{split_name(k)}" for k in range(out.count)]
+        else:
+            rels.append(out[1])
+    return rels
 
 
 @pytest.mark.parametrize("data,want", [
@@ -844,15 +857,12 @@ def test_split_fsyncs_in_batches_not_once_per_line(tmp_path, monkeypatch):
     assert file_rounds == [b, b, b, 5], file_rounds
 
 
-def test_split_bounds_and_refusals(tmp_path, monkeypatch):
-    from flowd import collect as collect_mod
-
+def test_split_bounds_and_refusals(tmp_path):
     with pytest.raises(TaskOutputError, match="12 bytes; the limit is 10"):
         _split(tmp_path, b"a\n" * 6, cap=10, name="cap")
-    monkeypatch.setattr(collect_mod, "MAX_SPLIT_ITEMS", 3)
-    with pytest.raises(TaskOutputError, match="more than 3 lines"):
-        _split(tmp_path, b"1\n2\n3\n4\n", name="many")
-    assert _split(tmp_path, b"1\n2\n3\n", name="three") == [b"1", b"2", b"3"]
+    with pytest.raises(TaskOutputError, match="more than 3 lines.*max_split_lines"):
+        _split(tmp_path, b"1\n2\n3\n4\n", name="many", max_split_items=3)
+    assert _split(tmp_path, b"1\n2\n3\n", name="three", max_split_items=3) == [b"1", b"2", b"3"]
     store, rec = new_task(str(tmp_path / "folder"))
     os.mkdir(os.path.join(store.task_path(rec, "work"), "lines"))
     with pytest.raises(TaskOutputError, match="is a folder"):
@@ -879,7 +889,7 @@ def test_split_is_idempotent_after_a_crash_at_any_point(tmp_path):
         again = RunStore(store.root, Durable())
         rec2 = TaskStore(again)._load_task(rec.dirname)
         result = TaskStore(again).collect(rec2, [("l", "lines", "lines")])
-        got = [open(again.task_path(rec2, rel), "rb").read() for _, rel in result]
+        got = [open(again.task_path(rec2, rel), "rb").read() for rel in _rels(result)]
         assert got == want, f"crash at point {n} of {total}"
         assert os.listdir(again.task_path(rec2, "out")) == ["1.0"], n
         _remove(base)

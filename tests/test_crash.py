@@ -49,7 +49,9 @@ EXPECTED_POINTS = {"one": 143, "join": 144, "pipeline": 262, "faults": 242, "can
                    "retry": 275, "rm": 146, "split": 129,
                    "push": 138,
                    # session 7: process@cache="yes": three tasks stored, two evictions, a hit (cache_max_size 16)
-                   "cache": 207}
+                   "cache": 207,
+                   # session 8: a split applied in slices of 2, read while its later slices move
+                   "slices": 491}
 # Session 7: every flow has fewer points: the fsync of tasks/ after a retire's deletes
 # is gone (a hidden folder that comes back is deleted at the next start, finished runs
 # included: TaskStore.remove_hidden), and the cache makes its folders without points.

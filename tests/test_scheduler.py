@@ -17,7 +17,8 @@ def make(w, **queues):
 
 
 def finish(eng, claim, outputs=()):
-    eng.committed(claim.kind, claim.name, claim.task_id, list(outputs))
+    """Commit ``claim`` with ``outputs``: (channel, seq) each."""
+    eng.committed(claim.kind, claim.name, claim.task_id, [(ch, seq, 1) for ch, seq in outputs])
 
 
 def test_process_ready_only_when_every_input_has_an_item():
