@@ -85,3 +85,12 @@ def proc_kb(pid: int, field: str) -> int:
 
 def rss_mb(pid: int) -> float:
     return proc_kb(pid, "VmRSS") / 1024
+
+
+def remove_containers(spool: str) -> None:
+    """Remove every container labelled with ``spool`` (what a daemon of it left)."""
+    from flowd.executor.container import LABEL_SPOOL
+    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={LABEL_SPOOL}={spool}"],
+                         capture_output=True, text=True).stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)

@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from flowd.executor.container import LABEL_RUN, LABEL_SPOOL  # noqa: E402
-from _daemon import start_daemon, stop_daemon  # noqa: E402  (benchmarks/_daemon.py)
+from _daemon import remove_containers, start_daemon, stop_daemon  # noqa: E402  (benchmarks/_daemon.py)
 
 GOAL_SPEEDUP = 20.0
 
@@ -99,13 +99,6 @@ class CreateWatch:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait()
-
-
-def remove_containers(spool: str) -> None:
-    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={LABEL_SPOOL}={spool}"],
-                         capture_output=True, text=True).stdout.split()
-    if ids:
-        subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
 
 
 def submit(flowctl: list[str], env: dict, path: str) -> tuple[dict, float, float, float]:
