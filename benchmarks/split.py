@@ -28,8 +28,9 @@ spool, UMask 0027). In the same run:
 It then prints flowd / baseline for the wall time. Before anything it checks
 the filesystem of --dir has the inodes and space (one file and one 4 KiB
 block per line, plus twice the output); at the end it stops the daemon and
-deletes everything it made (``--keep``: keeps the spool), which for 10
-million files takes minutes.
+deletes everything it made (``--keep``: keeps the spool; the baseline's
+files are removed before the daemon starts, whatever), which for 10 million
+files takes minutes.
 
     sudo python benchmarks/split.py [--lines 10000000] [--dir /var/tmp] [--keep]
 """
@@ -166,7 +167,11 @@ class Sampler:
         client = Client(self.sock, timeout=3600)
         while not self.stop.wait(0.2):
             t = time.perf_counter()
-            client.call("status")
+            try:
+                client.call("status")
+            except Exception as e:  # noqa: BLE001 - the daemon died: said at the end
+                print(f"status failed: {e}", file=sys.stderr)
+                return
             self.status.append(time.perf_counter() - t)
 
     def close(self) -> None:
@@ -219,7 +224,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lines", type=int, default=10_000_000, help="lines in the output (default 10,000,000)")
     ap.add_argument("--dir", default="/var/tmp", help="where the spool goes (a real disk; default /var/tmp)")
-    ap.add_argument("--keep", action="store_true", help="keep the spool and the baseline's files")
+    ap.add_argument("--keep", action="store_true", help="keep the spool (the baseline's files go)")
     ap.add_argument("--baseline-child", nargs=2, metavar=("SRC", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_child:
@@ -265,10 +270,9 @@ def main() -> int:
         base_grow = (base["hwm_kb"] - base["rss0_kb"]) / 1024
         print(f"baseline (plain Python: a file per line, fsync {SYNC_BATCH} at a time, rename into "
               f"the channel): {base['wall']:.1f} s, RSS +{base_grow:.1f} MB", flush=True)
-        if not args.keep:
-            t = time.perf_counter()
-            shutil.rmtree(os.path.join(root, "baseline"))
-            print(f"(removed the baseline's {n:,} files: {time.perf_counter() - t:.1f} s)", flush=True)
+        t = time.perf_counter()
+        shutil.rmtree(os.path.join(root, "baseline"))
+        print(f"(removed the baseline's {n:,} files: {time.perf_counter() - t:.1f} s)", flush=True)
         os.sync()
 
         daemon, env, log = start_daemon(root, sock, spool, ["--config", "/dev/null"], user=USER)
@@ -281,6 +285,7 @@ def main() -> int:
             res = subprocess.run([sys.executable, "-m", "flowctl", "--timeout", "3600", "submit",
                                   "--wait", "--json", wf], env=env, capture_output=True, text=True)
             t_flowd = time.perf_counter() - t
+            t_end = time.time()
         finally:
             sampler.close()
         hwm = proc_kb(daemon.pid, "VmHWM")
@@ -295,6 +300,9 @@ def main() -> int:
         run = detail["id"]
         depth = {c["name"]: c["depth"] for c in
                  Client(sock, timeout=600).call("status", {"run": run})[0]["run"]["channels"]}
+        trace = subprocess.run([sys.executable, "-m", "flowctl", "trace", run, "--json"], env=env,
+                               capture_output=True, text=True).stdout.splitlines()
+        task = json.loads(trace[-1]) if trace else {}
         count, wrong = check_channel(os.path.join(spool, "runs", run, "channels", "lines"), n)
         peak = max([hwm, *sampler.rss_kb])
         grow = (peak - rss0) / 1024
@@ -304,6 +312,12 @@ def main() -> int:
         print(f"flowd: run {detail.get('state')} in {t_flowd:.1f} s (submit to end, "
               f"flowctl submit --wait): {t_flowd / base['wall']:.2f}x the baseline's "
               f"{base['wall']:.1f} s", flush=True)
+        if task.get("finished_at") and task.get("started_at"):
+            after = t_end - task["finished_at"]
+            print(f"  of which (flowctl trace): container start {task.get('wait_seconds') or 0:.1f} s, "
+                  f"script {task.get('run_seconds') or 0:.1f} s; from the script's end to the run's "
+                  f"end (collect, split, commit) {after:.1f} s: {after / base['wall']:.2f}x the "
+                  f"baseline", flush=True)
         print(f"items in channel lines: {depth.get('lines')} (flowctl status), {count} files "
               f"(its folder, read as root); want {n}: {'ok' if depth.get('lines') == count == n else 'WRONG'}")
         print("first, middle and last items' bytes (read from the spool as root): "
