@@ -341,9 +341,11 @@ def main() -> int:
         if args.keep:
             print(f"kept {root}; remove it with: rm -rf {root}")
         else:
+            print(f"removing the spool ({n:,} item files), daemon stopped: this may take minutes",
+                  flush=True)
             t = time.perf_counter()
             shutil.rmtree(root, ignore_errors=True)
-            print(f"removed the spool and the run's files, daemon stopped: {time.perf_counter() - t:.1f} s")
+            print(f"removed the spool and the run's files: {time.perf_counter() - t:.1f} s")
     return 0 if ok else 1
 
 
