@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from flowd.executor.container import LABEL_RUN, LABEL_SPOOL  # noqa: E402
-from scale import start_daemon  # noqa: E402  (benchmarks/scale.py, beside this one)
+from _daemon import remove_containers, start_daemon, stop_daemon  # noqa: E402  (benchmarks/_daemon.py)
 
 GOAL_SPEEDUP = 20.0
 
@@ -47,16 +46,6 @@ WORKFLOW = """<workflow name="cachebench">
   </process>
 </workflow>
 """
-
-
-def stop_daemon(daemon: subprocess.Popen) -> None:
-    if daemon.poll() is None:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(120)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
 
 
 class CreateWatch:
@@ -112,13 +101,6 @@ class CreateWatch:
         self.proc.wait()
 
 
-def remove_containers(spool: str) -> None:
-    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={LABEL_SPOOL}={spool}"],
-                         capture_output=True, text=True).stdout.split()
-    if ids:
-        subprocess.run(["docker", "rm", "-f", "-v", *ids], capture_output=True)
-
-
 def submit(flowctl: list[str], env: dict, path: str) -> tuple[dict, float, float, float]:
     """Submit and wait; (the run's details, wall seconds, start and end times)."""
     start = time.time()
@@ -172,7 +154,7 @@ def main() -> int:
     daemon = None
     watch = CreateWatch(os.path.realpath(spool))
     try:
-        daemon, env = start_daemon(root, sock, spool, ["--config", conf])
+        daemon, env, _ = start_daemon(root, sock, spool, ["--config", conf])
         flowctl = [sys.executable, "-m", "flowctl", "--timeout", "600"]
         runs = []
         for name in ("first", "second"):

@@ -49,6 +49,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from flowctl.client import Client  # noqa: E402
+from _daemon import start_daemon, stop_daemon  # noqa: E402  (benchmarks/_daemon.py)
 
 
 def pings(client: Client, stop: threading.Event | None = None, count: int | None = None,
@@ -139,8 +140,7 @@ def main() -> int:
         idle, busy, (run, t0, t_made, t_moved) = idle_then_busy(sock, args.pings, submit_and_move)
         Client(sock, timeout=120).call("cancel", {"runs": [run]})
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
+        stop_daemon(daemon)
         shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -167,20 +167,6 @@ def waiting_workflow(items: int) -> str:
   </process>
 </workflow>
 """
-
-
-def start_daemon(root: str, sock: str, spool: str) -> tuple[subprocess.Popen, dict, str]:
-    env = dict(os.environ, PYTHONPATH=REPO, FLOWD_SOCKET=sock)
-    log = open(os.path.join(root, "flowd.log"), "wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "flowd", "--spool", spool, "--socket", sock,
-                               "--log-level", "warning"], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(sock):
-        if time.monotonic() > deadline or daemon.poll() is not None:
-            raise SystemExit("flowd did not start; see " + log.name)
-        time.sleep(0.05)
-    return daemon, env, log.name
 
 
 def spool_mode(args) -> int:
@@ -232,8 +218,7 @@ def spool_mode(args) -> int:
         idle, busy, (t0, t_taken) = idle_then_busy(sock, args.pings, drop_and_wait,
                                                    command="status")
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
+        stop_daemon(daemon)
         shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -285,8 +270,7 @@ def events_mode(args) -> int:
             r.send_signal(signal.SIGCONT)
             r.terminate()
             r.wait(30)
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
+        stop_daemon(daemon)
         shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
 

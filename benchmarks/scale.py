@@ -36,7 +36,6 @@ import argparse
 import ctypes
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from flowctl.client import Client  # noqa: E402
+from _daemon import rss_mb, start_daemon, stop_daemon  # noqa: E402  (benchmarks/_daemon.py)
 
 # The issue's figures (issue 13, measured from a fresh clone on this machine).
 BEFORE = {"submit": 76.0, "rss_grow": 64.0, "rss_restart_grow": 40.0, "pull": 52.0,
@@ -71,37 +71,6 @@ WAITING = """<workflow name="{name}" mode="service">
   </process>
 </workflow>
 """
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def start_daemon(root: str, sock: str, spool: str, extra_args=()) -> tuple[subprocess.Popen, dict]:
-    env = dict(os.environ, PYTHONPATH=REPO, FLOWD_SOCKET=sock)
-    log = open(os.path.join(root, "flowd.log"), "ab")
-    daemon = subprocess.Popen([sys.executable, "-m", "flowd", "--spool", spool, "--socket", sock,
-                               "--log-level", "warning", *extra_args], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            Client(sock, timeout=5).call("ping")
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise SystemExit("flowd did not start; see " + log.name)
-            time.sleep(0.1)
-    return daemon, env
-
-
-def stop_daemon(daemon: subprocess.Popen) -> None:
-    daemon.send_signal(signal.SIGTERM)
-    daemon.wait(120)
 
 
 def settle_rss(pid: int, seconds: float = 2.0) -> float:
@@ -237,7 +206,7 @@ def main() -> int:
         shutil.rmtree(os.path.join(root, d))
     os.sync()
 
-    daemon, env = start_daemon(root, sock, spool)
+    daemon, env, _ = start_daemon(root, sock, spool)
     flowctl = [sys.executable, "-m", "flowctl", "--timeout", "120"]
     try:
         rss0 = settle_rss(daemon.pid, 1.0)
@@ -300,7 +269,7 @@ def main() -> int:
         os.mkdir(logs)
 
         stop_daemon(daemon)
-        daemon, env = start_daemon(root, sock, spool)
+        daemon, env, _ = start_daemon(root, sock, spool)
         rss2 = settle_rss(daemon.pid)
         line(f"RSS after restart, vs empty ({rss2:.0f} MB)", rss2 - rss0, "MB", "rss_restart_grow")
     finally:
