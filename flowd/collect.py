@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from .channelvalues import MAX_SPLIT_ITEMS, SPLIT_SYNC_BATCH, LineSplitter
 from .fsops import Durable, file_kind
@@ -22,6 +22,10 @@ MAX_OUTPUT_FILES = 10_000  # per output name, when the script writes a folder
 
 class TaskOutputError(Exception):
     """The script's outputs break the rules (a task failure, not a crash)."""
+
+
+class CollectStopped(Exception):
+    """The daemon is stopping: a long collect gives up (done again at the next start)."""
 
 
 class Span(NamedTuple):
@@ -82,19 +86,23 @@ def _span_count(folder: str) -> int:
 
 
 def collect(fs: Durable, work: str, outdir: str, attempt: int, outputs: list[tuple],
-            max_output_bytes: int | None = None, max_split_items: int = MAX_SPLIT_ITEMS) -> list:
+            max_output_bytes: int | None = None, max_split_items: int = MAX_SPLIT_ITEMS,
+            stopping: Callable[[], bool] | None = None) -> list:
     """Copy the declared outputs from ``work`` into ``outdir``: see ``Collector.collect``."""
-    return Collector(fs, work, outdir, max_output_bytes, max_split_items).collect(attempt, outputs)
+    return Collector(fs, work, outdir, max_output_bytes, max_split_items,
+                     stopping).collect(attempt, outputs)
 
 
 class Collector:
     """One task's collect: ``work`` (the container's /task) into ``outdir`` (out/)."""
 
     def __init__(self, fs: Durable, work: str, outdir: str, max_output_bytes: int | None,
-                 max_split_items: int = MAX_SPLIT_ITEMS):
+                 max_split_items: int = MAX_SPLIT_ITEMS, stopping: Callable[[], bool] | None = None):
         self.fs, self.work, self.outdir = fs, work, outdir
         self.max_output_bytes = max_output_bytes
         self.max_split_items = max_split_items
+        # True once the daemon stops: a split checks it between batches (CollectStopped)
+        self.stopping = stopping
 
     def collect(self, attempt: int, outputs: list[tuple]) -> list:
         """Copy the declared outputs from work/ into out/; returns (channel, rel)
@@ -224,6 +232,8 @@ class Collector:
                 if batch and (len(batch) >= SPLIT_SYNC_BATCH or not more):
                     fs.sync_many(files=batch)  # one site: a full batch and the last one
                     batch = []
+                if k % SPLIT_SYNC_BATCH == 0 and self.stopping is not None and self.stopping():
+                    raise CollectStopped("the daemon is stopping")
         fs.fsync_dir(tmp)
 
     def _copy_output(self, fd: int, st: os.stat_result, path: str, label: str, *,

@@ -30,6 +30,11 @@ class OffLoop:
         self.report, self.run_inline = report, run_inline
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+
+    def stopping(self) -> bool:
+        """True once closed: long work checks it and gives up (the daemon is stopping)."""
+        return self._closed.is_set()
 
     def submit(self, work: Callable[[], object], answer: Callable[[object], None]) -> None:
         def job() -> None:
@@ -51,6 +56,7 @@ class OffLoop:
         self._pool.submit(_logged, job)
 
     def close(self) -> None:
+        self._closed.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 

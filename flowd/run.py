@@ -38,7 +38,7 @@ MOVE_SLICE = S.MUX_BATCH
 # A committed task with more output items than this (a split of millions of
 # lines) is applied in slices of this many, a slice a tick: each slice durable
 # and handed to the scheduler before the next (TaskStore.move_slice).
-APPLY_SLICE = 20_000
+APPLY_SLICE = 4096
 
 
 @dataclass
@@ -488,7 +488,8 @@ class Run:
         token = next(offloop.tokens)
         act.collecting = token
         rec, dirname = act.rec, act.rec.dirname
-        self.worker.submit(lambda: self.tasks.collect(rec, outputs),
+        worker = self.worker
+        worker.submit(lambda: self.tasks.collect(rec, outputs, worker.stopping),
                            lambda outcome: self._collected(dirname, token, outputs, outcome))
 
     def _collected(self, dirname: str, token: int, outputs: list[tuple], outcome) -> None:

@@ -260,13 +260,14 @@ class TaskStore:
 
 
     # -- 3. collect ------------------------------------------------------------
-    def collect(self, rec: TaskRecord, outputs: list[tuple]) -> list:
+    def collect(self, rec: TaskRecord, outputs: list[tuple], stopping=None) -> list:
         """Copy the declared outputs from work/ into out/; (channel, rel) per item
         in order, a ``Span`` per split output.
         See ``flowd.collect.collect``: an item is a new file flowd makes, never
         the container's own."""
         return collect_outputs(self.fs, self.store.task_path(rec, "work"), self.store.task_path(rec, "out"),
-                               rec.attempt, outputs, self.max_output_bytes, self.max_split_items)
+                               rec.attempt, outputs, self.max_output_bytes, self.max_split_items,
+                               stopping)
 
     # -- 4. commit and 5. apply -----------------------------------------------
     def commit(self, rec: TaskRecord, outputs: list) -> list[tuple[str, int, int]]:

@@ -893,3 +893,21 @@ def test_split_is_idempotent_after_a_crash_at_any_point(tmp_path):
         assert got == want, f"crash at point {n} of {total}"
         assert os.listdir(again.task_path(rec2, "out")) == ["1.0"], n
         _remove(base)
+
+
+def test_a_split_gives_up_when_the_daemon_stops_and_is_collected_whole_later(tmp_path):
+    """A daemon that stops does not wait for a split of millions of lines: the
+    collect checks between batches, gives up, and the next start collects it all."""
+    from flowd.collect import CollectStopped
+
+    store, rec = new_task(str(tmp_path / "t"))
+    n = 3000
+    with open(os.path.join(store.task_path(rec, "work"), "lines"), "wb") as f:
+        f.write(b"".join(b"%d\n" % i for i in range(n)))
+    asked = []
+    with pytest.raises(CollectStopped):
+        TaskStore(store).collect(rec, [("l", "lines", "lines")], stopping=lambda: asked.append(1) or True)
+    assert asked and not os.path.exists(store.task_path(rec, "out", "1.0"))
+    result = TaskStore(store).collect(rec, [("l", "lines", "lines")])
+    assert [open(store.task_path(rec, r), "rb").read() for r in _rels(result)] == \
+        [b"%d" % i for i in range(n)]

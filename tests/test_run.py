@@ -423,3 +423,43 @@ def test_logs_of_one_task_among_many_are_found_by_name(tmp_path, monkeypatch):
         [("1234", 1, False, 5), ("1234", 2, True, 8)]
     assert h.run.view.logs("p", task="77")[0]["name"] == "p.p.77.1.log"
     assert h.run.view.logs(task="99999") == []
+
+
+def test_a_split_bigger_than_a_slice_is_applied_a_slice_a_tick_and_read_meanwhile(tmp_path, monkeypatch):
+    """A split of more lines than APPLY_SLICE: its COMMIT is one entry (a count, not
+    a list of its items); its items reach the channel a slice a tick, each slice
+    read at once (the next process starts on the first lines while later ones
+    still move); a restart half-way applies the rest. Every line once, in order."""
+    import json
+
+    import flowd.run as R
+
+    monkeypatch.setattr(R, "APPLY_SLICE", 7)
+    n = 50
+
+    def lines(t):
+        t.write(t.spec.outputs[0], "".join(f"{i}\n" for i in range(n)).encode())
+        return 0
+
+    def q(t):
+        t.write(t.spec.outputs[0], b"q" + t.read("mid"))
+        return 0
+
+    w = wf(channels={"a": ["go"], "mid": [], "out": []},
+           processes=[proc("p", "a", "mid"), proc("q", "mid", "out")])
+    w.processes["p"].outputs[0].split = "lines"
+    h = Harness(tmp_path, w, {"p": lines, "q": q})
+    h.run.tick_budget = 0.0  # a slice a tick
+    h.pump()  # p runs and commits
+    [task] = h.leftovers()
+    with open(os.path.join(h.path, "tasks", task, "COMMIT"), "rb") as f:
+        assert [e[3] for e in json.load(f)["outputs"]] == [n]  # one entry: its count
+    assert h.items("mid") == []
+    h.pump()  # the first slice, and q's first task on it
+    assert len(h.items("mid")) + len(h.items("out")) == 7 and h.items("out") == [b"q0"]
+    h.pump()
+    assert task in h.leftovers()  # p's task is still being applied
+    h.open(containers=dict(h.ex.containers))  # a restart half-way: the rest is applied
+    assert h.drain() == E.SUCCEEDED
+    assert h.items("out") == [b"q%d" % i for i in range(n)]
+    assert h.items("mid") == [] and h.leftovers() == []

@@ -329,6 +329,8 @@ def test_split_streams_its_lines_with_the_daemon_memory_flat(daemon, workdir):
 
 
 def test_split_many_lines_keeps_their_order(daemon, workdir):
+    """20,000 lines: collected off the daemon's loop, committed as one entry, applied
+    in slices (flowd/run.py APPLY_SLICE): every line once, in order."""
     n = 20000
     before = vm_hwm(daemon.proc.pid)
     det = submit_wait(daemon, workflow(folder(workdir), f"""
@@ -341,6 +343,28 @@ def test_split_many_lines_keeps_their_order(daemon, workdir):
     print(f"{n} lines split: the daemon's VmHWM {before} -> {vm_hwm(daemon.proc.pid)} bytes")
     got = pull(daemon, det["id"], "out", os.path.join(workdir, "o"))
     assert got == [str(i).encode() for i in range(1, n + 1)]
+
+
+def test_max_split_lines_bounds_a_split_and_the_task_fails_with_that_reason(daemon_factory, workdir):
+    """The daemon's max_split_lines (each item is a file: it bounds the inodes one task
+    takes): an output of that many lines splits; one more line fails the task with a
+    reason naming the setting, and its input is kept."""
+    conf = write(os.path.join(workdir, "flowd.toml"), "max_split_lines = 1000\n")
+    d = daemon_factory(extra_args=["--config", conf]).start()
+    det = submit_wait(d, workflow(folder(workdir), f"""
+  <channel name="n">{items("1000", "1001")}</channel><channel name="out"/>
+  <process name="p" image="flowd/busybox" on-failure="continue">
+    <input channel="n" as="N" value="yes"/>
+    <output channel="out" from="stdout" split="lines"/>
+    <script>seq 1 "$N"</script>
+  </process>"""), check=0)
+    assert det["state"] == "succeeded", det
+    assert {c["name"]: c["depth"] for c in det["channels"]}["out"] == 1000
+    assert det["tasks_failed"] == 1, det["failures"]
+    [why] = reasons(det)["p"]
+    assert "more than 1000 lines" in why and "max_split_lines" in why, why
+    kept = glob.glob(os.path.join(d.spool, "**", "failed", "*", "in", "*"), recursive=True)
+    assert [open(k, "rb").read() for k in kept] == [b"1001"]
 
 
 # -- the example --------------------------------------------------------------------------------
