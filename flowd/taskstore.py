@@ -89,9 +89,10 @@ class TaskStore:
         tasks are applied and retired. What is returned has CLAIMED and no
         COMMIT (the caller asks the executor about its container), or COMMIT
         and more than ``slice_items`` output items: the caller applies those in
-        slices (``move_slice``), after this made durable what an earlier life
-        moved of them (so the scan that follows shows no item a power loss could
-        still put back where it came from).
+        slices (``move_slice``). What an earlier life moved of them is durable
+        already (the daemon flushes the spool before recovery: Daemon.prepare),
+        so the scan that follows shows no item a power loss could put back in
+        the split folder it left.
         """
         folder = self.store.path("tasks")
         live: list[TaskRecord] = []
@@ -114,20 +115,9 @@ class TaskStore:
                 live.append(rec)
         big = [r for r in live if r.committed and slice_items is not None
                and self.output_count(r) > slice_items]
-        self.fs.sync_many(dirs=[d for rec in big for d in self._span_folders(rec)])
         for rec in [r for r in live if r.committed and r not in big]:
             self.apply(rec)  # its retire fsyncs tasks/
         return [r for r in live if not r.committed or r in big]
-
-    def _span_folders(self, rec: TaskRecord) -> list[str]:
-        """The folders a committed task's split items move between: where they
-        are in out/ (while it is there) and their channels'."""
-        out = []
-        for entry in self._read_commit(rec)["outputs"]:
-            if len(entry) == 4:
-                folder = self.store.task_path(rec, entry[0])
-                out += ([folder] if os.path.isdir(folder) else []) + [self.store.path("channels", entry[1])]
-        return out
 
     def remove_hidden(self) -> list:
         """The hidden folders in tasks/ (out of the protocol) removed; returns []
