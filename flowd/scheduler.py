@@ -188,6 +188,11 @@ class Scheduler:
     def add_item(self, channel: str, seq: int) -> None:
         self.queues[channel].insort(seq)
 
+    def add_items(self, channel: str, first: int, count: int) -> None:
+        """``count`` new items numbered from ``first`` on (a split output): one
+        run in the channel's queue, O(1) past its last item."""
+        self.queues[channel].extend_range(first, count)
+
     def released(self, kind: str, name: str, task_id: str, skip: frozenset[int] = frozenset()) -> None:
         """The task's inputs went back to their channels, in their old places
         (but those in ``skip``: quarantined as damaged)."""
