@@ -137,31 +137,24 @@ class SeqQueue:
         return seq
 
     def append(self, seq: int) -> None:
-        """Add ``seq``, past the last (put in its place otherwise, as ``insort``)."""
-        e = self._e
-        if self._n and seq == e[-1]:
-            e[-1] = seq + 1
-            self._n += 1
-        elif not self._n or seq > e[-1]:
-            self._s.append(seq)
-            e.append(seq + 1)
-            self._n += 1
-        else:
-            self._insert(seq, seq + 1)
+        """Add ``seq`` in its place: O(1) past the last (a new item), else a
+        released item goes back where it was (``insort``, the same method). One
+        already in the queue stays there once."""
+        if self._n:
+            e = self._e
+            last = e[-1]
+            if seq == last:
+                e[-1] = seq + 1
+                self._n += 1
+                return
+            if seq < last:
+                self._insert(seq, seq + 1)
+                return
+        self._s.append(seq)
+        self._e.append(seq + 1)
+        self._n += 1
 
-    def insort(self, seq: int) -> None:
-        """Put ``seq`` in its place (a released item goes back where it was; one
-        already in the queue stays there once)."""
-        e = self._e
-        if self._n and seq == e[-1]:  # the common case: a new item past the last
-            e[-1] = seq + 1
-            self._n += 1
-        elif not self._n or seq > e[-1]:
-            self._s.append(seq)
-            e.append(seq + 1)
-            self._n += 1
-        else:
-            self._insert(seq, seq + 1)
+    insort = append  # a released item goes back where it was: the same code
 
     def extend_range(self, first: int, count: int) -> None:
         """Add the ``count`` numbers from ``first`` on: O(1) when they are past
@@ -228,21 +221,21 @@ def _runs_text(q: SeqQueue, most: int = 10) -> str:
 
 
 class _Runs:
-    """Runs built in ascending order (a number or a run may meet the last)."""
+    """Runs built from numbers in ascending order (a repeat counts once)."""
 
     def __init__(self):
         self.s, self.e, self.n = array("q"), array("q"), 0
 
-    def add(self, first: int, past: int) -> None:
+    def add(self, seq: int) -> None:
         e = self.e
-        if e and first <= e[-1]:
-            if past > e[-1]:
-                self.n += past - e[-1]
-                e[-1] = past
+        if e and seq <= e[-1]:
+            if seq == e[-1]:
+                e[-1] = seq + 1
+                self.n += 1
         else:
-            self.s.append(first)
-            e.append(past)
-            self.n += past - first
+            self.s.append(seq)
+            e.append(seq + 1)
+            self.n += 1
 
 
 def _runs_of(seqs: Iterable[int]) -> tuple[array, array, int]:
@@ -274,11 +267,10 @@ def _runs_of(seqs: Iterable[int]) -> tuple[array, array, int]:
         cap = len(bits) << 3
         i = n - base
         bits[i >> 3] |= 1 << (i & 7)
-    out = _Runs()
-    if cap:
-        for first, past in _bit_runs(bits):
-            out.add(base + first, base + past)
-    return out.s, out.e, out.n
+    if not cap:
+        return array("q"), array("q"), 0
+    s, e = _bit_runs(bits, base)
+    return s, e, sum(e) - sum(s)
 
 
 def _popcount(bits: bytearray) -> int:
@@ -286,8 +278,9 @@ def _popcount(bits: bytearray) -> int:
 
 
 def _numbers(bits: bytearray, base: int) -> Iterator[int]:
-    for first, past in _bit_runs(bits):
-        yield from range(base + first, base + past)
+    s, e = _bit_runs(bits, base)
+    for k in range(len(s)):
+        yield from range(s[k], e[k])
 
 
 def _runs_sorted(head: Iterable[int], n: int, rest: Iterator[int]) -> tuple[array, array, int]:
@@ -304,31 +297,39 @@ def _runs_sorted(head: Iterable[int], n: int, rest: Iterator[int]) -> tuple[arra
         del chunk
     out = _Runs()
     for n in heapq.merge(*chunks):
-        out.add(n, n + 1)
+        out.add(n)
     return out.s, out.e, out.n
 
 
-def _bit_runs(bits: bytearray) -> Iterator[tuple[int, int]]:
-    """The runs of set bits in ``bits`` (bit i is bits[i >> 3] >> (i & 7) & 1),
-    as (first, past the last): zero and full bytes are skipped by regex."""
-    size = len(bits)
-    j, start = 0, -1  # start: a run open at the end of byte j - 1
+def _bit_runs(bits: bytearray, base: int) -> tuple[array, array]:
+    """The runs of set bits in ``bits`` (bit i, for number base + i, is
+    bits[i >> 3] >> (i & 7) & 1), as arrays of firsts and of pasts: stretches
+    of zero bytes (and of full ones inside a run) are skipped by regex."""
+    s, e = array("q"), array("q")
+    first, past = s.append, e.append
+    nonzero, not_full = _NONZERO.search, _NOT_FULL.search
+    size, j, open_ = len(bits), 0, False  # open_: a run goes on past byte j - 1
     while j < size:
-        m = (_NONZERO if start < 0 else _NOT_FULL).search(bits, j)
-        if m is None:
-            break
-        j = m.start()
-        base = j << 3
-        runs = _BYTE_RUNS[bits[j]]
-        if start >= 0 and (not runs or runs[0][0]):  # the open run ends at this byte
-            yield start, base
-            start = -1
-        for lo, hi in runs:
-            if start < 0:
-                start = base + lo
+        v = bits[j]
+        if v == (255 if open_ else 0):
+            m = (not_full if open_ else nonzero)(bits, j)
+            if m is None:
+                break
+            j = m.start()
+            v = bits[j]
+        at = base + (j << 3)
+        if open_ and not v & 1:
+            past(at)
+            open_ = False
+        for lo, hi in _BYTE_RUNS[v]:
+            if not open_:
+                first(at + lo)
             if hi < 8:
-                yield start, base + hi
-                start = -1
+                past(at + hi)
+                open_ = False
+            else:
+                open_ = True
         j += 1
-    if start >= 0:
-        yield start, size << 3
+    if open_:
+        past(base + (size << 3))
+    return s, e
