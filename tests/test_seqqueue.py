@@ -248,3 +248,24 @@ def test_start_up_scan_loads_a_channel_folder_and_drops_temp_files(tmp_path):
     assert list(queues["a"]) == seqs and not queues["b"]
     assert sorted(os.listdir(folder)) == sorted(seq_name(s) for s in seqs)  # the temp file is gone
     assert store.next_seq == 1002
+
+
+def test_items_of_a_channel_of_ten_million_lists_the_oldest_page(tmp_path, monkeypatch):
+    """``items`` (what flowctl pull asks of an empty channel) lists the oldest
+    ITEMS_SHOWN, never the whole queue: the rest are read with ``pull``."""
+    from types import SimpleNamespace
+
+    from flowd import runview
+    from flowd.store import seq_name
+
+    monkeypatch.setattr(runview, "ITEMS_SHOWN", 5)
+    q = SeqQueue()
+    q.extend_range(1, 10_000_000)
+    for seq in (1, 2, 3, 8):  # 4..7: taken by a task meanwhile (no file)
+        (tmp_path / seq_name(seq)).write_bytes(b"x" * seq)
+    run = SimpleNamespace(id="r1", wf=SimpleNamespace(channels={"a": None}),
+                          sched=SimpleNamespace(queues={"a": q}),
+                          store=SimpleNamespace(item_path=lambda ch, seq: str(tmp_path / seq_name(seq))))
+    got = runview.RunView(run).items("a")
+    assert [(i["seq"], i["size"]) for i in got] == [(1, 1), (2, 2), (3, 3)]
+    assert len(q) == 10_000_000
