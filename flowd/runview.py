@@ -5,6 +5,7 @@ one (``Run.view``), reading the run's store, workflow and scheduler counts.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
@@ -18,6 +19,7 @@ from .store import log_name, parse_log_name, seq_name
 LOG_TAIL_BYTES = 2048
 MAX_RUNNING_SHOWN = 200  # running tasks listed in a run's detail (the rest are counted)
 PULL_ITEMS = 1000  # items one pull request answers at most
+ITEMS_SHOWN = 10_000  # items an ``items`` request lists at most (the oldest)
 PULL_INLINE = 256 * 1024  # items of at most this many bytes come in the pull's data frame
 
 
@@ -104,7 +106,9 @@ class RunView:
             raise NotFound(f"run {self.run.id} has no channel {channel!r}; it has: "
                            + ", ".join(self.run.wf.channels))
         out = []
-        for seq in list(self.run.sched.queues[channel]):
+        # The oldest ITEMS_SHOWN: a channel may hold 10,000,000 items (a split
+        # output); all of them are read a page at a time with ``pull``.
+        for seq in list(itertools.islice(self.run.sched.queues[channel], ITEMS_SHOWN)):
             try:
                 size = os.stat(self.run.store.item_path(channel, seq)).st_size
             except FileNotFoundError:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from array import array
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .seqqueue import SeqQueue
 from .store import DONE_LOG, RunStore, _is_seq
@@ -25,25 +24,29 @@ class Scan:
 
     def channels(self, channels: Iterable[str]) -> dict[str, SeqQueue]:
         """Each channel's items in FIFO order; removes half-written temp files.
-        Read as a stream into compact queues: 100,000 items never become a list
-        of names or of Python ints."""
+        Read as a stream into compact queues (runs of consecutive numbers, built
+        through a bitmap): 10,000,000 items never become a list of names or of
+        Python ints."""
         queues: dict[str, SeqQueue] = {}
         top = 0
         for ch in channels:
             folder = self.store.path("channels", ch)
-            seqs = array("q")
             with os.scandir(folder) as it:
-                for entry in it:
-                    name = entry.name
-                    if _is_seq(name):
-                        seqs.append(int(name))
-                    elif name.startswith("."):
-                        self.store.fs.unlink(os.path.join(folder, name))
-            queues[ch] = q = SeqQueue(seqs)
+                queues[ch] = q = SeqQueue.from_unsorted(self._seqs(folder, it))
             if q:
                 top = max(top, q[-1])
         self.store.next_seq = max(self.store.next_seq, top + 1)
         return queues
+
+    def _seqs(self, folder: str, entries) -> Iterator[int]:
+        """The item numbers among a folder's ``entries`` (hash order); removes
+        the half-written temporary files on the way."""
+        for entry in entries:
+            name = entry.name
+            if _is_seq(name):
+                yield int(name)
+            elif name.startswith("."):
+                self.store.fs.unlink(os.path.join(folder, name))
 
     def fired(self) -> set[str]:
         return set(os.listdir(self.store.path("fired")))
