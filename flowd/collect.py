@@ -10,6 +10,7 @@ fsynced. The result is exactly the files copied.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from typing import Callable, NamedTuple
@@ -226,7 +227,7 @@ class Collector:
                                               f"split=\"lines\" gives at most {most} items "
                                               "(the daemon's max_split_lines)")
                     path = os.path.join(tmp, split_name(k))
-                    if fs.write_file(path, lines.line(), mode=ITEM_MODE, checksum=True, sync=False):
+                    if _write_line(fs, path, lines.line()):
                         batch.append(path)  # an empty item has no data to lose
                     k += 1
                 if batch and (len(batch) >= SPLIT_SYNC_BATCH or not more):
@@ -256,6 +257,19 @@ class Collector:
 
 
 ITEM_MODE = 0o640  # every item: owned by flowd, no setuid, readable by its group at most
+
+
+def _write_line(fs: Durable, path: str, pieces) -> int:
+    """One split item: made in place (its folder is not live: a collect cut short
+    makes it again whole), stamped, not fsynced; a line longer than one read
+    (in several pieces) is streamed through a temp name instead. Its size."""
+    first = next(pieces, b"")
+    more = next(pieces, None)
+    if more is None:
+        fs.create(path, first, mode=ITEM_MODE, checksum=True)
+        return len(first)
+    return fs.write_file(path, itertools.chain((first, more), pieces), mode=ITEM_MODE,
+                         checksum=True, sync=False)
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
