@@ -8,6 +8,7 @@ everything resumes by itself (docs/operations.md).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 
 from .errors import DiskFull
@@ -15,6 +16,10 @@ from .errors import DiskFull
 log = logging.getLogger("flowd")
 
 DISK_CHECK_EVERY = 2.0  # seconds between the loop's checks (every tick checks too)
+# The spool is also "full" with fewer free inodes than this (or than 1% of them on
+# a small filesystem): every item is a file, and a split of millions of lines
+# can take the last ones while bytes are left.
+MIN_FREE_INODES = 10_000
 
 
 class Disk:
@@ -27,10 +32,18 @@ class Disk:
     def _free(self) -> int:
         return shutil.disk_usage(self.d.spool).free
 
+    def inodes_short(self) -> int | None:
+        """The free inodes when they are below the floor (MIN_FREE_INODES), else None
+        (also for a filesystem that does not count them)."""
+        st = os.statvfs(self.d.spool)
+        if st.f_files and st.f_favail < min(MIN_FREE_INODES, st.f_files // 100):
+            return st.f_favail
+        return None
+
     def check(self) -> None:
         free = self._free()
         self.free = free
-        self.set(free >= self.d.cfg.min_free_space)
+        self.set(free >= self.d.cfg.min_free_space and self.inodes_short() is None)
 
     def set(self, ok: bool) -> None:
         d = self.d
@@ -44,9 +57,11 @@ class Disk:
             self.deferred = []
             d.report(None)  # wake the loop to commit what waited
         else:
-            log.warning("spool %s is below its free-space floor (%s free, min_free_space %s): "
+            inodes = self.inodes_short()
+            log.warning("spool %s is below its free-space floor (%s free, min_free_space %s%s): "
                         "runs pause, submissions and pushes are refused", d.spool,
-                        _mib(self._free()), _mib(d.cfg.min_free_space))
+                        _mib(self._free()), _mib(d.cfg.min_free_space),
+                        "" if inodes is None else f"; {inodes} inodes free, below flowd's floor")
         d.notifier.status(d.status_line())
 
     def defer(self, ev: object) -> None:

@@ -64,3 +64,48 @@ def test_disk_full_pauses_refuses_and_resumes_with_nothing_lost(daemon_factory, 
     out = pull(d, run, "out", os.path.join(workdir, "pulled"))
     assert [len(x) for x in out] == [4 * MiB] * 5  # every item whole, none lost
     d.flowctl("cancel", run, check=0)
+
+
+def test_a_split_that_takes_the_last_inodes_waits_and_is_collected_whole_once_freed(
+        daemon_factory, workdir, docker_images):
+    """Every item is a file: a split of more lines than the spool has inodes meets
+    ENOSPC with bytes to spare. The task waits (its collect, off the loop, is
+    deferred like a result), the spool counts as full (free inodes below flowd's
+    floor: runs pause, status says so), and once inodes are freed the split is
+    collected again, whole: every line once, in order."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = os.path.join(workdir, "fs")
+    os.mkdir(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=3000,mode=0755", "flowd-test",
+                    path], check=True)
+    try:
+        cfg = write(os.path.join(workdir, "flowd.toml"), 'min_free_space = "1m"\n')
+        d = daemon_factory(spool=os.path.join(path, "spool"), extra_args=["--config", cfg]).start()
+        n = 4000
+        xml = write(os.path.join(workdir, "wf", "workflow.xml"), f"""<workflow name="inodes">
+  <channel name="out"/>
+  <process name="p" image="flowd/busybox">
+    <output channel="out" from="stdout" split="lines"/>
+    <script>seq 1 {n}</script>
+  </process>
+</workflow>""")
+        run = d.flowctl("submit", xml, check=0).stdout.strip()
+
+        def status():
+            return json.loads(d.flowctl("status", "--json", check=0).stdout)
+
+        wait_until(lambda: not status()["disk_ok"], timeout=120, what="the spool to count as full")
+        assert "inodes free, below flowd's floor" in d.log()
+        assert "Traceback" not in d.log() and d.proc.poll() is None
+        detail = json.loads(d.flowctl("status", run, "--json", check=0).stdout)
+        assert detail["state"] == "running", detail
+        subprocess.run(["mount", "-o", "remount,nr_inodes=20000", path], check=True)
+        wait_until(lambda: json.loads(d.flowctl("status", run, "--json", check=0).stdout)["state"]
+                   == "succeeded", timeout=120, what="the run to end once inodes are freed")
+        assert status()["disk_ok"]
+        out = pull(d, run, "out", os.path.join(workdir, "pulled"))
+        assert out == [b"%d" % i for i in range(1, n + 1)]
+        d.stop()
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
