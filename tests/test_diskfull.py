@@ -96,6 +96,8 @@ def test_a_split_that_takes_the_last_inodes_waits_and_is_collected_whole_once_fr
             return json.loads(d.flowctl("status", "--json", check=0).stdout)
 
         wait_until(lambda: not status()["disk_ok"], timeout=120, what="the spool to count as full")
+        wait_until(lambda: "the task waits for free space" in d.log(), timeout=60,
+                   what="the collect's answer to be deferred")
         assert "inodes free, below flowd's floor" in d.log()
         assert "Traceback" not in d.log() and d.proc.poll() is None
         detail = json.loads(d.flowctl("status", run, "--json", check=0).stdout)
