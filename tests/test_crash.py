@@ -53,7 +53,7 @@ EXPECTED_POINTS = {"one": 143, "join": 144, "pipeline": 262, "faults": 242, "can
                    # session 8: a split's items are made in place (Durable.create: one point each,
                    # not a temp name and a rename; split 129 -> 121); a split applied in slices of 2,
                    # read while its later slices move
-                   "slices": 481}
+                   "slices": 258}
 # Session 7: every flow has fewer points: the fsync of tasks/ after a retire's deletes
 # is gone (a hidden folder that comes back is deleted at the next start, finished runs
 # included: TaskStore.remove_hidden), and the cache makes its folders without points.
