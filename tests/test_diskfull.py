@@ -1,6 +1,7 @@
 """The spool's filesystem fills up during a run: flowd pauses, refuses, then resumes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,21 +14,35 @@ pytestmark = pytest.mark.docker
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def small_fs(workdir, docker_images):
+@contextlib.contextmanager
+def tmpfs(workdir: str, options: str):
+    """A small filesystem of its own (``options``: tmpfs's size=, nr_inodes=), unmounted after."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     path = os.path.join(workdir, "fs")
     os.mkdir(path)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0755", "flowd-test", path],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},mode=0755", "flowd-test", path],
                    check=True)
-    yield path
-    subprocess.run(["umount", "-l", path], check=False)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+@pytest.fixture
+def small_fs(workdir, docker_images):
+    with tmpfs(workdir, "size=48m") as path:
+        yield path
+
+
+def daemon_on(daemon_factory, fs: str, workdir: str, floor: str):
+    """A daemon whose spool is on ``fs``, with min_free_space ``floor``."""
+    cfg = write(os.path.join(workdir, "flowd.toml"), f'min_free_space = "{floor}"\n')
+    return daemon_factory(spool=os.path.join(fs, "spool"), extra_args=["--config", cfg]).start()
 
 
 def test_disk_full_pauses_refuses_and_resumes_with_nothing_lost(daemon_factory, small_fs, workdir):
-    cfg = write(os.path.join(workdir, "flowd.toml"), 'min_free_space = "12m"\n')
-    d = daemon_factory(spool=os.path.join(small_fs, "spool"), extra_args=["--config", cfg]).start()
+    d = daemon_on(daemon_factory, small_fs, workdir, "12m")
     filler = os.path.join(small_fs, "filler")
     with open(filler, "wb") as f:
         f.write(b"\0" * 24 * MiB)  # about 24 MiB free is left; the run needs 20 more
@@ -73,15 +88,8 @@ def test_a_split_that_takes_the_last_inodes_waits_and_is_collected_whole_once_fr
     deferred like a result), the spool counts as full (free inodes below flowd's
     floor: runs pause, status says so), and once inodes are freed the split is
     collected again, whole: every line once, in order."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path = os.path.join(workdir, "fs")
-    os.mkdir(path)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=3000,mode=0755", "flowd-test",
-                    path], check=True)
-    try:
-        cfg = write(os.path.join(workdir, "flowd.toml"), 'min_free_space = "1m"\n')
-        d = daemon_factory(spool=os.path.join(path, "spool"), extra_args=["--config", cfg]).start()
+    with tmpfs(workdir, "size=64m,nr_inodes=3000") as path:
+        d = daemon_on(daemon_factory, path, workdir, "1m")
         n = 4000
         xml = write(os.path.join(workdir, "wf", "workflow.xml"), f"""<workflow name="inodes">
   <channel name="out"/>
@@ -109,5 +117,3 @@ def test_a_split_that_takes_the_last_inodes_waits_and_is_collected_whole_once_fr
         out = pull(d, run, "out", os.path.join(workdir, "pulled"))
         assert out == [b"%d" % i for i in range(1, n + 1)]
         d.stop()
-    finally:
-        subprocess.run(["umount", "-l", path], check=False)
