@@ -35,6 +35,11 @@ def small_fs(workdir, docker_images):
         yield path
 
 
+def daemon_status(d) -> dict:
+    """``flowctl status --json``: the daemon's state (disk_ok among it)."""
+    return json.loads(d.flowctl("status", "--json", check=0).stdout)
+
+
 def daemon_on(daemon_factory, fs: str, workdir: str, floor: str):
     """A daemon whose spool is on ``fs``, with min_free_space ``floor``."""
     cfg = write(os.path.join(workdir, "flowd.toml"), f'min_free_space = "{floor}"\n')
@@ -57,7 +62,7 @@ def test_disk_full_pauses_refuses_and_resumes_with_nothing_lost(daemon_factory, 
     run = d.flowctl("submit", xml, check=0).stdout.strip()
 
     def status():
-        return json.loads(d.flowctl("status", "--json", check=0).stdout)
+        return daemon_status(d)
 
     wait_until(lambda: not status()["disk_ok"], timeout=120, what="the floor to be reached")
     d.wait_for("DISK FULL", timeout=30)  # systemd's STATUS= says so
@@ -101,7 +106,7 @@ def test_a_split_that_takes_the_last_inodes_waits_and_is_collected_whole_once_fr
         run = d.flowctl("submit", xml, check=0).stdout.strip()
 
         def status():
-            return json.loads(d.flowctl("status", "--json", check=0).stdout)
+            return daemon_status(d)
 
         wait_until(lambda: not status()["disk_ok"], timeout=120, what="the spool to count as full")
         wait_until(lambda: "the task waits for free space" in d.log(), timeout=60,
